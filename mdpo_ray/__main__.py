@@ -1,0 +1,3 @@
+from mdpo_ray.cli import main
+
+raise SystemExit(main())

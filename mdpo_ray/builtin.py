@@ -1,0 +1,197 @@
+"""Prepare the built-in default once: generate the arithmetic task, SFT-warm a tiny Llama, cache both.
+
+The preference stage needs a reference that already solves part of the task. SFT accuracy has a phase
+transition (~1-6% for 600-1,100 steps, then a jump; ../shared/BUILTIN_TASK_NOTES.md), so a fixed step
+count is unreliable: SFT stops at the first held-out eval that reaches `sft_target_accuracy`.
+
+The result lives in `<cache_dir>/builtin-<hash of the task config>`, built under a file lock in a temp
+dir and renamed into place, so concurrent sweep trials build it once and never see half of it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from transformers import LlamaForCausalLM
+
+from mdpo_ray import arith
+from mdpo_ray.config import BuiltinTaskConfig
+from mdpo_ray.generation import greedy_answer_accuracy
+
+FORMAT_VERSION = 1  # bump when the task, tokenizer or files change, so old caches are not reused
+MARKER = "assets.json"  # written last: its presence means the directory is complete
+SFT_EVAL_PROBLEMS = 200  # held-out problems scored at each SFT eval; the final figure uses all of them
+SFT_WARMUP_STEPS = 100
+SFT_BETAS = (0.9, 0.98)
+SFT_GRAD_CLIP = 1.0
+
+
+@dataclass(frozen=True)
+class BuiltinAssets:
+    root: Path
+    model_dir: Path  # save_pretrained dir of the SFT model and its tokenizer
+    train_path: Path  # JSONL of {prompt, chosen, rejected}
+    eval_path: Path  # held-out pairs, same fields
+    generation_eval_path: Path  # held-out problems: JSONL of {prompt, answer}
+    sft_accuracy: float  # greedy answer accuracy of the SFT model on all held-out problems
+    sft_steps: int
+    reused: bool  # True: found in the cache, nothing was trained
+
+
+def _assets(root: Path, figures: dict, reused: bool) -> BuiltinAssets:
+    return BuiltinAssets(
+        root=root,
+        model_dir=root / "model",
+        train_path=root / "train.jsonl",
+        eval_path=root / "eval_pairs.jsonl",
+        generation_eval_path=root / "eval_problems.jsonl",
+        sft_accuracy=figures["sft_accuracy"],
+        sft_steps=figures["sft_steps"],
+        reused=reused,
+    )
+
+
+def cache_key(cfg: BuiltinTaskConfig) -> str:
+    """A short hash of everything that shapes the assets: every field but cache_dir, plus FORMAT_VERSION."""
+    fields = cfg.model_dump(mode="json", exclude={"cache_dir"})
+    text = json.dumps({"format_version": FORMAT_VERSION, **fields}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def prepare_builtin(cfg: BuiltinTaskConfig, log: Callable[[str], None] = print) -> BuiltinAssets:
+    """Return the cached assets for `cfg`, building them first (data + SFT, ~2-3 min on 2 cores) if needed."""
+    cache_dir = Path(cfg.cache_dir).expanduser()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    root = cache_dir / f"builtin-{cache_key(cfg)}"
+    with FileLock(str(root) + ".lock"):
+        if (root / MARKER).is_file():
+            figures = json.loads((root / MARKER).read_text())
+            log(f"builtin task: reusing {root} (SFT {figures['sft_steps']} steps, "
+                f"held-out accuracy {figures['sft_accuracy']:.1%})")
+            return _assets(root, figures, reused=True)
+        log(f"builtin task: building {root} (SFT until {cfg.sft_target_accuracy:.0%} held-out accuracy; "
+            "about 2-3 minutes on 2 CPU cores, once per task config)")
+        staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=cache_dir))
+        try:
+            figures = _build(cfg, staging, log)
+            if root.exists():  # a directory without its marker cannot come from us; replace it
+                shutil.rmtree(root)
+            os.rename(staging, root)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return _assets(root, figures, reused=False)
+
+
+def _build(cfg: BuiltinTaskConfig, out: Path, log: Callable[[str], None]) -> dict:
+    started = time.perf_counter()
+    task = arith.generate_task(cfg)
+    tokenizer = arith.build_tokenizer()
+    log(f"builtin task: {len(task['sft'])} SFT problems, {len(task['pairs'])} {cfg.rejected_kind} pairs, "
+        f"{len(task['eval_pairs'])} held-out pairs, {len(task['eval_problems'])} held-out problems")
+    model, steps = _sft(cfg, task, tokenizer, log)
+    correct, total = greedy_answer_accuracy(
+        model, tokenizer, task["eval_problems"], max_new_tokens=arith.MAX_NEW_TOKENS, batch_size=256
+    )
+    seconds = time.perf_counter() - started
+    figures = {
+        "format_version": FORMAT_VERSION,
+        "sft_accuracy": correct / total,
+        "sft_steps": steps,
+        "build_seconds": round(seconds, 1),
+        "n_parameters": sum(p.numel() for p in model.parameters()),
+        "config": cfg.model_dump(mode="json", exclude={"cache_dir"}),
+    }
+    layout = _assets(out, figures, reused=False)  # the same file names as the final directory
+    model.save_pretrained(layout.model_dir)  # safetensors
+    tokenizer.save_pretrained(layout.model_dir)
+    _write_jsonl(layout.train_path, task["pairs"])
+    _write_jsonl(layout.eval_path, task["eval_pairs"])
+    _write_jsonl(layout.generation_eval_path, task["eval_problems"])
+    (out / MARKER).write_text(json.dumps(figures, indent=2))  # last: marks the directory complete
+    log(f"builtin task: built in {seconds:.0f} s, SFT {steps} steps, "
+        f"held-out accuracy {correct}/{total} = {correct / total:.1%}")
+    return figures
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w") as f:
+        f.writelines(json.dumps(row) + "\n" for row in rows)
+
+
+def _sft_tensors(rows: list[dict], tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, T) input ids, right-padded, and labels with the prompt and padding masked to -100.
+
+    Each sequence is BOS + prompt + chosen + EOS. Tokenized once up front: building batches in Python
+    every step would cost as much as the step itself on this model.
+    """
+    prompts = tokenizer([r["prompt"] for r in rows], add_special_tokens=True)["input_ids"]
+    completions = tokenizer([r["chosen"] for r in rows], add_special_tokens=False)["input_ids"]
+    width = max(len(p) + len(c) + 1 for p, c in zip(prompts, completions))
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+        sequence = prompt + completion + [tokenizer.eos_token_id]
+        input_ids[row, : len(sequence)] = torch.tensor(sequence)
+        labels[row, len(prompt) : len(sequence)] = torch.tensor(completion + [tokenizer.eos_token_id])
+    return input_ids, labels
+
+
+def _sft(cfg: BuiltinTaskConfig, task: dict, tokenizer, log: Callable[[str], None]) -> tuple[LlamaForCausalLM, int]:
+    """Train until the first eval reaching cfg.sft_target_accuracy, or cfg.sft_max_steps; return (model, steps)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # Ray workers get OMP_NUM_THREADS=1; this process may use them all
+    try:
+        with torch.random.fork_rng(devices=[]):  # seed the init and batch order without touching the caller's RNG
+            torch.manual_seed(cfg.seed)
+            return _sft_loop(cfg, task, tokenizer, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sft_loop(cfg: BuiltinTaskConfig, task: dict, tokenizer, log: Callable[[str], None]) -> tuple[LlamaForCausalLM, int]:
+    model = LlamaForCausalLM(arith.model_config(cfg, tokenizer))
+    model.train()
+    input_ids, labels = _sft_tensors(task["sft"], tokenizer)
+    eval_problems = task["eval_problems"][:SFT_EVAL_PROBLEMS]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr, betas=SFT_BETAS)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / SFT_WARMUP_STEPS))
+    started = time.perf_counter()
+    order = torch.randperm(len(input_ids))
+    cursor = 0
+    for step in range(1, cfg.sft_max_steps + 1):
+        if cursor + cfg.sft_batch_size > len(order):  # a new epoch: reshuffle
+            order, cursor = torch.randperm(len(input_ids)), 0
+        index = order[cursor : cursor + cfg.sft_batch_size]
+        cursor += cfg.sft_batch_size
+        batch_labels = labels[index]
+        width = int((batch_labels != -100).nonzero()[:, 1].max()) + 1  # trim the padding columns all rows share
+        # No attention mask: padding is on the right, so causal attention never lets a real token see it.
+        # The HF loss shifts labels and averages over the non-masked (completion + EOS) tokens.
+        loss = model(input_ids=input_ids[index, :width], labels=batch_labels[:, :width]).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), SFT_GRAD_CLIP)
+        optimizer.step()
+        warmup.step()
+        if step % cfg.sft_eval_every_steps == 0 or step == cfg.sft_max_steps:
+            correct, total = greedy_answer_accuracy(
+                model, tokenizer, eval_problems, max_new_tokens=arith.MAX_NEW_TOKENS, batch_size=len(eval_problems)
+            )
+            log(f"builtin SFT step {step}/{cfg.sft_max_steps}: loss {loss.item():.4f}, "
+                f"held-out accuracy {correct}/{total} = {correct / total:.1%} ({time.perf_counter() - started:.0f} s)")
+            if correct / total >= cfg.sft_target_accuracy:
+                return model, step
+    log(f"WARNING: builtin SFT reached sft_max_steps={cfg.sft_max_steps} below sft_target_accuracy="
+        f"{cfg.sft_target_accuracy:.0%}; continuing with this model (raise builtin.sft_max_steps to train longer)")
+    return model, cfg.sft_max_steps

@@ -1,0 +1,133 @@
+"""The only module that touches torch.distributed: process group, FSDP2 sharding, reductions, DCP.
+
+World size 1 runs exactly the same code path (a one-rank gloo group, a one-device mesh), so the tests
+of the training step exercise the FSDP2 code that a multi-GPU run uses. (torchtitan `parallelize`.)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor
+
+
+def ensure_process_group(backend: str = "gloo") -> None:
+    """Ray Train sets the group up on its workers; outside Ray (tests, local mode) make a one-rank group."""
+    if not dist.is_initialized():
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def device_for(local_rank: int, use_gpu: bool) -> torch.device:
+    if use_gpu:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        return device
+    return torch.device("cpu")
+
+
+def make_mesh(device: torch.device) -> DeviceMesh:
+    return init_device_mesh(device.type, (world_size(),))
+
+
+def mixed_precision(mode: str, device: torch.device) -> MixedPrecisionPolicy:
+    """bf16 compute with fp32 gradient reduction on GPU; plain fp32 on CPU (bf16 matmuls there are slow)."""
+    if mode == "bf16" or (mode == "auto" and device.type == "cuda"):
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def shard_model(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy) -> nn.Module:
+    """fully_shard each decoder block, then the root (embeddings, final norm, head).
+
+    Block classes come from the Hugging Face model's own `_no_split_modules`, so any HF causal LM
+    (Llama, Qwen, Mistral, GPT-2, ...) is sharded per block without a per-architecture table.
+    """
+    block_names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    assert blocks, f"{type(model).__name__} declares no _no_split_modules; cannot find its decoder blocks"
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy)
+    return model
+
+
+def _comm_device() -> torch.device:
+    """NCCL only moves GPU tensors; metric tensors live on the CPU, so they visit the GPU for the collective."""
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+
+
+def gather_cat(tensor: torch.Tensor) -> torch.Tensor:
+    """Concatenate an equally-shaped tensor from every rank along dim 0 (every rank gets the result)."""
+    if world_size() == 1:
+        return tensor
+    local = tensor.contiguous().to(_comm_device())
+    parts = [torch.empty_like(local) for _ in range(world_size())]
+    dist.all_gather(parts, local)
+    return torch.cat(parts).to(tensor.device)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks; returns a new tensor on the input's device."""
+    if world_size() == 1:
+        return tensor
+    local = tensor.to(_comm_device(), copy=True)
+    dist.all_reduce(local, op=dist.ReduceOp.SUM)
+    return local.to(tensor.device)
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Global grad norm before clipping (a plain tensor on every rank, sharded grads included)."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+def barrier() -> None:
+    if world_size() > 1:
+        dist.barrier()
+
+
+def save_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Each rank writes its shard of model + optimizer state into `directory` (rank 0 adds the metadata).
+
+    The directories may differ per rank (node-local temp dirs): Ray merges them into one checkpoint.
+    """
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory))
+
+
+def load_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=str(directory))
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded CPU state dict on rank 0 (empty elsewhere). A collective: call it on every rank."""
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=options)
+
+
+def local_rank_from_env() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))

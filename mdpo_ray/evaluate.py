@@ -1,0 +1,65 @@
+"""Held-out evaluation, sharded over ranks: pair metrics (reward accuracy, Δw, Δl) and greedy answers.
+
+Every rank evaluates an equal-sized shard (FSDP ranks must run the same number of forwards), so up to
+world_size − 1 items are left out of each set; the count evaluated is logged with the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mdpo_ray import distributed
+from mdpo_ray.config import EvalConfig, LossConfig
+from mdpo_ray.data import collate_pairs
+from mdpo_ray.generation import greedy_answer_accuracy
+from mdpo_ray.logps import concatenated_logps
+from mdpo_ray.losses import LOSSES
+from mdpo_ray.metrics import pair_metrics
+from mdpo_ray.reference import batches, rank_shard, take
+
+
+@torch.no_grad()
+def eval_pairs(policy: nn.Module, reference, dataset, *, loss_cfg: LossConfig, eval_cfg: EvalConfig,
+               pad_token_id: int, device: torch.device) -> dict[str, float]:
+    mine = rank_shard(len(dataset), distributed.rank(), distributed.world_size())
+    if not mine:
+        return {}
+    was_training = policy.training
+    policy.eval()
+    columns: list[torch.Tensor] = []
+    for chunk in batches(mine, eval_cfg.batch_size):
+        batch = {k: v.to(device) for k, v in collate_pairs(take(dataset, chunk), pad_token_id).items()}
+        pc, pr = concatenated_logps(policy, batch, average=loss_cfg.average_log_prob)
+        rc, rr = reference.logps(batch, chunk)
+        columns.append(torch.stack([pc, pr, rc, rr], dim=1).float().cpu())
+    policy.train(was_training)
+    pc, pr, rc, rr = distributed.gather_cat(torch.cat(columns)).unbind(1)
+    losses = LOSSES[loss_cfg.name](pc, pr, rc, rr, **loss_cfg.knobs()).losses
+    out = pair_metrics(losses=losses, policy_chosen_logps=pc, policy_rejected_logps=pr,
+                       reference_chosen_logps=rc, reference_rejected_logps=rr, beta=loss_cfg.beta,
+                       reject_threshold=loss_cfg.reject_threshold, prefix="eval/")
+    out["eval/n_pairs"] = float(len(pc))
+    return out
+
+
+def load_problems(path: str, limit: int | None) -> list[dict]:
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+    for number, row in enumerate(rows):
+        if not isinstance(row.get("prompt"), str) or "answer" not in row:
+            raise ValueError(f"{path}: row {number} needs a string 'prompt' and an 'answer' (e.g. 42)")
+    return rows[:limit] if limit else rows
+
+
+def eval_generation(policy: nn.Module, tokenizer, problems: list[dict], *, eval_cfg: EvalConfig) -> dict[str, float]:
+    world = distributed.world_size()
+    mine = [problems[i] for i in rank_shard(len(problems), distributed.rank(), world)]
+    if not mine:
+        return {}
+    correct, total = greedy_answer_accuracy(policy, tokenizer, mine, max_new_tokens=eval_cfg.max_new_tokens,
+                                            batch_size=eval_cfg.generation_batch_size, synced_gpus=world > 1)
+    counts = distributed.all_reduce_sum(torch.tensor([correct, total], dtype=torch.float64))
+    return {"eval/answer_accuracy": float(counts[0] / counts[1]), "eval/n_problems": float(counts[1])}

@@ -1,0 +1,58 @@
+"""Build the policy and the frozen reference from a Hugging Face causal LM, and export the result."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from mdpo_ray.config import ModelConfig
+
+
+def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(
+        cfg.tokenizer or cfg.name_or_path, trust_remote_code=cfg.trust_remote_code
+    )
+    if tokenizer.eos_token_id is None:
+        raise ValueError(
+            f"tokenizer of {cfg.tokenizer or cfg.name_or_path} has no eos token; completions must end with one"
+        )
+    if tokenizer.pad_token_id is None:
+        # Padding is masked out everywhere, so reusing EOS is safe (the usual fix for Llama-style tokenizers).
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(cfg: ModelConfig, *, trainable: bool) -> nn.Module:
+    """fp32 master weights on CPU; sharding moves them to the mesh device.
+
+    Dropout is switched off: with it the policy would differ from the reference at step 0, and DPO's
+    implicit reward (the log-ratio) would be noise (the DPO reference code does the same).
+    """
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.name_or_path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
+    )
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    model.train(trainable)
+    model.requires_grad_(trainable)
+    return model
+
+
+def export_pretrained(
+    state_dict: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, out_dir: Path
+) -> Path:
+    """Write a full (unsharded) state dict as a Hugging Face model directory, with its tokenizer."""
+    model = AutoModelForCausalLM.from_pretrained(
+        cfg.name_or_path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
+    )
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    tied = {k for k in missing if k.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
+    assert not (set(missing) - tied) and not unexpected, (missing, unexpected)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return out_dir

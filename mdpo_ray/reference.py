@@ -1,0 +1,104 @@
+"""Reference log-probs: a frozen resident model, or a table computed once and cached on disk.
+
+`precompute` runs the frozen reference over every pair once before training, then frees it, so
+training holds one model instead of two. The table is keyed by model + data + tokenisation, so runs
+(and sweep trials) over the same reference and data reuse it. Both modes give the same losses.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mdpo_ray import distributed
+from mdpo_ray.data import collate_pairs
+from mdpo_ray.logps import concatenated_logps
+
+
+def rank_shard(n: int, rank: int, world: int) -> list[int]:
+    """Indices rank::world, truncated so every rank has the same count (FSDP ranks must run the same
+    number of forwards); the caller covers the remainder or drops it."""
+    per_rank = n // world
+    return list(range(rank, per_rank * world, world))
+
+
+def batches(indices: list[int], size: int) -> list[list[int]]:
+    return [indices[i : i + size] for i in range(0, len(indices), size)]
+
+
+def take(dataset, indices: list[int]) -> list[dict]:
+    """Rows at `indices` as dicts (one Arrow read, not one per row)."""
+    columns = dataset[indices]
+    return [dict(zip(columns, values, strict=True)) for values in zip(*columns.values(), strict=True)]
+
+
+class ResidentReference:
+    def __init__(self, model: nn.Module, *, pad_token_id: int, average: bool) -> None:
+        self.model, self.pad_token_id, self.average = model, pad_token_id, average
+
+    @torch.no_grad()
+    def logps(self, batch: dict[str, torch.Tensor], indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        return concatenated_logps(self.model, batch, average=self.average)
+
+
+class PrecomputedReference:
+    def __init__(self, table: torch.Tensor) -> None:
+        self.table = table  # (N, 2): reference chosen, rejected log-probs per dataset position
+
+    def logps(self, batch: dict[str, torch.Tensor], indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self.table[torch.tensor(indices)].to(batch["input_ids"].device)
+        return rows[:, 0], rows[:, 1]
+
+
+@torch.no_grad()
+def compute_table(model: nn.Module, dataset, *, batch_size: int, pad_token_id: int, average: bool,
+                  device: torch.device) -> torch.Tensor:
+    """(N, 2) reference log-probs for every row, each rank computing its shard; all ranks get the table."""
+    n, rank, world = len(dataset), distributed.rank(), distributed.world_size()
+    mine = rank_shard(n, rank, world)
+    # The n % world leftover rows are spread one per rank, padded with a repeat so counts stay equal.
+    leftover = list(range(len(mine) * world, n))
+    mine.append(leftover[rank] if rank < len(leftover) else (mine[0] if mine else 0))
+    values = []
+    for chunk in batches(mine, batch_size):
+        batch = {k: v.to(device) for k, v in collate_pairs(take(dataset, chunk), pad_token_id).items()}
+        chosen, rejected = concatenated_logps(model, batch, average=average)
+        values.append(torch.stack([chosen, rejected], dim=1).cpu())
+    local = torch.cat(values)
+    gathered_idx = distributed.gather_cat(torch.tensor(mine))
+    gathered = distributed.gather_cat(local)
+    table = torch.empty(n, 2)
+    table[gathered_idx] = gathered
+    return table
+
+
+def cache_key(model_id: str, dataset_fingerprint: str, *, max_length: int, average: bool) -> str:
+    """Keyed by the reference weights (path + file sizes/mtimes), the tokenized data and the options."""
+    weights = []
+    path = Path(model_id)
+    if path.is_dir():
+        for file in sorted(path.iterdir()):
+            if file.suffix in {".safetensors", ".bin", ".json"}:
+                stat = file.stat()
+                weights.append((file.name, stat.st_size, int(stat.st_mtime)))
+    blob = json.dumps([model_id, weights, dataset_fingerprint, max_length, average])
+    return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def load_or_compute(cache_file: Path, compute) -> tuple[torch.Tensor, bool]:
+    """(table, reused). Ranks agree on reuse only if every one of them can read the cache."""
+    have = torch.tensor([1 if cache_file.is_file() else 0])
+    if int(distributed.all_reduce_sum(have)) == distributed.world_size():
+        return torch.load(cache_file), True
+    table = compute()
+    if not cache_file.is_file():
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
+        torch.save(table, tmp)
+        os.replace(tmp, cache_file)  # atomic: a concurrent reader never sees half a file
+    return table, False

@@ -1,0 +1,244 @@
+"""The per-worker preference-training loop. It never imports Ray: the launcher hands it a `Worker`.
+
+Read top to bottom: data, models, reference, optimizer, restore, then per step forward, loss,
+backward, clip, step, reduce, log, report, checkpoint; then export. (nanoGPT `train.py`.)
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from mdpo_ray import distributed, evaluate, reference as ref
+from mdpo_ray.config import OptimConfig, RunConfig
+from mdpo_ray.data import collate_pairs, load_train_eval
+from mdpo_ray.logps import concatenated_logps
+from mdpo_ray.losses import LOSSES
+from mdpo_ray.metrics import pair_metrics
+from mdpo_ray.model import export_pretrained, load_causal_lm, load_tokenizer
+from mdpo_ray.tracking import MetricSink, NullSink
+
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class Worker:
+    """What the launcher tells the loop about its place in the job."""
+
+    local_rank: int = 0
+    report: Callable[[dict[str, float], Path | None, int], None] = lambda metrics, ckpt_dir, step: None
+    restore_dir: Path | None = None  # latest checkpoint, when resuming
+    sink: MetricSink = NullSink()  # MLflow on rank 0, NullSink elsewhere
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+@lru_cache(maxsize=4)
+def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+
+
+def batch_indices(step: int, *, n: int, batch_size: int, seed: int, rank: int, world: int) -> list[int]:
+    """This rank's slice of global batch `step` (1-based) in an endless stream of seeded epochs.
+
+    The data position is a pure function of the step, so a resumed run sees exactly the batches an
+    uninterrupted one would, and 1 or N workers see the same global batches.
+    """
+    per_rank = batch_size // world
+    positions = range((step - 1) * batch_size + rank * per_rank, (step - 1) * batch_size + (rank + 1) * per_rank)
+    return [int(_epoch_order(n, seed, p // n)[p % n]) for p in positions]
+
+
+def lr_lambda(cfg: OptimConfig) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / (cfg.warmup_steps + 1)
+        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        if cfg.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return factor
+
+
+def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
+    distributed.ensure_process_group()  # Ray Train has made it on its workers; a one-rank group otherwise
+    rank, world = distributed.rank(), distributed.world_size()
+    say = print if rank == 0 else (lambda *a, **k: None)
+    torch.manual_seed(cfg.seed)
+    device = distributed.device_for(worker.local_rank, cfg.scaling.use_gpu)
+
+    tokenizer = load_tokenizer(cfg.model)
+    train_ds, eval_ds, data_stats = load_train_eval(cfg.data, tokenizer, cfg.seed)
+    for stats in data_stats:
+        say(stats.summary())
+    problems = evaluate.load_problems(cfg.data.generation_eval, cfg.eval.max_generation_problems) \
+        if cfg.data.generation_eval else []
+
+    mesh = distributed.make_mesh(device)
+    mp_policy = distributed.mixed_precision(cfg.scaling.mixed_precision, device)
+    policy = distributed.shard_model(load_causal_lm(cfg.model, trainable=True), mesh, mp_policy)
+    frozen = distributed.shard_model(load_causal_lm(cfg.model, trainable=False), mesh, mp_policy)
+    average = cfg.loss.average_log_prob
+    if cfg.reference == "resident":
+        reference = eval_reference = ref.ResidentReference(frozen, pad_token_id=tokenizer.pad_token_id, average=average)
+    else:
+        reference, eval_reference = (
+            _precomputed(cfg, frozen, ds, tokenizer.pad_token_id, device, say) if ds is not None else None
+            for ds in (train_ds, eval_ds)
+        )
+        del frozen  # the point of precompute: one model resident during training
+
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
+                                  weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim))
+    state = {"step": 0, "nonfinite_steps": 0, "eval_start": {}}
+    if worker.restore_dir is not None:
+        distributed.load_sharded(worker.restore_dir, policy, optimizer)
+        state = json.loads((worker.restore_dir / STATE_FILE).read_text())
+        scheduler.load_state_dict(state.pop("scheduler"))
+        say(f"resumed from {worker.restore_dir} at step {state['step']}")
+
+    def run_eval() -> dict[str, float]:
+        out = evaluate.eval_pairs(policy, eval_reference, eval_ds, loss_cfg=cfg.loss, eval_cfg=cfg.eval,
+                                  pad_token_id=tokenizer.pad_token_id, device=device) if eval_ds else {}
+        return out | (evaluate.eval_generation(policy, tokenizer, problems, eval_cfg=cfg.eval) if problems else {})
+
+    if state["step"] == 0:
+        state["eval_start"] = run_eval()
+        worker.sink.log(state["eval_start"] | _data_metrics(data_stats), step=0)
+        say("before training: " + _describe(state["eval_start"]))
+
+    loss_fn, knobs = LOSSES[cfg.loss.name], cfg.loss.knobs()
+    window: list[torch.Tensor] = []  # per-pair columns since the last log
+    step_stats = {"grad_norm": 0.0, "tokens": 0.0, "seconds": 0.0, "steps": 0}
+    consecutive_nonfinite = 0
+    for step in range(state["step"] + 1, cfg.optim.max_steps + 1):
+        started = time.perf_counter()
+        indices = batch_indices(step, n=len(train_ds), batch_size=cfg.optim.batch_size, seed=cfg.seed,
+                                rank=rank, world=world)
+        batch = {k: v.to(device) for k, v in collate_pairs(ref.take(train_ds, indices), tokenizer.pad_token_id).items()}
+        policy_chosen, policy_rejected = concatenated_logps(policy, batch, average=average)
+        ref_chosen, ref_rejected = reference.logps(batch, indices)
+        out = loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, **knobs)
+        loss = out.losses.mean()
+        loss.backward()
+        grad_norm = distributed.clip_grad_norm(policy, cfg.optim.grad_clip)
+        # All ranks see the same global grad norm and summed loss, so they agree on skipping.
+        global_loss = distributed.all_reduce_sum(loss.detach().float().reshape(1))
+        if torch.isfinite(grad_norm) and torch.isfinite(global_loss).all():
+            optimizer.step()
+            consecutive_nonfinite = 0
+        else:
+            state["nonfinite_steps"] += 1
+            consecutive_nonfinite += 1
+            say(f"step {step}: non-finite loss or gradient, step skipped ({consecutive_nonfinite} in a row)")
+            if consecutive_nonfinite >= cfg.optim.max_consecutive_nonfinite:
+                raise NonFiniteError(
+                    f"{consecutive_nonfinite} consecutive non-finite steps ending at step {step} "
+                    f"(loss {float(global_loss):.4g}, grad norm {float(grad_norm):.4g}); try a lower optim.lr "
+                    f"(now {cfg.optim.lr:g}), a smaller loss.beta, optim.grad_clip, or fp32 (scaling.mixed_precision=fp32)"
+                )
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+
+        window.append(torch.stack([out.losses, policy_chosen, policy_rejected, ref_chosen, ref_rejected], 1)
+                      .detach().float().cpu())
+        step_stats["grad_norm"] += float(grad_norm)
+        step_stats["tokens"] += float(batch["attention_mask"].sum())
+        step_stats["seconds"] += time.perf_counter() - started
+        step_stats["steps"] += 1
+        is_last = step == cfg.optim.max_steps
+        if step % cfg.tracking.log_every_steps and step % cfg.checkpoint.every_steps and not is_last:
+            continue
+
+        metrics = _window_metrics(cfg, window, step_stats, scheduler.get_last_lr()[0], state["nonfinite_steps"])
+        window.clear()
+        step_stats = dict.fromkeys(step_stats, 0.0) | {"steps": 0}
+        if (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or is_last:
+            metrics |= run_eval()
+        worker.sink.log(metrics, step=step)
+        say(f"step {step}/{cfg.optim.max_steps} " + _describe(metrics))
+        checkpoint_dir = None
+        if step % cfg.checkpoint.every_steps == 0 or is_last:
+            state["step"] = step
+            checkpoint_dir = _save_checkpoint(policy, optimizer, scheduler, state)
+        worker.report(metrics | {"step": step} | _prefixed(state["eval_start"], "eval_start/"), checkpoint_dir, step)
+        if checkpoint_dir is not None:
+            shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the launcher has persisted it by now
+
+    full = distributed.full_state_dict(policy)
+    if rank == 0:
+        export_dir = export_pretrained(full, cfg.model, tokenizer, cfg.run_dir / "export")
+        say(f"exported the policy to {export_dir}")
+    distributed.barrier()
+    return state["eval_start"]
+
+
+def _precomputed(cfg: RunConfig, frozen, dataset, pad_token_id: int, device, say) -> ref.PrecomputedReference:
+    key = ref.cache_key(cfg.model.name_or_path, dataset._fingerprint, max_length=cfg.data.max_length,
+                        average=cfg.loss.average_log_prob)
+    cache_file = Path(cfg.output_dir) / "reference_logps" / f"{key}.pt"
+    started = time.perf_counter()
+    table, reused = ref.load_or_compute(cache_file, lambda: ref.compute_table(
+        frozen, dataset, batch_size=cfg.eval.batch_size, pad_token_id=pad_token_id,
+        average=cfg.loss.average_log_prob, device=device))
+    verb = "reused" if reused else "computed"
+    say(f"reference log-probs for {len(dataset)} pairs {verb} ({time.perf_counter() - started:.1f} s): {cache_file}")
+    return ref.PrecomputedReference(table)
+
+
+def _window_metrics(cfg: RunConfig, window, step_stats, lr: float, nonfinite_steps: int) -> dict[str, float]:
+    losses, pc, pr, rc, rr = distributed.gather_cat(torch.cat(window)).unbind(1)
+    totals = distributed.all_reduce_sum(torch.tensor([step_stats["tokens"]], dtype=torch.float64))
+    steps = max(step_stats["steps"], 1)
+    out = pair_metrics(losses=losses, policy_chosen_logps=pc, policy_rejected_logps=pr,
+                       reference_chosen_logps=rc, reference_rejected_logps=rr, beta=cfg.loss.beta,
+                       reject_threshold=cfg.loss.reject_threshold)
+    return out | {
+        "grad_norm": step_stats["grad_norm"] / steps,
+        "lr": lr,
+        "perf/tokens_per_s": float(totals[0]) / max(step_stats["seconds"], 1e-9),
+        "perf/step_time_s": step_stats["seconds"] / steps,
+        "stability/nonfinite_steps": float(nonfinite_steps),
+    }
+
+
+def _save_checkpoint(policy, optimizer, scheduler, state: dict) -> Path:
+    directory = Path(tempfile.mkdtemp(prefix=f"mdpo-ckpt-{state['step']:06d}-"))
+    distributed.save_sharded(directory, policy, optimizer)
+    if distributed.rank() == 0:
+        (directory / STATE_FILE).write_text(json.dumps(state | {"scheduler": scheduler.state_dict()}))
+    return directory
+
+
+def _data_metrics(data_stats) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for stats, split in zip(data_stats, ("train", "eval"), strict=False):
+        out |= stats.as_metrics(split)
+    return out
+
+
+def _prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    return {prefix + key.removeprefix("eval/"): value for key, value in metrics.items()}
+
+
+def _describe(metrics: dict[str, float]) -> str:
+    names = {"loss": "loss", "rewards/margins": "margin", "delta_chosen/mean": "Δw", "delta_rejected/mean": "Δl",
+             "rewards/accuracies": "reward_acc", "eval/answer_accuracy": "answer_acc",
+             "eval/delta_chosen/mean": "eval Δw", "eval/delta_rejected/mean": "eval Δl",
+             "eval/rewards/accuracies": "eval reward_acc", "perf/tokens_per_s": "tok/s"}
+    return "  ".join(f"{short} {metrics[key]:.4g}" for key, short in names.items() if key in metrics)

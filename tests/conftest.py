@@ -1,0 +1,74 @@
+"""Shared fixtures: a tiny random-init Llama saved with save_pretrained, and small generated pair files.
+
+Nothing is downloaded: the model is built from a transformers config and loaded back through the
+same loading code a user's model goes through.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_caches(tmp_path_factory):
+    """Keep Hugging Face caches out of the user's home."""
+    home = tmp_path_factory.mktemp("hf_home")
+    os.environ["HF_HOME"] = str(home)
+    os.environ["HF_DATASETS_CACHE"] = str(home / "datasets")
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_task(tmp_path_factory) -> dict[str, Path]:
+    """A 2-layer, hidden-32 Llama with the built-in character tokenizer, plus pair and problem files."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from mdpo_ray.arith import build_tokenizer, generate_task, model_config
+    from mdpo_ray.config import BuiltinTaskConfig
+
+    root = tmp_path_factory.mktemp("tiny_task")
+    task_cfg = BuiltinTaskConfig(hidden_size=32, n_heads=4, intermediate_size=64, n_sft_problems=10,
+                                 n_pref_pairs=48, n_eval_pairs=12, n_eval_problems=8)
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(model_config(task_cfg, tokenizer))
+    model.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    task = generate_task(task_cfg)
+    return {
+        "model": root / "model",
+        "train": _write_jsonl(root / "train.jsonl", task["pairs"]),
+        "eval": _write_jsonl(root / "eval.jsonl", task["eval_pairs"]),
+        "problems": _write_jsonl(root / "problems.jsonl", task["eval_problems"]),
+    }
+
+
+@pytest.fixture
+def tiny_run_overrides(tiny_task, tmp_path) -> list[str]:
+    """--set overrides for a few-step run of the tiny task, writing under tmp_path."""
+    return [
+        f"model.name_or_path={tiny_task['model']}",
+        f"data.train={tiny_task['train']}",
+        f"data.eval={tiny_task['eval']}",
+        f"data.generation_eval={tiny_task['problems']}",
+        f"output_dir={tmp_path / 'runs'}",
+        "optim.max_steps=4",
+        "optim.batch_size=8",
+        "optim.lr=1e-2",
+        "optim.warmup_steps=0",
+        "tracking.log_every_steps=1",
+        "checkpoint.every_steps=2",
+        "eval.max_new_tokens=8",
+        "eval.batch_size=8",
+    ]

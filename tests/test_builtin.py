@@ -1,0 +1,89 @@
+"""prepare_builtin: the files it leaves, reuse from the cache, and where SFT stops (tiny configs, seconds)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mdpo_ray.builtin import MARKER, cache_key, prepare_builtin
+from mdpo_ray.config import BuiltinTaskConfig
+from mdpo_ray.generation import greedy_answer_accuracy
+
+TINY = dict(
+    n_layers=1, hidden_size=32, n_heads=2, intermediate_size=64, n_sft_problems=200, n_pref_pairs=20,
+    n_eval_pairs=10, n_eval_problems=20, sft_max_steps=20, sft_eval_every_steps=10, sft_batch_size=16,
+)
+
+
+def tiny(tmp_path, **overrides) -> BuiltinTaskConfig:
+    return BuiltinTaskConfig(**{**TINY, "cache_dir": str(tmp_path / "cache"), **overrides})
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One build shared by the tests that only read it: target 0.0 stops at the first eval."""
+    cfg = tiny(tmp_path_factory.mktemp("builtin"), sft_target_accuracy=0.0)
+    messages: list[str] = []
+    return cfg, prepare_builtin(cfg, log=messages.append), messages
+
+
+def test_build_writes_loadable_model_and_data(built):
+    cfg, assets, messages = built
+    assert not assets.reused and assets.root.parent == Path(cfg.cache_dir)
+    assert assets.root.name == f"builtin-{cache_key(cfg)}"
+    assert (assets.model_dir / "model.safetensors").is_file()
+    rows = [json.loads(line) for line in assets.train_path.read_text().splitlines()]
+    assert len(rows) == cfg.n_pref_pairs and set(rows[0]) == {"prompt", "chosen", "rejected"}
+    assert len(assets.eval_path.read_text().splitlines()) == cfg.n_eval_pairs
+    problems = [json.loads(line) for line in assets.generation_eval_path.read_text().splitlines()]
+    assert len(problems) == cfg.n_eval_problems and set(problems[0]) == {"prompt", "answer"}
+    assert any("built in" in m for m in messages)
+
+    model = AutoModelForCausalLM.from_pretrained(assets.model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(assets.model_dir)
+    assert model.config.num_hidden_layers == cfg.n_layers and model.config.vocab_size == len(tokenizer)
+    correct, total = greedy_answer_accuracy(model, tokenizer, problems, max_new_tokens=45, batch_size=32)
+    assert total == cfg.n_eval_problems and correct / total == pytest.approx(assets.sft_accuracy)
+    assert not [p for p in assets.root.parent.iterdir() if p.name.startswith(".")]  # no staging dir left
+
+
+def test_target_zero_stops_at_the_first_eval(built):
+    cfg, assets, messages = built
+    assert assets.sft_steps == cfg.sft_eval_every_steps
+    assert [m for m in messages if "SFT step" in m] and not [m for m in messages if "WARNING" in m]
+
+
+def test_second_call_reuses_without_training(built):
+    cfg, first, _ = built
+    weights = first.model_dir / "model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+    messages: list[str] = []
+    again = prepare_builtin(cfg, log=messages.append)
+    assert again.reused and again.root == first.root
+    assert (again.sft_accuracy, again.sft_steps) == (first.sft_accuracy, first.sft_steps)
+    assert weights.stat().st_mtime_ns == stamp
+    assert len(messages) == 1 and "reusing" in messages[0] and "SFT step" not in messages[0]
+
+
+def test_cache_key_covers_every_field_but_cache_dir(tmp_path):
+    cfg = tiny(tmp_path)
+    assert cache_key(cfg) == cache_key(tiny(tmp_path / "elsewhere"))
+    assert cache_key(cfg) != cache_key(tiny(tmp_path, rejected_kind="wrong_final"))
+    assert cache_key(cfg) != cache_key(tiny(tmp_path, seed=1))
+
+
+def test_unreachable_target_runs_to_max_steps_with_a_warning(tmp_path):
+    cfg = tiny(tmp_path, sft_target_accuracy=1.0, sft_max_steps=15, n_eval_problems=5)
+    messages: list[str] = []
+    rng_before = torch.random.get_rng_state()
+    assets = prepare_builtin(cfg, log=messages.append)
+    assert assets.sft_steps == 15 and not assets.reused
+    evals = [m for m in messages if "SFT step" in m]
+    assert [m.split(":")[0] for m in evals] == ["builtin SFT step 10/15", "builtin SFT step 15/15"]
+    assert any(m.startswith("WARNING") and "sft_max_steps" in m for m in messages)
+    assert torch.equal(torch.random.get_rng_state(), rng_before)  # seeding did not touch the caller's RNG
+    assert (assets.root / MARKER).is_file()

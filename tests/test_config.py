@@ -1,0 +1,96 @@
+"""Config: YAML + dotted overrides validated once; errors name the key and the fix; exit code 2 before Ray."""
+
+import subprocess
+import sys
+
+import pytest
+
+from mdpo_ray.config import BUILTIN, ConfigError, flatten, load_config, to_yaml, validate_config
+
+
+def test_defaults_are_the_builtin_minor_dpo_run():
+    cfg = load_config()
+    assert cfg.loss.name == "minor_dpo" and cfg.loss.reject_threshold == 0.0
+    assert cfg.data.train == BUILTIN and cfg.model.name_or_path == BUILTIN
+    assert cfg.scaling.num_workers == 2
+    assert cfg.per_worker_batch_size == cfg.optim.batch_size // 2
+
+
+def test_yaml_then_overrides_revalidated(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("loss:\n  name: dpo\n  beta: 0.2\noptim:\n  lr: 3.0e-5\n")
+    cfg = load_config(path, ["loss.beta=0.5", "optim.betas=[0.9, 0.95]", "scaling.num_workers=1"])
+    assert (cfg.loss.name, cfg.loss.beta, cfg.optim.lr, cfg.optim.betas) == ("dpo", 0.5, 3e-5, (0.9, 0.95))
+    with pytest.raises(ConfigError, match="loss.beta"):
+        load_config(path, ["loss.beta=0"])
+
+
+@pytest.mark.parametrize(
+    ("override", "needle"),
+    [
+        ("loss.betta=1", "loss.betta: unknown key"),
+        ("loss.reject_threshold=0.5", "loss.reject_threshold"),
+        ("loss.name=kto", "loss.name"),
+        ("optim.batch_size=15", "optim.batch_size (15) must be a multiple of scaling.num_workers (2)"),
+        ("scaling.mixed_precision=bf16", "needs scaling.use_gpu=true"),
+        ("name=bad/name", "name"),
+        ("loss", "expected key=value"),
+        ("loss.beta.x=1", "loss.beta: Input should be a valid number"),
+    ],
+)
+def test_bad_values_name_the_key(override, needle):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [override])
+    assert needle in str(info.value)
+
+
+def test_builtin_model_needs_builtin_data():
+    with pytest.raises(ConfigError, match="set model.name_or_path to your own model"):
+        load_config(None, ["data.train=my.jsonl"])
+
+
+def test_bad_yaml_file_names_the_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("loss: [unclosed\n")
+    with pytest.raises(ConfigError, match="broken.yaml is not valid YAML"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_relative_paths_become_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pairs.jsonl").write_text("")
+    cfg = load_config(None, ["data.train=pairs.jsonl", "model.name_or_path=some-org/hub-model", "output_dir=out"])
+    assert cfg.data.train == str(tmp_path / "pairs.jsonl")
+    assert cfg.model.name_or_path == "some-org/hub-model"  # not a local path: a hub id, left alone
+    assert cfg.output_dir == str(tmp_path / "out")
+
+
+def test_yaml_round_trip_and_flatten():
+    cfg = load_config(None, ["loss.beta=0.3"])
+    again = validate_config(__import__("yaml").safe_load(to_yaml(cfg)))
+    assert again == cfg
+    flat = flatten(cfg)
+    assert flat["loss.beta"] == "0.3" and flat["optim.betas"] == "[0.9, 0.999]"
+
+
+def test_cli_exits_2_on_bad_config_before_ray():
+    probe = (
+        "import sys; from mdpo_ray.cli import main; rc = main(['train', '--set', 'loss.beta=-1']); "
+        "print('ray imported' if 'ray' in sys.modules else 'ray not imported'); sys.exit(rc)"
+    )
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert "loss.beta: Input should be greater than 0" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert proc.stdout.strip() == "ray not imported"
+
+
+def test_cli_config_prints_resolved_yaml():
+    proc = subprocess.run(
+        [sys.executable, "-m", "mdpo_ray", "config", "--set", "loss.name=dpo"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "name: dpo" in proc.stdout

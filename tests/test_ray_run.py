@@ -1,0 +1,90 @@
+"""System tier: a real 2-worker Ray Train FSDP2 run on CPU, its MLflow run, checkpoint, resume and export."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mdpo_ray.config import load_config
+from mdpo_ray.train_loop import Worker, train
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ray_local():
+    import ray
+
+    from mdpo_ray import launch
+
+    launch._init_ray()
+    yield
+    ray.shutdown()
+
+
+class _Sink:
+    def __init__(self):
+        self.logged = {}
+
+    def log(self, metrics, step):
+        self.logged.setdefault(step, {}).update(metrics)
+
+
+def test_two_worker_run_tracks_checkpoints_resumes_and_exports(ray_local, tiny_run_overrides):
+    from mdpo_ray import launch
+
+    cfg = load_config(None, [*tiny_run_overrides, "optim.max_steps=4", "scaling.num_workers=2"])
+    first = launch.train(cfg)
+
+    client = MlflowClient(tracking_uri=cfg.mlflow_uri)
+    run = client.get_run(first.mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["loss.name"] == "minor_dpo" and run.data.params["scaling.num_workers"] == "2"
+    assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
+    for key in ("loss", "rewards/margins", "logps/rejected", "delta_rejected/p50", "stability/penalty_off_frac",
+                "grad_norm", "lr", "perf/tokens_per_s", "eval/answer_accuracy", "data/train_kept"):
+        assert key in run.data.metrics, key
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+
+    checkpoint = Path(first.checkpoint)
+    assert checkpoint.name == "checkpoint_000004"
+    assert {p.name for p in checkpoint.iterdir()} >= {".metadata", "__0_0.distcp", "__1_0.distcp", "trainer_state.json"}
+
+    # FSDP2 over 2 workers computes the same losses as one in-process worker on the same global batches.
+    single = _Sink()
+    train(load_config(None, [*tiny_run_overrides, "optim.max_steps=4", "scaling.num_workers=1", "name=single"]),
+          Worker(sink=single))
+    history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
+    for step in (1, 2, 3, 4):
+        assert history[step] == pytest.approx(single.logged[step]["loss"], rel=1e-4)
+
+    # Same run name, more steps: resumes from checkpoint 4 and continues the same MLflow run.
+    longer = launch.train(load_config(None, [*tiny_run_overrides, "optim.max_steps=6", "scaling.num_workers=2"]))
+    assert longer.mlflow_run_id == first.mlflow_run_id
+    assert client.get_run(longer.mlflow_run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+    assert Path(longer.checkpoint).name == "checkpoint_000006"
+
+    model = AutoModelForCausalLM.from_pretrained(longer.export_dir)
+    tokenizer = AutoTokenizer.from_pretrained(longer.export_dir)
+    with torch.no_grad():
+        ids = tokenizer("Q: 1+2= A:", return_tensors="pt")["input_ids"]
+        assert torch.isfinite(model(ids).logits).all()
+    describe = launch.describe(longer)
+    assert "MLflow UI" in describe and str(longer.export_dir) in describe
+
+
+def test_failed_run_is_marked_failed_not_left_running(ray_local, tiny_run_overrides, tmp_path):
+    from mdpo_ray import launch
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Q: 1+1= A:", "chosen": " 2", "rejected": " 2"}\n')  # no usable pair
+    cfg = load_config(None, [*tiny_run_overrides, f"data.train={bad}", "name=doomed"])
+    with pytest.raises(Exception, match="chosen identical to rejected"):
+        launch.train(cfg)
+    client = MlflowClient(tracking_uri=cfg.mlflow_uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    (run,) = client.search_runs([experiment.experiment_id], "tags.`mdpo.run_name` = 'doomed'")
+    assert run.info.status == "FAILED"

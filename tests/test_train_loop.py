@@ -1,0 +1,118 @@
+"""The training loop in-process on a one-rank FSDP2 group (the same code path Ray workers run)."""
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mdpo_ray import distributed, reference, train_loop
+from mdpo_ray.config import load_config
+from mdpo_ray.train_loop import Worker, batch_indices, train
+
+
+class Recorder:
+    """Stands in for Ray's report and MLflow: keeps every (metrics, step) and checkpoint dir it is given."""
+
+    def __init__(self, keep_checkpoints_in: Path | None = None):
+        self.logged: dict[int, dict[str, float]] = {}
+        self.reports: list[dict[str, float]] = []
+        self.checkpoints: list[Path] = []
+        self.keep = keep_checkpoints_in
+
+    def log(self, metrics, step):
+        self.logged.setdefault(step, {}).update(metrics)
+
+    def report(self, metrics, checkpoint_dir, step):
+        self.reports.append(metrics)
+        if checkpoint_dir is not None and self.keep is not None:
+            import shutil
+
+            target = self.keep / f"checkpoint_{step:06d}"
+            shutil.copytree(checkpoint_dir, target)
+            self.checkpoints.append(target)
+
+
+def _run(overrides, recorder=None, restore_dir=None):
+    cfg = load_config(None, [*overrides, "scaling.num_workers=1"])
+    recorder = recorder or Recorder()
+    train(cfg, Worker(report=recorder.report, sink=recorder, restore_dir=restore_dir))
+    return cfg, recorder
+
+
+def _params(model_dir):
+    return {k: v.clone() for k, v in AutoModelForCausalLM.from_pretrained(model_dir).state_dict().items()}
+
+
+def test_step_zero_is_ln2_and_every_policy_tensor_changes_but_no_reference_tensor(tiny_task, tiny_run_overrides,
+                                                                                   monkeypatch):
+    frozen = []
+    original_init = reference.ResidentReference.__init__
+
+    def capture(self, model, **kwargs):
+        frozen.append(model)
+        original_init(self, model, **kwargs)
+
+    monkeypatch.setattr(reference.ResidentReference, "__init__", capture)
+    before = _params(tiny_task["model"])
+    cfg, rec = _run(tiny_run_overrides)
+
+    # Policy == reference at step 1: Δw = Δl = 0, so every pair's loss is ln 2 (MinorDPO == DPO there).
+    assert rec.logged[1]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert rec.logged[1]["rewards/margins"] == pytest.approx(0, abs=1e-6)
+    assert set(rec.logged) == {0, 1, 2, 3, 4}
+    for key in ("eval/answer_accuracy", "eval/rewards/accuracies", "data/train_rows"):
+        assert key in rec.logged[0]
+    assert "eval/answer_accuracy" in rec.logged[4]
+
+    after = _params(cfg.run_dir / "export")
+    assert before.keys() == after.keys()
+    unchanged = [k for k in before if torch.equal(before[k], after[k])]
+    assert not unchanged, f"policy tensors that did not train: {unchanged}"
+    ref_state = distributed.full_state_dict(frozen[0])
+    assert all(torch.equal(ref_state[k], before[k]) for k in before), "the reference model changed"
+    tokenizer = AutoTokenizer.from_pretrained(cfg.run_dir / "export")
+    assert tokenizer.decode(tokenizer("Q: 1+2= A:")["input_ids"], skip_special_tokens=True) == "Q: 1+2= A:"
+
+
+def test_precompute_gives_the_same_losses_as_a_resident_reference(tiny_run_overrides):
+    _, resident = _run(tiny_run_overrides)
+    _, precomputed = _run([*tiny_run_overrides, "reference=precompute", "name=precompute"])
+    for step in (1, 2, 3, 4):
+        for key in ("loss", "logps/ref_chosen", "logps/ref_rejected", "rewards/margins"):
+            assert precomputed.logged[step][key] == pytest.approx(resident.logged[step][key], rel=1e-4, abs=1e-5)
+    assert precomputed.logged[4]["eval/loss"] == pytest.approx(resident.logged[4]["eval/loss"], rel=1e-4)
+
+
+def test_resume_from_a_checkpoint_continues_the_same_trajectory(tiny_run_overrides, tmp_path):
+    _, straight = _run(tiny_run_overrides)
+    keep = tmp_path / "kept"
+    keep.mkdir()
+    first = Recorder(keep_checkpoints_in=keep)
+    _run([*tiny_run_overrides, "name=interrupted", "optim.max_steps=2"], first)
+    _, resumed = _run([*tiny_run_overrides, "name=interrupted"], Recorder(), restore_dir=first.checkpoints[-1])
+    assert 1 not in resumed.logged and 0 not in resumed.logged  # no re-evaluation, no replayed steps
+    for step in (3, 4):
+        assert resumed.logged[step]["loss"] == pytest.approx(straight.logged[step]["loss"], rel=1e-5)
+
+
+def test_nonfinite_steps_are_skipped_then_fail_with_advice(tiny_run_overrides, monkeypatch):
+    monkeypatch.setattr(train_loop, "LOSSES", {"minor_dpo": lambda *a, **k: _nan_output(a)})
+    with pytest.raises(train_loop.NonFiniteError, match="consecutive non-finite steps ending at step 2.*optim.lr"):
+        _run([*tiny_run_overrides, "optim.max_consecutive_nonfinite=2"])
+
+
+def _nan_output(logps):
+    from mdpo_ray.losses import LossOutput
+
+    nan = logps[0] * float("nan")
+    return LossOutput(losses=nan, chosen_rewards=nan.detach(), rejected_rewards=nan.detach())
+
+
+def test_batches_depend_only_on_step_and_split_evenly_over_ranks():
+    one = [batch_indices(s, n=10, batch_size=4, seed=3, rank=0, world=1) for s in range(1, 6)]
+    two = [batch_indices(s, n=10, batch_size=4, seed=3, rank=r, world=2) for s in range(1, 6) for r in (0, 1)]
+    assert [i for b in one for i in b] == [i for b in two for i in b]
+    first_epoch = [i for b in one for i in b][:10]
+    assert sorted(first_epoch) == list(range(10))  # an epoch is a permutation
