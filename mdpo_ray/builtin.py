@@ -81,7 +81,10 @@ def prepare_builtin(cfg: BuiltinTaskConfig, log: Callable[[str], None] = print) 
             return _assets(root, figures, reused=True)
         log(f"builtin task: building {root} (SFT until {cfg.sft_target_accuracy:.0%} held-out accuracy; "
             "about 2-3 minutes on 2 CPU cores, once per task config)")
+        for stale in cache_dir.glob(f".{root.name}-*"):  # left by a killed build: only the lock holder writes them
+            shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=cache_dir))
+        staging.chmod(0o755)  # mkdtemp makes it private; the cache is meant to be shared
         try:
             figures = _build(cfg, staging, log)
             if root.exists():  # a directory without its marker cannot come from us; replace it
@@ -94,12 +97,22 @@ def prepare_builtin(cfg: BuiltinTaskConfig, log: Callable[[str], None] = print) 
 
 
 def _build(cfg: BuiltinTaskConfig, out: Path, log: Callable[[str], None]) -> dict:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(os.cpu_count() or 1)  # Ray workers get OMP_NUM_THREADS=1; this process may use them all
+    try:
+        return _build_into(cfg, out, log)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build_into(cfg: BuiltinTaskConfig, out: Path, log: Callable[[str], None]) -> dict:
     started = time.perf_counter()
     task = arith.generate_task(cfg)
     tokenizer = arith.build_tokenizer()
     log(f"builtin task: {len(task['sft'])} SFT problems, {len(task['pairs'])} {cfg.rejected_kind} pairs, "
         f"{len(task['eval_pairs'])} held-out pairs, {len(task['eval_problems'])} held-out problems")
     model, steps = _sft(cfg, task, tokenizer, log)
+    # The reported figure scores all held-out problems; the stopping evals saw only the first SFT_EVAL_PROBLEMS.
     correct, total = greedy_answer_accuracy(
         model, tokenizer, task["eval_problems"], max_new_tokens=arith.MAX_NEW_TOKENS, batch_size=256
     )
@@ -149,14 +162,9 @@ def _sft_tensors(rows: list[dict], tokenizer) -> tuple[torch.Tensor, torch.Tenso
 
 def _sft(cfg: BuiltinTaskConfig, task: dict, tokenizer, log: Callable[[str], None]) -> tuple[LlamaForCausalLM, int]:
     """Train until the first eval reaching cfg.sft_target_accuracy, or cfg.sft_max_steps; return (model, steps)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)  # Ray workers get OMP_NUM_THREADS=1; this process may use them all
-    try:
-        with torch.random.fork_rng(devices=[]):  # seed the init and batch order without touching the caller's RNG
-            torch.manual_seed(cfg.seed)
-            return _sft_loop(cfg, task, tokenizer, log)
-    finally:
-        torch.set_num_threads(threads)
+    with torch.random.fork_rng(devices=[]):  # seed the init and batch order without touching the caller's RNG
+        torch.manual_seed(cfg.seed)
+        return _sft_loop(cfg, task, tokenizer, log)
 
 
 def _sft_loop(cfg: BuiltinTaskConfig, task: dict, tokenizer, log: Callable[[str], None]) -> tuple[LlamaForCausalLM, int]:

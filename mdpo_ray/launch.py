@@ -6,6 +6,7 @@ The driver owns everything that must survive a worker failure: the resolved conf
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -22,7 +23,9 @@ from mdpo_ray.config import BUILTIN, RunConfig, validate_config
 
 # Every ray.train.report waits on the controller's health-check poll (2 s by default): at 0.1 s a
 # 20-report run no longer spends most of its time blocked in report (measured, see STACK_NOTES).
-RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1"}
+RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+           # Per-file progress bars from every worker drown the step lines; the step lines say it all.
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,7 @@ def worker_entry(payload: dict) -> None:
     from mdpo_ray.train_loop import Worker, train
 
     cfg = RunConfig.model_validate(payload["config"])
+    _quiet_report_log()
     context = ray.train.get_context()
     sink = tracking.MlflowSink(cfg.mlflow_uri, payload["mlflow_run_id"]) if context.get_world_rank() == 0 \
         else tracking.NullSink()
@@ -68,6 +72,15 @@ def worker_entry(payload: dict) -> None:
     with checkpoint.as_directory() if checkpoint else nullcontext() as restore_dir:
         train(cfg, Worker(local_rank=context.get_local_rank(), report=report,
                           restore_dir=Path(restore_dir) if restore_dir else None, sink=sink))
+
+
+def _quiet_report_log() -> None:
+    """Ray Train V2 logs every report's full metric dict at INFO; our own step line says it once, briefly."""
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # internal module moved: keep Ray's default logging
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 def _init_ray() -> None:

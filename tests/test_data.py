@@ -9,6 +9,7 @@ import copy
 import json
 
 import datasets
+import huggingface_hub
 import pytest
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -42,6 +43,7 @@ def offline_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf" / "datasets"))
 
 
@@ -301,6 +303,18 @@ def test_missing_file_names_it(tmp_path, tokenizer):
         load(missing, tokenizer)
     with pytest.raises(DataError, match="data file not found: data/prefs.jsonl"):
         read_rows("data/prefs.jsonl", "train")
+
+
+def test_unknown_name_is_tried_on_the_hub_and_both_failures_explained(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"no such local file or directory .*tmp.*Hugging Face Hub failed"):
+        read_rows("someorg/prefs", "train")
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match=r"empty\.jsonl is empty"):
+        read_rows(str(tmp_path / "empty.jsonl"), "train")
 
 
 def test_malformed_jsonl_line_names_file_and_line(tmp_path, tokenizer):
