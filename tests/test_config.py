@@ -94,3 +94,10 @@ def test_cli_config_prints_resolved_yaml():
     )
     assert proc.returncode == 0, proc.stderr
     assert "name: dpo" in proc.stdout
+
+
+def test_checked_in_run_configs_validate():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml")):
+        load_config(path)  # raises ConfigError naming the file and key if one rots

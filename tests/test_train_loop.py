@@ -116,3 +116,13 @@ def test_batches_depend_only_on_step_and_split_evenly_over_ranks():
     assert [i for b in one for i in b] == [i for b in two for i in b]
     first_epoch = [i for b in one for i in b][:10]
     assert sorted(first_epoch) == list(range(10))  # an epoch is a permutation
+
+
+def test_a_cached_reference_table_is_reused_without_loading_the_reference(tiny_run_overrides, monkeypatch):
+    _run([*tiny_run_overrides, "reference=precompute", "name=first", "optim.max_steps=1"])
+    loads = []
+    original = train_loop.load_causal_lm
+    monkeypatch.setattr(train_loop, "load_causal_lm", lambda cfg, trainable: loads.append(trainable) or
+                        original(cfg, trainable=trainable))
+    _run([*tiny_run_overrides, "reference=precompute", "name=second", "optim.max_steps=1"])
+    assert loads == [True], "only the policy is loaded when the reference table is cached"
