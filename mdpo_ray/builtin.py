@@ -145,8 +145,7 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 def _sft_tensors(rows: list[dict], tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, T) input ids, right-padded, and labels with the prompt and padding masked to -100.
 
-    Each sequence is BOS + prompt + chosen + EOS. Tokenized once up front: building batches in Python
-    every step would cost as much as the step itself on this model.
+    Each sequence is BOS + prompt + chosen + EOS. Tokenized once up front, so a step only indexes tensors.
     """
     prompts = tokenizer([r["prompt"] for r in rows], add_special_tokens=True)["input_ids"]
     completions = tokenizer([r["chosen"] for r in rows], add_special_tokens=False)["input_ids"]
@@ -167,7 +166,9 @@ def _sft(cfg: BuiltinTaskConfig, task: dict, tokenizer, log: Callable[[str], Non
         return _sft_loop(cfg, task, tokenizer, log)
 
 
-def _sft_loop(cfg: BuiltinTaskConfig, task: dict, tokenizer, log: Callable[[str], None]) -> tuple[LlamaForCausalLM, int]:
+def _sft_loop(
+    cfg: BuiltinTaskConfig, task: dict, tokenizer, log: Callable[[str], None]
+) -> tuple[LlamaForCausalLM, int]:
     model = LlamaForCausalLM(arith.model_config(cfg, tokenizer))
     model.train()
     input_ids, labels = _sft_tensors(task["sft"], tokenizer)

@@ -24,6 +24,9 @@ from mdpo_ray.config import BUILTIN, RunConfig, validate_config
 # Every ray.train.report waits on the controller's health-check poll (2 s by default): at 0.1 s a
 # 20-report run no longer spends most of its time blocked in report (measured, see STACK_NOTES).
 RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+           # Train V2 routes print() through a logger and also tees it when stdout is wrapped: each
+           # line twice. Plain prints reach the driver once through Ray's log forwarding.
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
            # Per-file progress bars from every worker drown the step lines; the step lines say it all.
            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
 

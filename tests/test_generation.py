@@ -122,7 +122,8 @@ def test_accuracy_scores_the_text_after_the_prompt_and_skips_padding_rows(tokeni
         {"prompt": "Q: 3+3= A:", "answer": None},  # padding a distributed shard: decoded, not counted
         {"prompt": "Q: 30-27= A:", "answer": "Three is 3.\n#### 3"},  # a GSM8K-style solution
     ]
-    assert greedy_answer_accuracy(model, tokenizer, problems, max_new_tokens=20, batch_size=4, synced_gpus=True) == (3, 4)
+    counts = greedy_answer_accuracy(model, tokenizer, problems, max_new_tokens=20, batch_size=4, synced_gpus=True)
+    assert counts == (3, 4)
     assert [len(call["input_ids"]) for call in model.calls] == [4, 1]
     first = model.calls[0]
     assert first["do_sample"] is False and first["synced_gpus"] is True and first["max_new_tokens"] == 20
