@@ -127,6 +127,13 @@ class EvalConfig(_Strict):
     max_generation_problems: int | None = Field(None, ge=1)
 
 
+class StopConfig(_Strict):
+    """Stop an unstable run early (a sweep's stopper), checked at every log step; the reason is tagged in MLflow."""
+
+    max_nonfinite_steps: int | None = Field(None, ge=1)  # stop once this many steps were skipped in all
+    max_chosen_drop: float | None = Field(None, gt=0)  # stop once mean Δw (chosen log-prob drift) < -this
+
+
 class RunConfig(_Strict):
     name: str = Field("minor-dpo-arith", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # resume key: same name resumes
     output_dir: str = "mdpo_runs"
@@ -141,6 +148,7 @@ class RunConfig(_Strict):
     checkpoint: CheckpointConfig = CheckpointConfig()
     tracking: TrackingConfig = TrackingConfig()
     eval: EvalConfig = EvalConfig()
+    stop: StopConfig = StopConfig()
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
@@ -200,7 +208,7 @@ def _absolute(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     return out
 
 
-def _set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
+def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:
     node = raw
     *parents, leaf = dotted.split(".")
     for part in parents:
@@ -255,7 +263,7 @@ def load_config(
         raw = loaded or {}
     for text in overrides:
         key, value = parse_override(text)
-        _set_dotted(raw, key, value)
+        set_dotted(raw, key, value)
         source += f" + --set {text}"
     return validate_config(raw, source=source, base=base)
 

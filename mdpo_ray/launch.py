@@ -94,9 +94,10 @@ def _init_ray() -> None:
         ray.init(runtime_env={"env_vars": RAY_ENV}, log_to_driver=True)
 
 
-def train(cfg: RunConfig) -> RunSummary:
+def train(cfg: RunConfig, *, tags: dict[str, str] | None = None, callbacks: list | None = None) -> RunSummary:
+    """One run. A sweep trial passes its MLflow tags and Tune's report callback."""
     cfg = resolve_builtin(cfg)
-    run_id, resumed = tracking.open_run(cfg)
+    run_id, resumed = tracking.open_run(cfg, tags)
     print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {cfg.mlflow_uri}")
     _init_ray()
     scaling = cfg.scaling
@@ -111,6 +112,7 @@ def train(cfg: RunConfig) -> RunSummary:
             storage_path=cfg.output_dir,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
             failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+            callbacks=callbacks,
         ),
     )
     # SIGTERM (ray job stop, a scheduler's kill) must still close the MLflow run.

@@ -46,3 +46,18 @@ def pair_metrics(
         for q, value in zip(QUANTILES, torch.quantile(delta.float(), quantiles.float()), strict=True):
             out[f"{name}/p{round(q * 100):02d}"] = value
     return {prefix + key: float(value) for key, value in out.items()}
+
+
+# Per-step extras logged beside pair_metrics by the training loop, and the extra eval results.
+STEP_METRICS = ("grad_norm", "lr", "perf/tokens_per_s", "perf/step_time_s", "stability/nonfinite_steps")
+EVAL_METRICS = ("eval/answer_accuracy", "eval/n_pairs", "eval/n_problems")
+
+
+def _all_names() -> frozenset[str]:
+    zeros = torch.zeros(2)
+    pair = pair_metrics(losses=zeros, policy_chosen_logps=zeros, policy_rejected_logps=zeros,
+                        reference_chosen_logps=zeros, reference_rejected_logps=zeros, beta=1.0, reject_threshold=0.0)
+    return frozenset(pair) | {f"eval/{k}" for k in pair} | set(STEP_METRICS) | set(EVAL_METRICS)
+
+
+METRIC_NAMES = _all_names()  # every metric a run can report (a sweep's `metric` must be one)

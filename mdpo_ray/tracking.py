@@ -23,9 +23,14 @@ _BATCH = 100  # MLflow's log_batch limit on params per call
 class MetricSink(Protocol):
     def log(self, metrics: dict[str, float], step: int) -> None: ...
 
+    def tag(self, key: str, value: str) -> None: ...
+
 
 class NullSink:
     def log(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def tag(self, key: str, value: str) -> None:
         pass
 
 
@@ -40,6 +45,9 @@ class MlflowSink:
         for start in range(0, len(batch), 1000):  # log_batch takes at most 1000 metrics
             self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
 
+    def tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
 
 def _client(cfg: RunConfig) -> MlflowClient:
     return MlflowClient(tracking_uri=cfg.mlflow_uri)
@@ -49,13 +57,19 @@ def _experiment_id(client: MlflowClient, cfg: RunConfig) -> str:
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     if experiment is not None:
         return experiment.experiment_id
-    # The local default store keeps artifacts beside it, absolute, whatever the process cwd.
-    location = None if cfg.tracking.mlflow_uri else (Path(cfg.output_dir) / "mlartifacts").as_uri()
+    # A local sqlite store keeps artifacts beside its file, absolute, whatever the process cwd; a
+    # tracking server decides for itself.
+    uri = cfg.mlflow_uri
+    location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri() \
+        if uri.startswith("sqlite:///") else None
     return client.create_experiment(cfg.tracking.experiment, artifact_location=location)
 
 
-def open_run(cfg: RunConfig) -> tuple[str, bool]:
-    """(run_id, resumed): the existing run with this run name, reopened, or a new one."""
+def open_run(cfg: RunConfig, tags: dict[str, str] | None = None) -> tuple[str, bool]:
+    """(run_id, resumed): the existing run with this run name, reopened, or a new one.
+
+    `tags` (e.g. a sweep's `mlflow.parentRunId` and trial id) are set on the run either way.
+    """
     client = _client(cfg)
     experiment_id = _experiment_id(client, cfg)
     found = client.search_runs(
@@ -71,6 +85,8 @@ def open_run(cfg: RunConfig) -> tuple[str, bool]:
     else:
         run_id = client.create_run(experiment_id, run_name=cfg.name, tags={RUN_NAME_TAG: cfg.name}).info.run_id
         logged = {}
+    for key, value in (tags or {}).items():
+        client.set_tag(run_id, key, value)
     params = flatten(cfg)
     # MLflow params are immutable: a re-run logs keys it lacks and records what changed in a tag.
     fresh = [Param(k, v[:6000]) for k, v in params.items() if k not in logged]

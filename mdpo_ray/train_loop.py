@@ -113,6 +113,9 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
         state = json.loads((worker.restore_dir / STATE_FILE).read_text())
         scheduler.load_state_dict(state.pop("scheduler"))
         say(f"resumed from {worker.restore_dir} at step {state['step']}")
+        if state["step"] >= cfg.optim.max_steps:
+            say(f"run {cfg.name!r} already reached optim.max_steps={cfg.optim.max_steps}: nothing to train "
+                "(raise optim.max_steps to continue it, or set a new name for a fresh run)")
 
     def run_eval() -> dict[str, float]:
         out = evaluate.eval_pairs(policy, eval_reference, eval_ds, loss_cfg=cfg.loss, eval_cfg=cfg.eval,
@@ -170,10 +173,15 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
         metrics = _window_metrics(cfg, window, step_stats, scheduler.get_last_lr()[0], state["nonfinite_steps"])
         window.clear()
         step_stats = dict.fromkeys(step_stats, 0.0) | {"steps": 0}
+        stop_reason = _stop_reason(cfg, metrics)  # identical on every rank: the metrics are gathered
+        is_last = is_last or stop_reason is not None
         if (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or is_last:
             metrics |= run_eval()
         worker.sink.log(metrics, step=step)
         say(f"step {step}/{cfg.optim.max_steps} " + _describe(metrics))
+        if stop_reason is not None:
+            worker.sink.tag("mdpo.stop_reason", stop_reason)
+            say(f"stopping early at step {step}: {stop_reason}")
         checkpoint_dir = None
         if step % cfg.checkpoint.every_steps == 0 or is_last:
             state["step"] = step
@@ -181,6 +189,8 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
         worker.report(metrics | {"step": step} | _prefixed(state["eval_start"], "eval_start/"), checkpoint_dir, step)
         if checkpoint_dir is not None:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the launcher has persisted it by now
+        if stop_reason is not None:
+            break
 
     full = distributed.full_state_dict(policy)
     if rank == 0:
@@ -201,6 +211,15 @@ def _precomputed(cfg: RunConfig, load_frozen, dataset, pad_token_id: int, device
     verb = "reused" if reused else "computed"
     say(f"reference log-probs for {len(dataset)} pairs {verb} ({time.perf_counter() - started:.1f} s): {cache_file}")
     return ref.PrecomputedReference(table)
+
+
+def _stop_reason(cfg: RunConfig, metrics: dict[str, float]) -> str | None:
+    stop = cfg.stop
+    if stop.max_nonfinite_steps is not None and metrics["stability/nonfinite_steps"] >= stop.max_nonfinite_steps:
+        return f"{int(metrics['stability/nonfinite_steps'])} non-finite steps (stop.max_nonfinite_steps)"
+    if stop.max_chosen_drop is not None and metrics["delta_chosen/mean"] < -stop.max_chosen_drop:
+        return f"chosen log-prob drift {metrics['delta_chosen/mean']:.3g} < -{stop.max_chosen_drop:g} (stop.max_chosen_drop)"
+    return None
 
 
 def _window_metrics(cfg: RunConfig, window, step_stats, lr: float, nonfinite_steps: int) -> dict[str, float]:

@@ -21,8 +21,13 @@ class Recorder:
         self.checkpoints: list[Path] = []
         self.keep = keep_checkpoints_in
 
+        self.tags: dict[str, str] = {}
+
     def log(self, metrics, step):
         self.logged.setdefault(step, {}).update(metrics)
+
+    def tag(self, key, value):
+        self.tags[key] = value
 
     def report(self, metrics, checkpoint_dir, step):
         self.reports.append(metrics)
@@ -65,6 +70,10 @@ def test_step_zero_is_ln2_and_every_policy_tensor_changes_but_no_reference_tenso
     for key in ("eval/answer_accuracy", "eval/rewards/accuracies", "data/train_rows"):
         assert key in rec.logged[0]
     assert "eval/answer_accuracy" in rec.logged[4]
+    from mdpo_ray.metrics import METRIC_NAMES
+
+    logged_names = {k for step in rec.logged.values() for k in step if not k.startswith("data/")}
+    assert logged_names <= METRIC_NAMES, logged_names - METRIC_NAMES  # the names sweeps may optimise
 
     after = _params(cfg.run_dir / "export")
     assert before.keys() == after.keys()
@@ -126,3 +135,19 @@ def test_a_cached_reference_table_is_reused_without_loading_the_reference(tiny_r
                         original(cfg, trainable=trainable))
     _run([*tiny_run_overrides, "reference=precompute", "name=second", "optim.max_steps=1"])
     assert loads == [True], "only the policy is loaded when the reference table is cached"
+
+
+def test_stop_config_ends_an_unstable_run_early_and_says_why(tiny_run_overrides, monkeypatch):
+    from mdpo_ray.losses import LossOutput
+
+    def push_chosen_down(pc, pr, rc, rr, **knobs):  # a deliberately harmful loss: lowers log p(chosen)
+        return LossOutput(losses=pc, chosen_rewards=(pc - rc).detach(), rejected_rewards=(pr - rr).detach())
+
+    monkeypatch.setattr(train_loop, "LOSSES", {"minor_dpo": push_chosen_down})
+    cfg, rec = _run([*tiny_run_overrides, "optim.max_steps=50", "stop.max_chosen_drop=0.5"])
+    last = max(rec.logged)
+    assert 1 < last < 50
+    assert rec.logged[last]["delta_chosen/mean"] < -0.5
+    assert "stop.max_chosen_drop" in rec.tags["mdpo.stop_reason"]
+    assert "eval/answer_accuracy" in rec.logged[last]  # a stopped run is still evaluated and exported
+    assert (cfg.run_dir / "export" / "config.json").is_file()

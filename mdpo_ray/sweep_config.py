@@ -1,0 +1,141 @@
+"""The sweep schema: a base run config plus a search space over dotted run-config keys.
+
+Every search key and every value it can take is checked against the run schema at load time, so a
+typo (`loss.betta`) or an impossible value (`loss.reject_threshold: {grid: [0.5]}`) fails before Ray
+is asked for anything. No Ray import here: the Tune objects are built in sweep.py.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from mdpo_ray.config import ConfigError, RunConfig, set_dotted, parse_override, validate_config
+from mdpo_ray.metrics import METRIC_NAMES
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Domain(_Strict):
+    """Exactly one of: grid (every value, crossed with the other grids), choice, uniform, loguniform."""
+
+    grid: list[Any] | None = None
+    choice: list[Any] | None = None
+    uniform: tuple[float, float] | None = None
+    loguniform: tuple[float, float] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Domain:
+        given = [k for k in ("grid", "choice", "uniform", "loguniform") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of grid, choice, uniform, loguniform (got {given or 'none'})")
+        values = self.grid if self.grid is not None else self.choice
+        if values is not None and not values:
+            raise ValueError("an empty list searches nothing")
+        low_high = self.uniform or self.loguniform
+        if low_high is not None and not low_high[0] < low_high[1]:
+            raise ValueError(f"the range must be [low, high] with low < high (got {list(low_high)})")
+        if self.loguniform is not None and self.loguniform[0] <= 0:
+            raise ValueError("loguniform needs low > 0")
+        return self
+
+    def probe_values(self) -> list[Any]:
+        """Values that must all make a valid run config: every listed value, or both range ends."""
+        if self.grid is not None or self.choice is not None:
+            return list(self.grid if self.grid is not None else self.choice)
+        low, high = self.uniform or self.loguniform
+        return [low, high]
+
+
+class SearchConfig(_Strict):
+    algorithm: Literal["optuna"] = "optuna"  # needs the `optuna` extra
+    seed: int | None = None
+
+
+class AshaConfig(_Strict):
+    grace_period: int = Field(1, ge=1)  # reports (tracking.log_every_steps apart) before a trial can be cut
+    reduction_factor: float = Field(2.0, gt=1)
+
+
+class SchedulerConfig(_Strict):
+    asha: AshaConfig
+
+
+class SweepConfig(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    base: str | None = None  # a run YAML, relative to the sweep file
+    run: dict[str, Any] = {}  # run-config keys over the base (same schema as `mdpo-ray train`)
+    space: dict[str, Domain]
+    num_samples: int = Field(1, ge=1)  # repeats of the grid (random draws for the other domains)
+    metric: str = "eval/answer_accuracy"
+    mode: Literal["max", "min"] = "max"
+    search: SearchConfig | None = None
+    scheduler: SchedulerConfig | None = None
+    max_concurrent_trials: int | None = Field(None, ge=1)  # None: as many as the cluster's resources fit
+
+    @model_validator(mode="after")
+    def _checks(self) -> SweepConfig:
+        if self.metric not in METRIC_NAMES:
+            raise ValueError(f"metric {self.metric!r} is not a metric a run reports; see the README's glossary "
+                             f"(e.g. eval/answer_accuracy, eval/rewards/margins, loss)")
+        if self.search is not None and any(d.grid is not None for d in self.space.values()):
+            raise ValueError("a search algorithm (search:) cannot use grid domains; use choice instead")
+        return self
+
+
+def _explain(error: ValidationError, source: str) -> str:
+    lines = [f"invalid sweep ({source}):"]
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "<top level>"
+        reason = "unknown key" if item["type"] == "extra_forbidden" else item["msg"].removeprefix("Value error, ")
+        lines.append(f"  {key}: {reason}")
+    return "\n".join(lines)
+
+
+def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> tuple[SweepConfig, dict[str, Any]]:
+    """(sweep, base run dict). `overrides` (`key=value`) apply to the base run config of every trial."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"sweep file not found: {file}")
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file} is not valid YAML: {exc}") from exc
+    try:
+        sweep = SweepConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_explain(exc, str(file))) from None
+    base: dict[str, Any] = {}
+    if sweep.base is not None:
+        base_file = (file.parent / sweep.base).resolve()
+        if not base_file.is_file():
+            raise ConfigError(f"{file}: base run config not found: {base_file}")
+        base = yaml.safe_load(base_file.read_text()) or {}
+    base = _merge(base, sweep.run)
+    for text in overrides:
+        set_dotted(base, *parse_override(text))
+    validate_config(base, source=f"{file} (base run)")
+    for key, domain in sweep.space.items():
+        for value in domain.probe_values():
+            trial_config(base, {key: value}, source=f"{file}: space.{key} = {value!r}")
+    return sweep, base
+
+
+def trial_config(base: dict[str, Any], overrides: dict[str, Any], *, source: str = "trial") -> RunConfig:
+    """The run config of one trial: the base with dotted overrides, validated like any run."""
+    raw = _merge(base, {})
+    for key, value in overrides.items():
+        set_dotted(raw, key, value)
+    return validate_config(raw, source=source)
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = {k: (_merge(v, {}) if isinstance(v, dict) else v) for k, v in base.items()}
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
