@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from mdpo_ray.config import ConfigError, load_config, to_yaml
 
@@ -15,13 +16,26 @@ def _parser() -> argparse.ArgumentParser:
                        ("config", "print the resolved config as YAML and exit")):
         sub = commands.add_parser(name, help=text, description=text)
         sub.add_argument("config", nargs="?", help="run YAML (see sweeps/ and README.md); default: built-in")
-        sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                         help="override a dotted key, e.g. --set loss.beta=0.3 (repeatable)")
+        _add_overrides(sub)
+    sub = commands.add_parser("sweep", help="run a Ray Tune sweep from a sweep YAML")
+    sub.add_argument("sweep", help="sweep YAML, e.g. sweeps/smoke.yaml")
+    sub.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
+    _add_overrides(sub, "of every trial's base run config")
+    sub = commands.add_parser("report", help="write a sweep's table and plots (and attach them in MLflow)")
+    sub.add_argument("sweep", help="the sweep YAML the sweep was launched with")
+    sub.add_argument("--set", dest="overrides", action="append", default=[], help=argparse.SUPPRESS)
     return parser
+
+
+def _add_overrides(sub: argparse.ArgumentParser, what: str = "") -> None:
+    sub.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help=f"override a dotted key {what}, e.g. --set loss.beta=0.3 (repeatable)")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command in ("sweep", "report"):
+        return _sweep_command(args)
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
@@ -34,6 +48,35 @@ def main(argv: list[str] | None = None) -> int:
 
     summary = launch.train(cfg)
     print(launch.describe(summary))
+    return 0
+
+
+def _sweep_command(args: argparse.Namespace) -> int:
+    from mdpo_ray.sweep_config import load_sweep, trial_config
+
+    try:
+        sweep, base = load_sweep(args.sweep, args.overrides)
+    except ConfigError as exc:
+        print(f"mdpo-ray: {exc}", file=sys.stderr)
+        return 2
+    from mdpo_ray import sweep as sweeps, tracking  # imports Ray; only after the sweep is known to be good
+
+    shared = sweeps.shared_run_keys(sweep, base)
+    cfg = trial_config(base, shared | {"name": "probe"})
+    if args.command == "report":
+        from mdpo_ray.report import find_sweep_parent, write_report
+
+        parent = find_sweep_parent(cfg.mlflow_uri, cfg.tracking.experiment, sweep.name)
+        report = write_report(cfg.mlflow_uri, parent, Path(cfg.output_dir) / "report")
+        print(f"report: {report.markdown_path} (+ {report.csv_path.name}, {len(report.plots)} plots); "
+              f"best trial {report.best_trial_id}")
+        return 0
+    try:
+        summary = sweeps.run_sweep(sweep, base, resume=args.resume)
+    except ConfigError as exc:
+        print(f"mdpo-ray: {exc}", file=sys.stderr)
+        return 2
+    print(sweeps.describe(summary, tracking.ui_command(cfg)))
     return 0
 
 

@@ -77,6 +77,28 @@ def worker_entry(payload: dict) -> None:
                           restore_dir=Path(restore_dir) if restore_dir else None, sink=sink))
 
 
+def precompute_entry(payload: dict) -> None:
+    from mdpo_ray.train_loop import Worker, precompute_reference
+
+    _quiet_report_log()
+    precompute_reference(RunConfig.model_validate(payload["config"]),
+                         Worker(local_rank=ray.train.get_context().get_local_rank()))
+
+
+def precompute_reference(cfg: RunConfig) -> None:
+    """Fill the reference log-prob cache with the run's own workers and sharding, then return."""
+    TorchTrainer(precompute_entry, train_loop_config={"config": cfg.model_dump(mode="json")},
+                 scaling_config=_scaling(cfg),
+                 run_config=ray.train.RunConfig(name=f"{cfg.name}-reference", storage_path=cfg.output_dir)).fit()
+
+
+def _scaling(cfg: RunConfig) -> ray.train.ScalingConfig:
+    scaling = cfg.scaling
+    resources = {"CPU": scaling.cpus_per_worker} | ({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})
+    return ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                   resources_per_worker=resources)
+
+
 def _quiet_report_log() -> None:
     """Ray Train V2 logs every report's full metric dict at INFO; our own step line says it once, briefly."""
     try:
@@ -86,7 +108,7 @@ def _quiet_report_log() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
-def _init_ray() -> None:
+def init_ray() -> None:
     """Inside `ray job submit` (RAY_ADDRESS is set) this joins the cluster; otherwise it starts a local one."""
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
@@ -99,19 +121,16 @@ def train(cfg: RunConfig, *, tags: dict[str, str] | None = None, callbacks: list
     cfg = resolve_builtin(cfg)
     run_id, resumed = tracking.open_run(cfg, tags)
     print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {cfg.mlflow_uri}")
-    _init_ray()
-    scaling = cfg.scaling
-    resources = {"CPU": scaling.cpus_per_worker} | ({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})
+    init_ray()
     trainer = TorchTrainer(
         worker_entry,
         train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id},
-        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                               resources_per_worker=resources),
+        scaling_config=_scaling(cfg),
         run_config=ray.train.RunConfig(
             name=cfg.name,
             storage_path=cfg.output_dir,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
-            failure_config=ray.train.FailureConfig(max_failures=scaling.max_failures),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             callbacks=callbacks,
         ),
     )

@@ -10,14 +10,19 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
+from collections.abc import Callable
+from functools import lru_cache
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from mdpo_ray import distributed
+from mdpo_ray.config import RunConfig
 from mdpo_ray.data import collate_pairs
 from mdpo_ray.logps import concatenated_logps
+from mdpo_ray.model import load_causal_lm
 
 
 def rank_shard(n: int, rank: int, world: int) -> list[int]:
@@ -102,3 +107,35 @@ def load_or_compute(cache_file: Path, compute) -> tuple[torch.Tensor, bool]:
         torch.save(table, tmp)
         os.replace(tmp, cache_file)  # atomic: a concurrent reader never sees half a file
     return table, False
+
+
+def build(cfg: RunConfig, datasets: tuple, pad_token_id: int, mesh, mp_policy, device: torch.device,
+          say: Callable[[str], None]) -> tuple:
+    """(train reference, eval reference, cache statuses) for cfg.reference.
+
+    A precomputed table is None for a missing set; statuses say "computed" or "reused" per table.
+    """
+    load_frozen = lru_cache(maxsize=1)(
+        lambda: distributed.shard_model(load_causal_lm(cfg.model, trainable=False), mesh, mp_policy))
+    average = cfg.loss.average_log_prob
+    if cfg.reference == "resident":
+        resident = ResidentReference(load_frozen(), pad_token_id=pad_token_id, average=average)
+        return resident, resident, []
+    # The frozen model is loaded only if a table is not cached, and freed before training.
+    tables, statuses = [], []
+    for dataset in datasets:
+        if dataset is None:
+            tables.append(None)
+            continue
+        key = cache_key(cfg.model.name_or_path, dataset._fingerprint, max_length=cfg.data.max_length, average=average)
+        cache_file = Path(cfg.output_dir) / "reference_logps" / f"{key}.pt"
+        started = time.perf_counter()
+        table, reused = load_or_compute(cache_file, lambda ds=dataset: compute_table(
+            load_frozen(), ds, batch_size=cfg.eval.batch_size, pad_token_id=pad_token_id, average=average,
+            device=device))
+        say(f"reference log-probs for {len(dataset)} pairs {'reused' if reused else 'computed'} "
+            f"({time.perf_counter() - started:.1f} s): {cache_file}")
+        tables.append(PrecomputedReference(table))
+        statuses.append("reused" if reused else "computed")
+    load_frozen.cache_clear()
+    return tables[0], tables[1], statuses

@@ -85,6 +85,14 @@ class SweepConfig(_Strict):
                              f"(e.g. eval/answer_accuracy, eval/rewards/margins, loss)")
         if self.search is not None and any(d.grid is not None for d in self.space.values()):
             raise ValueError("a search algorithm (search:) cannot use grid domains; use choice instead")
+        if self.scheduler is not None and self.metric.startswith("eval/"):
+            raise ValueError(f"ASHA compares trials at every report, but {self.metric} is only measured at eval "
+                             "time; use a training metric (e.g. rewards/margins, delta_chosen/mean, loss)")
+        if self.search is not None:
+            try:
+                import optuna  # noqa: F401
+            except ImportError:
+                raise ValueError("search.algorithm=optuna needs Optuna: pip install 'mdpo-ray[optuna]'") from None
         return self
 
 

@@ -103,6 +103,34 @@ def close_run(cfg: RunConfig, run_id: str, *, succeeded: bool) -> None:
     _client(cfg).set_terminated(run_id, status="FINISHED" if succeeded else "FAILED")
 
 
+def open_sweep_run(cfg: RunConfig, sweep_name: str, *, tags: dict[str, str], sweep_yaml: str) -> str:
+    """The sweep's parent run (reopened on --resume); trials attach to it with mlflow.parentRunId."""
+    client = _client(cfg)
+    experiment_id = _experiment_id(client, cfg)
+    found = client.search_runs([experiment_id], f"tags.`mdpo.sweep` = '{sweep_name}' and tags.`mdpo.role` = 'sweep'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+    else:
+        run_id = client.create_run(experiment_id, run_name=sweep_name,
+                                   tags={"mdpo.sweep": sweep_name, "mdpo.role": "sweep"}).info.run_id
+    for key, value in tags.items():
+        client.set_tag(run_id, key, value)
+    client.log_text(run_id, sweep_yaml, "sweep.yaml")
+    return run_id
+
+
+def close_unfinished_children(cfg: RunConfig, parent_run_id: str, *, reason: str) -> None:
+    """Trials that Tune ended (ASHA, an interrupted driver) never reached their own close: do it here."""
+    client = _client(cfg)
+    children = client.search_runs([_experiment_id(client, cfg)],
+                                  f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'")
+    for child in children:
+        client.set_tag(child.info.run_id, "mdpo.stop_reason", reason)
+        client.set_terminated(child.info.run_id, status="KILLED")
+
+
 def ui_command(cfg: RunConfig) -> str:
     if cfg.tracking.mlflow_uri:
         return f"open {cfg.tracking.mlflow_uri} (experiment {cfg.tracking.experiment!r})"

@@ -91,18 +91,11 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
     mesh = distributed.make_mesh(device)
     mp_policy = distributed.mixed_precision(cfg.scaling.mixed_precision, device)
     policy = distributed.shard_model(load_causal_lm(cfg.model, trainable=True), mesh, mp_policy)
-    load_frozen = lru_cache(maxsize=1)(
-        lambda: distributed.shard_model(load_causal_lm(cfg.model, trainable=False), mesh, mp_policy))
+    reference, eval_reference, cache_statuses = ref.build(cfg, (train_ds, eval_ds), tokenizer.pad_token_id, mesh,
+                                                          mp_policy, device, say)
+    if cache_statuses:
+        worker.sink.tag("mdpo.reference_cache", ",".join(cache_statuses))  # e.g. "reused,reused" in a sweep trial
     average = cfg.loss.average_log_prob
-    if cfg.reference == "resident":
-        reference = eval_reference = ref.ResidentReference(load_frozen(), pad_token_id=tokenizer.pad_token_id,
-                                                           average=average)
-    else:  # the frozen model is loaded only if a table is not cached, and freed before training
-        reference, eval_reference = (
-            _precomputed(cfg, load_frozen, ds, tokenizer.pad_token_id, device, say) if ds is not None else None
-            for ds in (train_ds, eval_ds)
-        )
-        load_frozen.cache_clear()
 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   weight_decay=cfg.optim.weight_decay)
@@ -200,17 +193,17 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
     return state["eval_start"]
 
 
-def _precomputed(cfg: RunConfig, load_frozen, dataset, pad_token_id: int, device, say) -> ref.PrecomputedReference:
-    key = ref.cache_key(cfg.model.name_or_path, dataset._fingerprint, max_length=cfg.data.max_length,
-                        average=cfg.loss.average_log_prob)
-    cache_file = Path(cfg.output_dir) / "reference_logps" / f"{key}.pt"
-    started = time.perf_counter()
-    table, reused = ref.load_or_compute(cache_file, lambda: ref.compute_table(
-        load_frozen(), dataset, batch_size=cfg.eval.batch_size, pad_token_id=pad_token_id,
-        average=cfg.loss.average_log_prob, device=device))
-    verb = "reused" if reused else "computed"
-    say(f"reference log-probs for {len(dataset)} pairs {verb} ({time.perf_counter() - started:.1f} s): {cache_file}")
-    return ref.PrecomputedReference(table)
+def precompute_reference(cfg: RunConfig, worker: Worker) -> None:
+    """Only fill the reference log-prob cache (a sweep does this once before its trials)."""
+    distributed.ensure_process_group()
+    say = print if distributed.rank() == 0 else (lambda *a, **k: None)
+    device = distributed.device_for(worker.local_rank, cfg.scaling.use_gpu)
+    tokenizer = load_tokenizer(cfg.model)
+    datasets = load_train_eval(cfg.data, tokenizer, cfg.seed)[:2]
+    mesh = distributed.make_mesh(device)
+    mp_policy = distributed.mixed_precision(cfg.scaling.mixed_precision, device)
+    ref.build(cfg.model_copy(update={"reference": "precompute"}), datasets, tokenizer.pad_token_id, mesh,
+              mp_policy, device, say)
 
 
 def _stop_reason(cfg: RunConfig, metrics: dict[str, float]) -> str | None:

@@ -96,8 +96,13 @@ def test_cli_config_prints_resolved_yaml():
     assert "name: dpo" in proc.stdout
 
 
-def test_checked_in_run_configs_validate():
+def test_checked_in_run_and_sweep_configs_validate():
     from pathlib import Path
 
+    import yaml
+
+    from mdpo_ray.sweep_config import load_sweep
+
     for path in sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml")):
-        load_config(path)  # raises ConfigError naming the file and key if one rots
+        # raises ConfigError naming the file and key if one rots
+        load_sweep(path) if "space" in yaml.safe_load(path.read_text()) else load_config(path)

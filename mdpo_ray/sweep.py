@@ -1,0 +1,153 @@
+"""The Ray Tune boundary: a thin driver that runs one `launch.train` per trial.
+
+Each trial is a Tune function trainable that fits its own TorchTrainer (the Ray V2 Tune-launches-Train
+pattern) and forwards rank-0 reports to Tune. Trial names derive from Tune trial ids, never from
+timestamps, so `--resume` finds each trial's checkpoints and MLflow child run again.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import yaml
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from mdpo_ray import launch, tracking
+from mdpo_ray.config import ConfigError, RunConfig
+from mdpo_ray.report import SweepReport, write_report
+from mdpo_ray.sweep_config import SweepConfig, trial_config
+
+# Without a scheduler or searcher Tune needs no metric in every report (eval metrics come only with
+# the last one); with ASHA, sweep_config insists on a metric that every report carries.
+os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
+
+# Search keys that change the reference log-probs: with none of them swept, trials share one table.
+_REFERENCE_KEYS = ("model.", "data.", "builtin.", "loss.average_log_prob", "seed")
+
+
+@dataclass(frozen=True)
+class SweepSummary:
+    sweep: SweepConfig
+    parent_run_id: str
+    mlflow_uri: str
+    experiment: str
+    best_trial: str | None
+    best_value: float | None
+    report: SweepReport
+
+
+def _domain(domain) -> Any:
+    if domain.grid is not None:
+        return tune.grid_search(domain.grid)
+    if domain.choice is not None:
+        return tune.choice(domain.choice)
+    if domain.uniform is not None:
+        return tune.uniform(*domain.uniform)
+    return tune.loguniform(*domain.loguniform)
+
+
+def shared_run_keys(sweep: SweepConfig, base: dict[str, Any]) -> dict[str, Any]:
+    """Keys every trial gets: one output dir, one MLflow store and experiment (named after the sweep)."""
+    cfg = trial_config(base, {})
+    experiment = (base.get("tracking") or {}).get("experiment", sweep.name)
+    return {"output_dir": str(Path(cfg.output_dir) / sweep.name), "tracking.mlflow_uri": cfg.mlflow_uri,
+            "tracking.experiment": experiment}
+
+
+def _trial(config: dict[str, Any], *, sweep: SweepConfig, base: dict[str, Any], shared: dict[str, Any],
+           parent_run_id: str) -> None:
+    trial_id = tune.get_context().get_trial_id()
+    overrides = {key: config[key] for key in sweep.space}
+    cfg = trial_config(base, overrides | shared | {"name": f"{sweep.name}-{trial_id}"},
+                       source=f"sweep {sweep.name} trial {trial_id}")
+    tags = {"mlflow.parentRunId": parent_run_id, "mdpo.sweep": sweep.name, "mdpo.trial_id": trial_id}
+    tags |= {f"override.{key}": str(value) for key, value in overrides.items()}
+    launch.train(cfg, tags=tags, callbacks=[TuneReportCallback()])
+
+
+def _max_concurrent(sweep: SweepConfig, cfg: RunConfig) -> int:
+    if sweep.max_concurrent_trials:
+        return sweep.max_concurrent_trials
+    scaling = cfg.scaling
+    kind, per_worker = ("GPU", scaling.gpus_per_worker) if scaling.use_gpu else ("CPU", scaling.cpus_per_worker)
+    available = ray.cluster_resources().get(kind, 0.0)
+    return max(1, int(available // (scaling.num_workers * per_worker)))
+
+
+def _tune_config(sweep: SweepConfig, max_concurrent: int) -> tune.TuneConfig:
+    search_alg = scheduler = None
+    if sweep.search is not None:
+        from ray.tune.search.optuna import OptunaSearch  # checked importable in sweep_config
+
+        search_alg = OptunaSearch(seed=sweep.search.seed)
+    if sweep.scheduler is not None:
+        asha = sweep.scheduler.asha
+        scheduler = tune.schedulers.ASHAScheduler(time_attr="training_iteration", grace_period=asha.grace_period,
+                                                  reduction_factor=asha.reduction_factor)
+    needs_metric = search_alg is not None or scheduler is not None
+    return tune.TuneConfig(metric=sweep.metric if needs_metric else None, mode=sweep.mode if needs_metric else None,
+                           num_samples=sweep.num_samples, search_alg=search_alg, scheduler=scheduler,
+                           max_concurrent_trials=max_concurrent)
+
+
+def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False) -> SweepSummary:
+    shared = shared_run_keys(sweep, base)
+    first = trial_config(base, {k: d.probe_values()[0] for k, d in sweep.space.items()} | shared | {"name": "probe"})
+    tune_dir = Path(first.output_dir) / "tune"
+    if resume and not tune.Tuner.can_restore(str(tune_dir / sweep.name)):
+        raise ConfigError(f"nothing to resume: no sweep {sweep.name!r} under {tune_dir}")
+    if not resume and (tune_dir / sweep.name).exists():
+        raise ConfigError(f"sweep {sweep.name!r} already exists under {tune_dir}: pass --resume to continue it, "
+                          "or give the sweep a new name")
+    # Build the built-in task once here (trials would wait on its lock) and, if no trial changes the
+    # reference, its log-probs once for all trials.
+    first = launch.resolve_builtin(first)
+    parent_run_id = tracking.open_sweep_run(first, sweep.name, tags={
+        "mdpo.search_keys": ",".join(sweep.space), "mdpo.metric": sweep.metric, "mdpo.mode": sweep.mode},
+        sweep_yaml=yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False))
+    launch.init_ray()
+    if first.reference == "precompute" and not any(k.startswith(_REFERENCE_KEYS) for k in sweep.space):
+        launch.precompute_reference(first)
+
+    trainable = tune.with_parameters(_trial, sweep=sweep, base=base, shared=shared, parent_run_id=parent_run_id)
+    if resume:
+        tuner = tune.Tuner.restore(str(tune_dir / sweep.name), trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            tune.with_resources(trainable, {"CPU": 0.01}),  # the trial only drives; its workers hold the resources
+            param_space={key: _domain(domain) for key, domain in sweep.space.items()},
+            tune_config=_tune_config(sweep, _max_concurrent(sweep, first)),
+            run_config=tune.RunConfig(name=sweep.name, storage_path=str(tune_dir), verbose=1),
+        )
+    succeeded = False
+    try:
+        tuner.fit()
+        succeeded = True
+    finally:
+        tracking.close_unfinished_children(first, parent_run_id,
+                                           reason="stopped by the sweep (scheduler or interruption) before finishing")
+        tracking.close_run(first, parent_run_id, succeeded=succeeded)
+    report = write_report(first.mlflow_uri, parent_run_id, Path(first.output_dir) / "report")
+    return SweepSummary(sweep=sweep, parent_run_id=parent_run_id, mlflow_uri=first.mlflow_uri,
+                        experiment=first.tracking.experiment, best_trial=report.best_trial_id,
+                        best_value=report.best_value, report=report)
+
+
+def describe(summary: SweepSummary, cfg_ui: str) -> str:
+    report = summary.report
+    best = (f"{summary.best_trial} ({summary.sweep.metric} = {summary.best_value:.4g})"
+            if summary.best_trial else "none (no FINISHED trial reported the metric)")
+    return "\n".join([
+        f"\nsweep {summary.sweep.name!r}: {report.n_trials} trials",
+        f"  best trial:  {best}",
+        f"  report:      {report.markdown_path} (+ {report.csv_path.name}, {len(report.plots)} plots)",
+        f"  MLflow:      experiment {summary.experiment!r} in {summary.mlflow_uri} (parent run {summary.parent_run_id})",
+        f"  MLflow UI:   {cfg_ui}",
+    ])
+

@@ -1,0 +1,128 @@
+"""System tier: a 2x2 Tune sweep of 2-worker Ray Train trials, its MLflow parent/children and report;
+and a sweep whose driver is interrupted, then resumed."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mdpo_ray.sweep_config import load_sweep, trial_config
+
+pytestmark = pytest.mark.slow
+
+SWEEP = """
+name: {name}
+run:
+  reference: precompute
+  scaling: {{cpus_per_worker: 0.45}}
+space:
+  loss.beta: {{grid: [0.1, 0.5]}}
+  loss.reject_threshold: {{grid: [0.0, -1.0]}}
+metric: eval/rewards/accuracies
+mode: max
+"""
+
+
+def _children(cfg, parent_id):
+    client = MlflowClient(tracking_uri=cfg.mlflow_uri)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    return client, client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
+
+
+def test_smoke_sweep_runs_a_grid_of_trials_into_mlflow_and_a_report(tiny_run_overrides, tmp_path, capfd):
+    import ray
+
+
+    from mdpo_ray import sweep as sweeps
+
+    path = tmp_path / "grid.yaml"
+    path.write_text(SWEEP.format(name="grid"))
+    sweep, base = load_sweep(path, tiny_run_overrides)
+    try:
+        summary = sweeps.run_sweep(sweep, base)
+    finally:
+        ray.shutdown()
+    cfg = trial_config(base, sweeps.shared_run_keys(sweep, base) | {"name": "x"})
+    client, children = _children(cfg, summary.parent_run_id)
+    assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
+    grid = {(c.data.tags["override.loss.beta"], c.data.tags["override.loss.reject_threshold"]) for c in children}
+    assert grid == {("0.1", "0.0"), ("0.1", "-1.0"), ("0.5", "0.0"), ("0.5", "-1.0")}
+    for child in children:
+        assert child.data.params["loss.beta"] == child.data.tags["override.loss.beta"]
+        assert child.data.tags["mdpo.sweep"] == "grid" and child.data.tags["mdpo.trial_id"]
+        for key in ("loss", "rewards/margins", "logps/rejected", "stability/penalty_off_frac", "eval/rewards/accuracies"):
+            assert key in child.data.metrics
+    best = max(children, key=lambda c: c.data.metrics["eval/rewards/accuracies"])
+    assert summary.best_value == pytest.approx(best.data.metrics["eval/rewards/accuracies"])
+    assert client.get_run(summary.parent_run_id).info.status == "FINISHED"
+
+    for file in [summary.report.csv_path, summary.report.markdown_path, *summary.report.plots]:
+        assert file.is_file() and file.stat().st_size > 0
+    assert len(summary.report.csv_path.read_text().strip().splitlines()) == 5  # header + 4 trials
+    attached = {a.path for a in client.list_artifacts(summary.parent_run_id, "report")}
+    assert f"report/{summary.report.markdown_path.name}" in attached
+
+    log = capfd.readouterr()
+    assert (log.out + log.err).count("reference log-probs for 48 pairs computed") == 1  # once, before the trials
+    assert {c.data.tags["mdpo.reference_cache"] for c in children} == {"reused,reused"}  # then reused by each trial
+
+
+def test_interrupted_sweep_resumes_keeping_finished_trials(tiny_run_overrides, tmp_path):
+    path = tmp_path / "resumable.yaml"
+    path.write_text(SWEEP.format(name="resumable").replace("cpus_per_worker: 0.45", "cpus_per_worker: 1.0"))
+    sets = [arg for item in [*tiny_run_overrides, "optim.max_steps=30", "checkpoint.every_steps=5"]
+            for arg in ("--set", item)]
+    command = [sys.executable, "-m", "mdpo_ray", "sweep", str(path), *sets]
+    sweep, base = load_sweep(path, [*tiny_run_overrides, "optim.max_steps=30", "checkpoint.every_steps=5"])
+    from mdpo_ray.sweep import shared_run_keys
+
+    cfg = trial_config(base, shared_run_keys(sweep, base) | {"name": "x"})
+    log = (tmp_path / "driver.log").open("w")  # a file, not a pipe: an unread pipe would block the driver
+    driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        finished = _wait_for_finished_child(cfg, timeout=240)
+        os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C / ray job stop: the driver goes down mid-sweep
+        driver.wait(timeout=120)
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    finished_history = _loss_steps(cfg, finished)
+
+    with (tmp_path / "resumed.log").open("w") as resumed_log:
+        resumed = subprocess.run([*command, "--resume"], stdout=resumed_log, stderr=subprocess.STDOUT, timeout=400)
+    assert resumed.returncode == 0, (tmp_path / "resumed.log").read_text()[-4000:]
+    client, children = _children(cfg, _parent_id(cfg, "resumable"))
+    assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}  # no duplicate runs
+    assert _loss_steps(cfg, finished) == finished_history  # the finished trial was not run again
+    for child in children:  # every trial reached the end; an interrupted one rewound only to its checkpoint
+        steps = _loss_steps(cfg, child.info.run_id)
+        assert steps[-1] == 30 and set(steps) == set(range(1, 31)), steps
+
+
+def _parent_id(cfg, name):
+    from mdpo_ray.report import find_sweep_parent
+
+    return find_sweep_parent(cfg.mlflow_uri, cfg.tracking.experiment, name)
+
+
+def _wait_for_finished_child(cfg, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            _, children = _children(cfg, _parent_id(cfg, "resumable"))
+        except Exception:  # store or parent not there yet
+            children = []
+        done = [c.info.run_id for c in children if c.info.status == "FINISHED"]
+        if done:
+            return done[0]
+        time.sleep(2)
+    raise AssertionError("no trial finished in time")
+
+
+def _loss_steps(cfg, run_id):
+    client = MlflowClient(tracking_uri=cfg.mlflow_uri)
+    return [m.step for m in client.get_metric_history(run_id, "loss")]

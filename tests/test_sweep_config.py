@@ -1,0 +1,112 @@
+"""Sweep files: search space -> trial configs without Ray; every bad key or value fails at load time."""
+
+import pytest
+
+from mdpo_ray.config import ConfigError
+from mdpo_ray.sweep_config import load_sweep, trial_config
+
+
+def _write(tmp_path, text, name="sweep.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+BASE = "loss:\n  name: minor_dpo\noptim:\n  max_steps: 7\n"
+
+
+def test_base_file_run_section_and_space_map_to_trial_configs(tmp_path):
+    _write(tmp_path, BASE, "base.yaml")
+    path = _write(tmp_path, """
+name: s1
+base: base.yaml
+run:
+  optim: {lr: 3.0e-5}
+space:
+  loss.beta: {grid: [0.1, 0.3]}
+  loss.reject_threshold: {choice: [0.0, -1.0]}
+  optim.warmup_steps: {grid: [0, 5]}
+""")
+    sweep, base = load_sweep(path, ["optim.batch_size=8"])
+    assert list(sweep.space) == ["loss.beta", "loss.reject_threshold", "optim.warmup_steps"]
+    cfg = trial_config(base, {"loss.beta": 0.3, "loss.reject_threshold": -1.0, "optim.warmup_steps": 5})
+    assert (cfg.loss.beta, cfg.loss.reject_threshold, cfg.optim.warmup_steps) == (0.3, -1.0, 5)
+    assert (cfg.optim.max_steps, cfg.optim.lr, cfg.optim.batch_size) == (7, 3e-5, 8)  # base, run, --set
+    assert base["optim"]["max_steps"] == 7  # trial overrides never leak into the shared base
+
+
+@pytest.mark.parametrize(
+    ("space", "needle"),
+    [
+        ("loss.betta: {grid: [0.1]}", "loss.betta: unknown key"),
+        ("loss.reject_threshold: {grid: [0.0, 0.5]}", "space.loss.reject_threshold = 0.5"),
+        ("optim.lr: {loguniform: [0.0, 1.0e-3]}", "loguniform needs low > 0"),
+        ("optim.lr: {uniform: [1.0, 0.1]}", "low < high"),
+        ("loss.beta: {grid: [0.1], choice: [0.2]}", "exactly one of"),
+        ("loss.name: {choice: [minor_dpo, kto]}", "space.loss.name = 'kto'"),
+    ],
+)
+def test_bad_search_keys_and_values_fail_at_load_time(tmp_path, space, needle):
+    path = _write(tmp_path, f"name: bad\nspace:\n  {space}\n")
+    with pytest.raises(ConfigError) as info:
+        load_sweep(path)
+    assert needle in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ("metric: eval/acc", "is not a metric a run reports"),
+        ("scheduler: {asha: {grace_period: 1}}", "ASHA compares trials at every report"),
+        ("search: {algorithm: optuna}", "cannot use grid domains"),
+        ("num_sample: 2", "num_sample: unknown key"),
+    ],
+)
+def test_sweep_level_mistakes_are_explained(tmp_path, extra, needle):
+    path = _write(tmp_path, f"name: bad\nspace:\n  loss.beta: {{grid: [0.1]}}\n{extra}\n")
+    with pytest.raises(ConfigError) as info:
+        load_sweep(path)
+    assert needle in str(info.value)
+
+
+def test_missing_base_file_is_named(tmp_path):
+    path = _write(tmp_path, "name: s\nbase: nowhere.yaml\nspace:\n  loss.beta: {grid: [0.1]}\n")
+    with pytest.raises(ConfigError, match="base run config not found"):
+        load_sweep(path)
+
+
+def test_bad_sweep_exits_2_before_ray(tmp_path):
+    import subprocess
+    import sys
+
+    path = _write(tmp_path, "name: bad\nspace:\n  loss.betta: {grid: [0.1]}\n")
+    probe = (f"import sys; from mdpo_ray.cli import main; rc = main(['sweep', {str(path)!r}]); "
+             "print('ray imported' if 'ray' in sys.modules else 'ray not imported'); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "loss.betta: unknown key" in proc.stderr
+    assert proc.stdout.strip() == "ray not imported"
+
+
+def test_search_algorithm_and_scheduler_become_tune_objects(tmp_path):
+    """Builds (does not run) the Tune config: Optuna over choice/loguniform, ASHA on a training metric."""
+    from ray.tune.schedulers import ASHAScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from mdpo_ray.sweep import _domain, _tune_config
+
+    path = _write(tmp_path, """
+name: tuned
+space:
+  loss.name: {choice: [minor_dpo, dpo]}
+  optim.lr: {loguniform: [1.0e-6, 1.0e-4]}
+num_samples: 6
+metric: rewards/margins
+search: {algorithm: optuna, seed: 3}
+scheduler: {asha: {grace_period: 2}}
+""")
+    sweep, _ = load_sweep(path)
+    tune_config = _tune_config(sweep, max_concurrent=2)
+    assert isinstance(tune_config.search_alg, OptunaSearch) and isinstance(tune_config.scheduler, ASHAScheduler)
+    assert (tune_config.metric, tune_config.mode, tune_config.num_samples) == ("rewards/margins", "max", 6)
+    lr = _domain(sweep.space["optim.lr"])
+    assert all(1e-6 <= lr.sample() <= 1e-4 for _ in range(20))
