@@ -77,7 +77,7 @@ def _sweep_command(args: argparse.Namespace) -> int:
         print(f"mdpo-ray: {exc}", file=sys.stderr)
         return 2
     print(sweeps.describe(summary, tracking.ui_command(cfg)))
-    return 0
+    return 130 if summary.unfinished else 0  # 130: interrupted, as a shell reports Ctrl-C
 
 
 if __name__ == "__main__":

@@ -34,7 +34,7 @@ RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
 @dataclass(frozen=True)
 class RunSummary:
     config: RunConfig
-    mlflow_run_id: str
+    mlflow_run_id: str | None  # None: MLflow was unreachable when the run started
     metrics: dict[str, float]
     checkpoint: str | None
     export_dir: Path
@@ -63,8 +63,9 @@ def worker_entry(payload: dict) -> None:
     cfg = RunConfig.model_validate(payload["config"])
     _quiet_report_log()
     context = ray.train.get_context()
-    sink = tracking.MlflowSink(cfg.mlflow_uri, payload["mlflow_run_id"]) if context.get_world_rank() == 0 \
-        else tracking.NullSink()
+    run_id = payload["mlflow_run_id"]  # None: MLflow was down when the run started
+    sink = tracking.MlflowSink(cfg.mlflow_uri, run_id, unlogged_path=cfg.run_dir / tracking.UNLOGGED_FILE) \
+        if context.get_world_rank() == 0 and run_id is not None else tracking.NullSink()
 
     def report(metrics: dict[str, float], checkpoint_dir: Path | None, step: int) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -72,9 +73,12 @@ def worker_entry(payload: dict) -> None:
                          checkpoint_dir_name=f"checkpoint_{step:06d}" if checkpoint else None)
 
     checkpoint = ray.train.get_checkpoint()
-    with checkpoint.as_directory() if checkpoint else nullcontext() as restore_dir:
-        train(cfg, Worker(local_rank=context.get_local_rank(), report=report,
-                          restore_dir=Path(restore_dir) if restore_dir else None, sink=sink))
+    try:
+        with checkpoint.as_directory() if checkpoint else nullcontext() as restore_dir:
+            train(cfg, Worker(local_rank=context.get_local_rank(), report=report,
+                              restore_dir=Path(restore_dir) if restore_dir else None, sink=sink))
+    finally:
+        sink.close()  # a last flush; what MLflow never got goes to the run dir, even if training failed
 
 
 def precompute_entry(payload: dict) -> None:
@@ -108,19 +112,24 @@ def _quiet_report_log() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
-def init_ray() -> None:
-    """Inside `ray job submit` (RAY_ADDRESS is set) this joins the cluster; otherwise it starts a local one."""
+def init_ray() -> bool:
+    """Inside `ray job submit` (RAY_ADDRESS is set) this joins the cluster; otherwise it starts a local
+    one. True when the instance is local to this process (its resources are all there will be)."""
     for key, value in RAY_ENV.items():
         os.environ.setdefault(key, value)
-    if not ray.is_initialized():
-        ray.init(runtime_env={"env_vars": RAY_ENV}, log_to_driver=True)
+    if ray.is_initialized():
+        return False
+    local = "RAY_ADDRESS" not in os.environ
+    ray.init(runtime_env={"env_vars": RAY_ENV}, log_to_driver=True)
+    return local
 
 
 def train(cfg: RunConfig, *, tags: dict[str, str] | None = None, callbacks: list | None = None) -> RunSummary:
     """One run. A sweep trial passes its MLflow tags and Tune's report callback."""
     cfg = resolve_builtin(cfg)
-    run_id, resumed = tracking.open_run(cfg, tags)
-    print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {cfg.mlflow_uri}")
+    run_id, resumed = tracking.open_run(cfg, tags)  # None when MLflow is unreachable: it has said so
+    if run_id is not None:
+        print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {cfg.mlflow_uri}")
     init_ray()
     trainer = TorchTrainer(
         worker_entry,

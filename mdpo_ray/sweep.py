@@ -8,6 +8,8 @@ timestamps, so `--resume` finds each trial's checkpoints and MLflow child run ag
 from __future__ import annotations
 
 import os
+import signal
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,8 @@ from mdpo_ray.sweep_config import SweepConfig, trial_config
 # the last one); with ASHA, sweep_config insists on a metric that every report carries.
 os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 
+TRIAL_DRIVER_CPU = 0.01
+
 # Search keys that change the reference log-probs: with none of them swept, trials share one table.
 _REFERENCE_KEYS = ("model.", "data.", "builtin.", "loss.average_log_prob", "seed")
 
@@ -39,6 +43,7 @@ class SweepSummary:
     best_trial: str | None
     best_value: float | None
     report: SweepReport
+    unfinished: int  # trials left unfinished by an interruption: `--resume` continues them
 
 
 def _domain(domain) -> Any:
@@ -75,8 +80,21 @@ def _max_concurrent(sweep: SweepConfig, cfg: RunConfig) -> int:
         return sweep.max_concurrent_trials
     scaling = cfg.scaling
     kind, per_worker = ("GPU", scaling.gpus_per_worker) if scaling.use_gpu else ("CPU", scaling.cpus_per_worker)
-    available = ray.cluster_resources().get(kind, 0.0)
-    return max(1, int(available // (scaling.num_workers * per_worker)))
+    per_trial = scaling.num_workers * per_worker + (TRIAL_DRIVER_CPU if kind == "CPU" else 0.0)
+    return max(1, int(ray.cluster_resources().get(kind, 0.0) // per_trial))
+
+
+def _check_fits_locally(cfg: RunConfig) -> None:
+    """On a local instance a trial that cannot fit would wait forever (Ray Train times out after 60 s)."""
+    scaling = cfg.scaling
+    need = scaling.num_workers * scaling.cpus_per_worker + TRIAL_DRIVER_CPU
+    have = ray.cluster_resources().get("CPU", 0.0)
+    if need > have:
+        raise ConfigError(
+            f"one trial needs {need:g} CPUs (scaling.num_workers={scaling.num_workers} x scaling.cpus_per_worker="
+            f"{scaling.cpus_per_worker:g}, plus {TRIAL_DRIVER_CPU} for the trial's driver) but this machine has "
+            f"{have:g}: lower scaling.cpus_per_worker (e.g. --set scaling.cpus_per_worker="
+            f"{max(0.05, round((have - TRIAL_DRIVER_CPU) / scaling.num_workers - 0.05, 2)):g})")
 
 
 def _tune_config(sweep: SweepConfig, max_concurrent: int) -> tune.TuneConfig:
@@ -97,7 +115,7 @@ def _tune_config(sweep: SweepConfig, max_concurrent: int) -> tune.TuneConfig:
 
 def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False) -> SweepSummary:
     shared = shared_run_keys(sweep, base)
-    first = trial_config(base, {k: d.probe_values()[0] for k, d in sweep.space.items()} | shared | {"name": "probe"})
+    first = trial_config(base, {k: d.probe_values()[0] for k, d in sweep.space.items()} | shared | {"name": sweep.name})
     tune_dir = Path(first.output_dir) / "tune"
     if resume and not tune.Tuner.can_restore(str(tune_dir / sweep.name)):
         raise ConfigError(f"nothing to resume: no sweep {sweep.name!r} under {tune_dir}")
@@ -106,44 +124,58 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False)
                           "or give the sweep a new name")
     # Build the built-in task once here (trials would wait on its lock) and, if no trial changes the
     # reference, its log-probs once for all trials.
+    if launch.init_ray():
+        _check_fits_locally(first)
     first = launch.resolve_builtin(first)
     parent_run_id = tracking.open_sweep_run(first, sweep.name, tags={
         "mdpo.search_keys": ",".join(sweep.space), "mdpo.metric": sweep.metric, "mdpo.mode": sweep.mode},
         sweep_yaml=yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False))
-    launch.init_ray()
     if first.reference == "precompute" and not any(k.startswith(_REFERENCE_KEYS) for k in sweep.space):
         launch.precompute_reference(first)
 
-    trainable = tune.with_parameters(_trial, sweep=sweep, base=base, shared=shared, parent_run_id=parent_run_id)
+    # The trial only drives; its Train workers hold the resources. (Tune refuses {"CPU": 0}.) A restore
+    # must be given the same resources, or the restored trials ask for a whole CPU each.
+    trainable = tune.with_resources(
+        tune.with_parameters(_trial, sweep=sweep, base=base, shared=shared, parent_run_id=parent_run_id),
+        {"CPU": TRIAL_DRIVER_CPU})
     if resume:
         tuner = tune.Tuner.restore(str(tune_dir / sweep.name), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
     else:
         tuner = tune.Tuner(
-            tune.with_resources(trainable, {"CPU": 0.01}),  # the trial only drives; its workers hold the resources
+            trainable,
             param_space={key: _domain(domain) for key, domain in sweep.space.items()},
             tune_config=_tune_config(sweep, _max_concurrent(sweep, first)),
             run_config=tune.RunConfig(name=sweep.name, storage_path=str(tune_dir), verbose=1),
         )
-    succeeded = False
+    status = "FAILED"
+    # Tune stops gracefully (saving its state) on SIGINT only; `ray job stop` sends SIGTERM.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     try:
         tuner.fit()
-        succeeded = True
+        # Tune swallows Ctrl-C: it saves its state, with the cut trials back to PENDING, and returns.
+        saved = tune.ExperimentAnalysis(str(tune_dir / sweep.name)).trials
+        unfinished = sum(trial.status not in ("TERMINATED", "ERROR") for trial in saved)
+        status = "KILLED" if unfinished else "FINISHED"
     finally:
         tracking.close_unfinished_children(first, parent_run_id,
                                            reason="stopped by the sweep (scheduler or interruption) before finishing")
-        tracking.close_run(first, parent_run_id, succeeded=succeeded)
+        tracking.close_run(first, parent_run_id, status=status)
     report = write_report(first.mlflow_uri, parent_run_id, Path(first.output_dir) / "report")
     return SweepSummary(sweep=sweep, parent_run_id=parent_run_id, mlflow_uri=first.mlflow_uri,
                         experiment=first.tracking.experiment, best_trial=report.best_trial_id,
-                        best_value=report.best_value, report=report)
+                        best_value=report.best_value, report=report,
+                        unfinished=unfinished)
 
 
 def describe(summary: SweepSummary, cfg_ui: str) -> str:
     report = summary.report
     best = (f"{summary.best_trial} ({summary.sweep.metric} = {summary.best_value:.4g})"
             if summary.best_trial else "none (no FINISHED trial reported the metric)")
-    return "\n".join([
+    interrupted = (f"  INTERRUPTED: {summary.unfinished} trial(s) unfinished; continue with: "
+                   f"mdpo-ray sweep <this file> --resume\n" if summary.unfinished else "")
+    return interrupted + "\n".join([
         f"\nsweep {summary.sweep.name!r}: {report.n_trials} trials",
         f"  best trial:  {best}",
         f"  report:      {report.markdown_path} (+ {report.csv_path.name}, {len(report.plots)} plots)",

@@ -3,21 +3,44 @@
 The driver opens (or, for a re-run with the same run name, reopens) the MLflow run before any worker
 starts and closes it as FINISHED or FAILED whatever happens to the workers, so a run is never left
 RUNNING. Workers only append metrics to a run id they are handed. (nanochat `DummyWandb`.)
+Tracking never stops training: a server down at the start disables tracking for the run, an outage
+during it is buffered and retried, and what never reached MLflow is written to a JSONL file.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
+import sys
 import time
+from collections import deque
+from itertools import islice
 from pathlib import Path
 from typing import Protocol
 
-from mlflow.entities import Metric, Param
+import yaml
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from mdpo_ray.config import RunConfig, flatten, to_yaml
+from mdpo_ray.config import RunConfig, flatten
+
+# MLflow's REST client retries a failed call 7 times, backing off 2 * 2^n s (up to 120 s), with a 120 s
+# timeout per attempt: one call to a down server would block training for 4+ minutes. Give up within
+# ~3 s (connection refused) or ~35 s (no answer); MlflowSink buffers and retries on its own schedule.
+# Read per request, so setting them before the first call suffices; a user's own setting wins.
+for _name, _value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                      "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}.items():
+    os.environ.setdefault(_name, _value)
 
 RUN_NAME_TAG = "mdpo.run_name"
-_BATCH = 100  # MLflow's log_batch limit on params per call
+UNLOGGED_FILE = "unlogged_metrics.jsonl"
+REDACTED = "***REDACTED***"
+# A key ending like a credential (hf_token, api_key, db_password) is never logged; max_new_tokens is.
+SECRET_KEY = re.compile(r"(token|secret|password|passwd|api_?key|access_?key|secret_?key|private_?key|credentials?)$",
+                        re.IGNORECASE)
+_BATCH = 100  # MLflow's log_batch limit on params per call (1000 on metrics)
 
 
 class MetricSink(Protocol):
@@ -33,20 +56,123 @@ class NullSink:
     def tag(self, key: str, value: str) -> None:
         pass
 
+    def close(self) -> None:
+        pass
+
 
 class MlflowSink:
-    def __init__(self, tracking_uri: str, run_id: str) -> None:
+    """Rank 0's metrics and tags, kept through MLflow outages.
+
+    A call that fails because MLflow is down keeps its points (step and timestamp as logged) in a
+    bounded buffer, the oldest dropped and counted beyond `max_buffered`. Later calls send them oldest
+    first, trying at most every `retry_every_s` (doubled while the outage lasts, up to 5 min) so a down
+    server does not cost a timeout every step. Resending a batch whose answer was lost is harmless:
+    MLflow skips a metric identical in key, value, timestamp and step. `close()` writes whatever never
+    reached MLflow to `unlogged_path` as JSON lines.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, *, unlogged_path: Path | None = None,
+                 max_buffered: int = 100_000, retry_every_s: float = 30.0) -> None:
         self.client = MlflowClient(tracking_uri=tracking_uri)
-        self.run_id = run_id
+        self.uri, self.run_id, self.unlogged_path = tracking_uri, run_id, unlogged_path
+        self.retry_every_s = retry_every_s
+        self._buffer: deque[Metric | RunTag] = deque(maxlen=max_buffered)
+        self._rejected: list[Metric | RunTag] = []  # refused by MLflow (a 4xx): retrying would not help
+        self._dropped = 0  # while MLflow is down, points pushed out of the full buffer
+        self._outage: str | None = None  # the error, while MLflow is unreachable
+        self._wait, self._next_try = retry_every_s, 0.0
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        batch = [Metric(key, value, now, step) for key, value in metrics.items()]
-        for start in range(0, len(batch), 1000):  # log_batch takes at most 1000 metrics
-            self.client.log_batch(self.run_id, metrics=batch[start : start + 1000])
+        self._push([Metric(key, float(value), now, step) for key, value in metrics.items()])
 
     def tag(self, key: str, value: str) -> None:
-        self.client.set_tag(self.run_id, key, value)
+        self._push([RunTag(key, str(value))])
+
+    def close(self) -> None:
+        """A last flush; then say what could not be logged and write it to `unlogged_path`."""
+        self._flush(force=True)
+        unlogged = [*self._buffer, *self._rejected]
+        if unlogged or self._dropped:
+            head = f"MLflow at {self.uri} was unreachable at the end" if self._outage else "MLflow refused some points"
+            dropped = f" (and {self._dropped} older ones were dropped from the full buffer)" if self._dropped else ""
+            _warn(f"{head}: {len(unlogged)} metric points could not be logged to run {self.run_id}{dropped}; this did "
+                  f"not affect training: checkpoints and export are unaffected; {self._write(unlogged)}")
+        self._buffer.clear()
+        self._rejected.clear()
+
+    def _push(self, items: list[Metric | RunTag]) -> None:
+        self._dropped += max(0, len(self._buffer) + len(items) - self._buffer.maxlen)
+        self._buffer.extend(items)
+        self._flush()
+
+    def _flush(self, *, force: bool = False) -> None:
+        if self._outage is not None and not force and time.monotonic() < self._next_try:
+            return
+        sent = 0
+        while self._buffer:
+            chunk = list(islice(self._buffer, 1000))  # log_batch takes at most 1000 metrics
+            try:
+                self.client.log_batch(self.run_id, metrics=[m for m in chunk if isinstance(m, Metric)],
+                                      tags=[t for t in chunk if isinstance(t, RunTag)])
+            except Exception as error:  # noqa: BLE001  (nothing from tracking may stop training)
+                if is_outage(error):
+                    return self._went_down(error)
+                if not self._rejected:
+                    _warn(f"MLflow refused {len(chunk)} metric points ({error}); they will go to {UNLOGGED_FILE}")
+                self._rejected += chunk
+            for _ in chunk:
+                self._buffer.popleft()
+            sent += len(chunk)
+        if self._outage is not None:
+            dropped = f" ({self._dropped} older ones were dropped from the full buffer)" if self._dropped else ""
+            _warn(f"MLflow reachable again: flushed {sent} buffered metric points{dropped}")
+            self._outage, self._wait, self._dropped = None, self.retry_every_s, 0
+
+    def _went_down(self, error: Exception) -> None:
+        if self._outage is None:
+            _warn(f"MLflow at {self.uri} unreachable ({error}); buffering metrics and retrying; training continues")
+        else:
+            self._wait = min(2 * self._wait, 300.0)
+        self._outage, self._next_try = str(error), time.monotonic() + self._wait
+
+    def _write(self, unlogged: list[Metric | RunTag]) -> str:
+        if self.unlogged_path is None:
+            return "they are lost (no file was given to keep them)"
+        rows = [{"run_id": self.run_id, "key": m.key, "value": m.value} |
+                ({"timestamp": m.timestamp, "step": m.step} if isinstance(m, Metric) else {"tag": True})
+                for m in unlogged]
+        try:
+            self.unlogged_path.parent.mkdir(parents=True, exist_ok=True)
+            with self.unlogged_path.open("a") as f:  # append: a resumed run keeps an earlier attempt's points
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+        except OSError as error:
+            return f"they are lost: writing {self.unlogged_path} failed ({error})"
+        return f"they are in {self.unlogged_path} (JSON lines: run_id, key, value, timestamp, step)"
+
+
+def _warn(message: str) -> None:
+    print(f"mdpo-ray: {message}", file=sys.stderr, flush=True)
+
+
+def is_outage(error: Exception) -> bool:
+    """Unreachable, timed out, or a 5xx/429 answer: worth retrying. A 4xx is a refusal that won't heal."""
+    if isinstance(error, MlflowException):
+        return error.get_http_status_code() >= 500 or error.get_http_status_code() == 429
+    return isinstance(error, OSError)  # requests' errors included
+
+
+def redacted_params(flat: dict[str, str]) -> dict[str, str]:
+    """Dotted params whose last segment looks like a credential, with the value replaced by REDACTED."""
+    return {key: REDACTED if SECRET_KEY.search(key.rsplit(".", 1)[-1]) else value for key, value in flat.items()}
+
+
+def redacted_tree(node):
+    """The same for a nested config dict (the config.yaml artifact), at any depth."""
+    if isinstance(node, dict):
+        return {key: REDACTED if SECRET_KEY.search(str(key)) and not isinstance(value, dict) else redacted_tree(value)
+                for key, value in node.items()}
+    return [redacted_tree(item) for item in node] if isinstance(node, list) else node
 
 
 def _client(cfg: RunConfig) -> MlflowClient:
@@ -65,29 +191,41 @@ def _experiment_id(client: MlflowClient, cfg: RunConfig) -> str:
     return client.create_experiment(cfg.tracking.experiment, artifact_location=location)
 
 
-def open_run(cfg: RunConfig, tags: dict[str, str] | None = None) -> tuple[str, bool]:
+def open_run(cfg: RunConfig, tags: dict[str, str] | None = None) -> tuple[str | None, bool]:
     """(run_id, resumed): the existing run with this run name, reopened, or a new one.
 
-    `tags` (e.g. a sweep's `mlflow.parentRunId` and trial id) are set on the run either way.
+    `tags` (e.g. a sweep's `mlflow.parentRunId` and trial id) are set on the run either way. With
+    MLflow unreachable: a warning and (None, False), and the run trains without tracking.
     """
-    client = _client(cfg)
+    client, run_id, logged = _client(cfg), None, None
+    try:
+        run_id, logged = _find_or_create_run(client, cfg)
+        _log_run_config(client, run_id, cfg, tags or {}, logged or {})
+    except Exception as error:
+        if not is_outage(error):
+            raise
+        consequence = (f"the params and config of run {run_id} were not logged; its metrics will be buffered"
+                       if run_id else "tracking disabled for this run: nothing will be logged to MLflow")
+        _warn(f"MLflow at {cfg.mlflow_uri} unreachable ({error}); {consequence}; training continues")
+    return run_id, logged is not None
+
+
+def _find_or_create_run(client: MlflowClient, cfg: RunConfig) -> tuple[str, dict[str, str] | None]:
+    """(run_id, params already logged), None for a new run."""
     experiment_id = _experiment_id(client, cfg)
-    found = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.name}'",
-        order_by=["attributes.start_time DESC"],
-        max_results=1,
-    )
+    found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.name}'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
     if found:
-        run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-        logged = found[0].data.params
-    else:
-        run_id = client.create_run(experiment_id, run_name=cfg.name, tags={RUN_NAME_TAG: cfg.name}).info.run_id
-        logged = {}
-    for key, value in (tags or {}).items():
+        client.update_run(found[0].info.run_id, status="RUNNING")
+        return found[0].info.run_id, found[0].data.params
+    return client.create_run(experiment_id, run_name=cfg.name, tags={RUN_NAME_TAG: cfg.name}).info.run_id, None
+
+
+def _log_run_config(client: MlflowClient, run_id: str, cfg: RunConfig, tags: dict[str, str],
+                    logged: dict[str, str]) -> None:
+    for key, value in tags.items():
         client.set_tag(run_id, key, value)
-    params = flatten(cfg)
+    params = redacted_params(flatten(cfg))
     # MLflow params are immutable: a re-run logs keys it lacks and records what changed in a tag.
     fresh = [Param(k, v[:6000]) for k, v in params.items() if k not in logged]
     for start in range(0, len(fresh), _BATCH):
@@ -95,12 +233,20 @@ def open_run(cfg: RunConfig, tags: dict[str, str] | None = None) -> tuple[str, b
     changed = sorted(k for k, v in params.items() if k in logged and logged[k] != v[:6000])
     if changed:
         client.set_tag(run_id, "mdpo.changed_on_resume", ",".join(changed)[:5000])
-    client.log_text(run_id, to_yaml(cfg), "config.yaml")
-    return run_id, bool(found)
+    client.log_text(run_id, yaml.safe_dump(redacted_tree(cfg.model_dump(mode="json")), sort_keys=False), "config.yaml")
 
 
-def close_run(cfg: RunConfig, run_id: str, *, succeeded: bool) -> None:
-    _client(cfg).set_terminated(run_id, status="FINISHED" if succeeded else "FAILED")
+def close_run(cfg: RunConfig, run_id: str | None, *, succeeded: bool = False, status: str | None = None) -> None:
+    """FINISHED or FAILED (or an explicit status such as KILLED); if MLflow is down by now, a warning:
+    the training's outcome stands either way."""
+    if run_id is None:
+        return
+    status = status or ("FINISHED" if succeeded else "FAILED")
+    try:
+        _client(cfg).set_terminated(run_id, status=status)
+    except Exception as error:  # noqa: BLE001  (raising here would hide the run's own outcome)
+        _warn(f"could not mark MLflow run {run_id} {status} at {cfg.mlflow_uri} ({error}); it may show RUNNING "
+              f"there; the run itself ended {status}")
 
 
 def open_sweep_run(cfg: RunConfig, sweep_name: str, *, tags: dict[str, str], sweep_yaml: str) -> str:
@@ -132,6 +278,6 @@ def close_unfinished_children(cfg: RunConfig, parent_run_id: str, *, reason: str
 
 
 def ui_command(cfg: RunConfig) -> str:
-    if cfg.tracking.mlflow_uri:
-        return f"open {cfg.tracking.mlflow_uri} (experiment {cfg.tracking.experiment!r})"
-    return f"mlflow ui --backend-store-uri {cfg.mlflow_uri} --port 5000  # then http://127.0.0.1:5000"
+    if cfg.mlflow_uri.startswith("sqlite:///"):  # a local store: the UI has to be started
+        return f"mlflow ui --backend-store-uri {cfg.mlflow_uri} --port 5000  # then http://127.0.0.1:5000"
+    return f"open {cfg.mlflow_uri} (experiment {cfg.tracking.experiment!r})"

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -73,7 +74,8 @@ def test_smoke_sweep_runs_a_grid_of_trials_into_mlflow_and_a_report(tiny_run_ove
 
 def test_interrupted_sweep_resumes_keeping_finished_trials(tiny_run_overrides, tmp_path):
     path = tmp_path / "resumable.yaml"
-    path.write_text(SWEEP.format(name="resumable").replace("cpus_per_worker: 0.45", "cpus_per_worker: 1.0"))
+    path.write_text(SWEEP.format(name="resumable").replace("cpus_per_worker: 0.45", "cpus_per_worker: 0.9")
+                    .replace("grid: [0.0, -1.0]", "grid: [0.0]"))  # 2 trials, one at a time
     sets = [arg for item in [*tiny_run_overrides, "optim.max_steps=30", "checkpoint.every_steps=5"]
             for arg in ("--set", item)]
     command = [sys.executable, "-m", "mdpo_ray", "sweep", str(path), *sets]
@@ -85,8 +87,9 @@ def test_interrupted_sweep_resumes_keeping_finished_trials(tiny_run_overrides, t
     driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         finished = _wait_for_finished_child(cfg, timeout=240)
-        os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C / ray job stop: the driver goes down mid-sweep
-        driver.wait(timeout=120)
+        second = _wait_for(lambda: list(Path(cfg.output_dir).glob("resumable-*_00001/checkpoint_*")), timeout=120)
+        os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C / ray job stop: the driver goes down mid-trial
+        assert driver.wait(timeout=120) == 130, (tmp_path / "driver.log").read_text()[-3000:]
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
@@ -96,8 +99,9 @@ def test_interrupted_sweep_resumes_keeping_finished_trials(tiny_run_overrides, t
         resumed = subprocess.run([*command, "--resume"], stdout=resumed_log, stderr=subprocess.STDOUT, timeout=400)
     assert resumed.returncode == 0, (tmp_path / "resumed.log").read_text()[-4000:]
     client, children = _children(cfg, _parent_id(cfg, "resumable"))
-    assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}  # no duplicate runs
+    assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}  # no duplicate runs
     assert _loss_steps(cfg, finished) == finished_history  # the finished trial was not run again
+    assert f"resumed from {second[0].parent}" in (tmp_path / "resumed.log").read_text()  # the cut one went on
     for child in children:  # every trial reached the end; an interrupted one rewound only to its checkpoint
         steps = _loss_steps(cfg, child.info.run_id)
         assert steps[-1] == 30 and set(steps) == set(range(1, 31)), steps
@@ -107,6 +111,16 @@ def _parent_id(cfg, name):
     from mdpo_ray.report import find_sweep_parent
 
     return find_sweep_parent(cfg.mlflow_uri, cfg.tracking.experiment, name)
+
+
+def _wait_for(probe, timeout):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = probe()
+        if found:
+            return found
+        time.sleep(0.2)
+    raise AssertionError("timed out")
 
 
 def _wait_for_finished_child(cfg, timeout):

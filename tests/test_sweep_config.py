@@ -35,35 +35,27 @@ space:
     assert base["optim"]["max_steps"] == 7  # trial overrides never leak into the shared base
 
 
-@pytest.mark.parametrize(
-    ("space", "needle"),
-    [
-        ("loss.betta: {grid: [0.1]}", "loss.betta: unknown key"),
-        ("loss.reject_threshold: {grid: [0.0, 0.5]}", "space.loss.reject_threshold = 0.5"),
-        ("optim.lr: {loguniform: [0.0, 1.0e-3]}", "loguniform needs low > 0"),
-        ("optim.lr: {uniform: [1.0, 0.1]}", "low < high"),
-        ("loss.beta: {grid: [0.1], choice: [0.2]}", "exactly one of"),
-        ("loss.name: {choice: [minor_dpo, kto]}", "space.loss.name = 'kto'"),
-    ],
-)
-def test_bad_search_keys_and_values_fail_at_load_time(tmp_path, space, needle):
-    path = _write(tmp_path, f"name: bad\nspace:\n  {space}\n")
-    with pytest.raises(ConfigError) as info:
-        load_sweep(path)
-    assert needle in str(info.value)
+GOOD_SPACE = "space:\n  loss.beta: {grid: [0.1]}\n"
 
 
 @pytest.mark.parametrize(
-    ("extra", "needle"),
-    [
-        ("metric: eval/acc", "is not a metric a run reports"),
-        ("scheduler: {asha: {grace_period: 1}}", "ASHA compares trials at every report"),
-        ("search: {algorithm: optuna}", "cannot use grid domains"),
-        ("num_sample: 2", "num_sample: unknown key"),
+    ("body", "needle"),
+    [  # search keys and the values they can take
+        ("space:\n  loss.betta: {grid: [0.1]}", "loss.betta: unknown key"),
+        ("space:\n  loss.reject_threshold: {grid: [0.0, 0.5]}", "space.loss.reject_threshold = 0.5"),
+        ("space:\n  optim.lr: {loguniform: [0.0, 1.0e-3]}", "loguniform needs low > 0"),
+        ("space:\n  optim.lr: {uniform: [1.0, 0.1]}", "low < high"),
+        ("space:\n  loss.beta: {grid: [0.1], choice: [0.2]}", "exactly one of"),
+        ("space:\n  loss.name: {choice: [minor_dpo, kto]}", "space.loss.name = 'kto'"),
+        # sweep-level mistakes
+        (GOOD_SPACE + "metric: eval/acc", "is not a metric a run reports"),
+        (GOOD_SPACE + "scheduler: {asha: {grace_period: 1}}", "ASHA compares trials at every report"),
+        (GOOD_SPACE + "search: {algorithm: optuna}", "cannot use grid domains"),
+        (GOOD_SPACE + "num_sample: 2", "num_sample: unknown key"),
     ],
 )
-def test_sweep_level_mistakes_are_explained(tmp_path, extra, needle):
-    path = _write(tmp_path, f"name: bad\nspace:\n  loss.beta: {{grid: [0.1]}}\n{extra}\n")
+def test_bad_sweeps_fail_at_load_time_with_the_key_and_the_fix(tmp_path, body, needle):
+    path = _write(tmp_path, f"name: bad\n{body}\n")
     with pytest.raises(ConfigError) as info:
         load_sweep(path)
     assert needle in str(info.value)

@@ -1,0 +1,154 @@
+"""Tracking never stops training: MLflow down at the start, down for a while, or down for good.
+
+Real processes on 127.0.0.1 only: a port nothing listens on, and a real `mlflow server` that is
+stopped and restarted on the same port and store.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
+
+from mlflow.tracking import MlflowClient
+
+from mdpo_ray import tracking
+from mdpo_ray.config import load_config
+from mdpo_ray.train_loop import Worker, train
+
+RUN_ID = "0" * 32  # any id: nothing listens, so nothing checks it
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def _mlflow_server(port: int, root):
+    """`mlflow server` on 127.0.0.1:port with a sqlite store under root; stopped (its whole process group) on exit."""
+    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--default-artifact-root", str(root / "artifacts"),
+         "--workers", "1"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                assert server.poll() is None, "mlflow server exited at start"
+                assert time.monotonic() < deadline, "mlflow server did not come up in 30 s"
+                time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_a_dead_server_costs_seconds_warns_once_and_close_writes_every_point(tmp_path, capsys):
+    unlogged = tmp_path / "run" / tracking.UNLOGGED_FILE
+    sink = tracking.MlflowSink(f"http://127.0.0.1:{_free_port()}", RUN_ID, unlogged_path=unlogged)
+    started = time.monotonic()
+    for step in range(5):
+        sink.log({"loss": 0.5 + step, "lr": 1e-3}, step)
+    sink.tag("mdpo.stop_reason", "a test")
+    err = capsys.readouterr().err
+    assert err.count("unreachable") == 1 and "buffering metrics and retrying; training continues" in err
+    assert not unlogged.exists()  # created only when something is left at the end
+
+    sink.close()
+    # The installed defaults bound it: one failed attempt on the first log, later logs wait for the
+    # retry interval, one last attempt at close. MLflow's own defaults would take minutes here.
+    assert time.monotonic() - started < 15
+    err = capsys.readouterr().err
+    assert "was unreachable at the end: 11 metric points could not be logged" in err
+    assert "did not affect training: checkpoints and export are unaffected" in err and str(unlogged) in err
+    rows = _rows(unlogged)
+    metrics = [(r["key"], r["step"], r["value"]) for r in rows if "step" in r]
+    assert sorted(metrics) == sorted((k, s, v) for s in range(5) for k, v in (("loss", 0.5 + s), ("lr", 1e-3)))
+    assert {"run_id": RUN_ID, "key": "mdpo.stop_reason", "value": "a test", "tag": True} in rows
+
+
+def test_a_full_buffer_drops_the_oldest_points_and_says_how_many(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # refused at once: this test is about counting
+    unlogged = tmp_path / tracking.UNLOGGED_FILE
+    sink = tracking.MlflowSink(f"http://127.0.0.1:{_free_port()}", RUN_ID, unlogged_path=unlogged, max_buffered=3)
+    for step in range(5):
+        sink.log({"loss": float(step)}, step)
+    sink.close()
+    assert [r["step"] for r in _rows(unlogged)] == [2, 3, 4]
+    assert "2 older ones were dropped" in capsys.readouterr().err
+
+
+def test_an_outage_is_buffered_and_flushed_once_when_the_server_is_back(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a stopped server refuses at once; keep it quick
+    port, root = _free_port(), tmp_path / "store"
+    root.mkdir()
+    with _mlflow_server(port, root) as uri:
+        client = MlflowClient(tracking_uri=uri)
+        run_id = client.create_run(client.create_experiment("outage")).info.run_id
+        sink = tracking.MlflowSink(uri, run_id, unlogged_path=tmp_path / tracking.UNLOGGED_FILE, retry_every_s=0)
+        sink.log({"loss": 0.0}, 0)
+    assert capsys.readouterr().err == ""
+
+    for step in (1, 2, 3):  # the server is down: each attempt fails and the points wait
+        sink.log({"loss": float(step)}, step)
+    assert capsys.readouterr().err.count("unreachable") == 1
+
+    with _mlflow_server(port, root):
+        sink.log({"loss": 4.0}, 4)
+        assert "MLflow reachable again: flushed 4 buffered metric points" in capsys.readouterr().err
+        sink.close()
+        history = client.get_metric_history(run_id, "loss")
+    assert sorted((m.step, m.value) for m in history) == [(s, float(s)) for s in range(5)]  # each step once
+    assert not (tmp_path / tracking.UNLOGGED_FILE).exists()
+
+
+def test_training_completes_and_exports_with_tracking_down(tiny_run_overrides, tmp_path, capsys):
+    cfg = load_config(None, [*tiny_run_overrides, "scaling.num_workers=1"])
+    sink = tracking.MlflowSink(f"http://127.0.0.1:{_free_port()}", RUN_ID,
+                               unlogged_path=cfg.run_dir / tracking.UNLOGGED_FILE)
+    train(cfg, Worker(sink=sink))
+    sink.close()  # as launch.worker_entry does after train returns or raises
+    assert (cfg.run_dir / "export" / "config.json").is_file()
+    assert {r["step"] for r in _rows(cfg.run_dir / tracking.UNLOGGED_FILE) if r["key"] == "loss"} == {1, 2, 3, 4}
+    assert capsys.readouterr().err.count("unreachable (") == 1
+
+
+def test_the_driver_runs_without_tracking_when_mlflow_is_down(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    cfg = load_config(None, [f"output_dir={tmp_path}", f"tracking.mlflow_uri=http://127.0.0.1:{_free_port()}"])
+    assert tracking.open_run(cfg) == (None, False)
+    assert "tracking disabled for this run" in capsys.readouterr().err
+    tracking.close_run(cfg, None, succeeded=True)  # nothing to close
+    tracking.close_run(cfg, RUN_ID, succeeded=True)  # down at the end: a warning, not an error
+    assert "could not mark MLflow run" in capsys.readouterr().err
+
+
+def test_credential_like_keys_are_redacted_in_params_and_config_yaml():
+    flat = {"hf_token": "hf_abc", "tracking.api_key": "k", "db.Password": "p", "aws.secret_access_key": "s",
+            "loss.beta": "0.1", "eval.max_new_tokens": "8", "model.tokenizer": "/tok"}
+    assert tracking.redacted_params(flat) == flat | {
+        "hf_token": tracking.REDACTED, "tracking.api_key": tracking.REDACTED, "db.Password": tracking.REDACTED,
+        "aws.secret_access_key": tracking.REDACTED}
+    tree = {"loss": {"beta": 0.1}, "hub": {"hf_token": "hf_abc", "creds": {"apiKey": "k"}}, "tokens": [{"token": "t"}]}
+    hidden = tracking.REDACTED
+    assert tracking.redacted_tree(tree) == {"loss": {"beta": 0.1}, "tokens": [{"token": hidden}],
+                                            "hub": {"hf_token": hidden, "creds": {"apiKey": hidden}}}
