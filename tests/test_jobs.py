@@ -14,46 +14,46 @@ from mdpo_ray.config import load_config
 
 pytestmark = pytest.mark.slow
 
-ADDRESS = "http://127.0.0.1:8265"
+ADDRESS = "http://127.0.0.1:8275"  # not the default ports: never touch a Ray the user runs
 
 
 @pytest.fixture
-def head(tmp_path):
-    env = os.environ | {"RAY_AUTH_MODE": "disabled"}  # token auth is on by default in Ray 2.60 (STACK_NOTES)
-    subprocess.run(["ray", "start", "--head", "--num-cpus=2", "--include-dashboard=true",
-                    "--dashboard-host=127.0.0.1", "--disable-usage-stats"], env=env, check=True,
-                   capture_output=True, timeout=120)
+def head(tmp_path, monkeypatch):
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # token auth is on by default in Ray 2.60 (STACK_NOTES)
+    env = dict(os.environ)
+    subprocess.run(["ray", "start", "--head", "--port=6390", "--num-cpus=2", "--include-dashboard=true",
+                    "--dashboard-host=127.0.0.1", "--dashboard-port=8275", "--disable-usage-stats"], env=env,
+                   check=True, capture_output=True, timeout=120)
     try:
         yield env
     finally:
         subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
-def _job(env, *args, timeout=300):
-    return subprocess.run(["ray", "job", *args, "--address", ADDRESS], env=env, capture_output=True, text=True,
+def _job(env, verb, *args, timeout=300):
+    # --address before the verb's own arguments: after a submit's `--` it would go to the entrypoint
+    return subprocess.run(["ray", "job", verb, "--address", ADDRESS, *args], env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 
 def _status(env, job_id):
-    out = _job(env, "status", job_id).stdout
-    for state in ("SUCCEEDED", "FAILED", "STOPPED", "RUNNING", "PENDING"):
-        if f"status: {state}" in out or f"'{state}'" in out or state in out.split()[-3:]:
-            return state
-    return out
+    from ray.job_submission import JobSubmissionClient
+
+    return str(JobSubmissionClient(ADDRESS).get_job_status(job_id).value)
 
 
 def test_job_submit_stop_and_resubmit_resumes(head, tiny_run_overrides, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
-    overrides = [*tiny_run_overrides, "optim.max_steps=300", "checkpoint.every_steps=20", "tracking.log_every_steps=10",
+    overrides = [*tiny_run_overrides, "optim.max_steps=200", "checkpoint.every_steps=20", "tracking.log_every_steps=10",
                  "name=job-run"]
     cfg = load_config(None, overrides)
     (work / "run.yaml").write_text(json.dumps(cfg.model_dump(mode="json")))  # JSON is YAML
-    command = ["submit", "--no-wait", "--working-dir", str(work), "--", "mdpo-ray", "train", "run.yaml"]
+    job_id = f"mdpo-test-{os.getpid()}"
+    command = ["--working-dir", str(work), "--", "mdpo-ray", "train", "run.yaml"]
 
-    submitted = _job(head, *command)
+    submitted = _job(head, "submit", "--no-wait", "--submission-id", job_id, *command)
     assert submitted.returncode == 0, submitted.stderr
-    job_id = next(w for w in submitted.stdout.split() if w.startswith("raysubmit_")).strip("'")
     first_checkpoint = cfg.run_dir / "checkpoint_000020"
     deadline = time.time() + 180
     while not first_checkpoint.exists() and time.time() < deadline:
@@ -63,20 +63,21 @@ def test_job_submit_stop_and_resubmit_resumes(head, tiny_run_overrides, tmp_path
     deadline = time.time() + 60
     while _status(head, job_id) not in ("STOPPED", "FAILED", "SUCCEEDED") and time.time() < deadline:
         time.sleep(1)
+    assert _status(head, job_id) == "STOPPED"
 
     client = MlflowClient(tracking_uri=cfg.mlflow_uri)
     run = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
                              "tags.`mdpo.run_name` = 'job-run'")[0]
     assert run.info.status == "FAILED"  # closed by the driver's SIGTERM handler, not left RUNNING
     stopped_at = max(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
-    assert stopped_at < 300
+    assert stopped_at < 200
 
-    again = _job(head, *[c for c in command if c != "--no-wait"], timeout=400)
+    again = _job(head, "submit", "--submission-id", f"{job_id}-again", *command, timeout=400)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
     assert "resumed from" in again.stdout
     final = client.get_run(run.info.run_id)
     assert final.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
-    assert set(steps) == set(range(10, 301, 10)) and steps[-1] == 300
+    assert set(steps) == set(range(10, 201, 10)) and steps[-1] == 200
     assert len(client.search_runs([final.info.experiment_id], "tags.`mdpo.run_name` = 'job-run'")) == 1
     shutil.rmtree(work, ignore_errors=True)
