@@ -19,7 +19,7 @@ def ray_local():
 
     from mdpo_ray import launch
 
-    launch._init_ray()
+    launch.init_ray()
     yield
     ray.shutdown()
 
