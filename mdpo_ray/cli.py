@@ -66,8 +66,12 @@ def _sweep_command(args: argparse.Namespace) -> int:
     if args.command == "report":
         from mdpo_ray.report import find_sweep_parent, write_report
 
-        parent = find_sweep_parent(cfg.mlflow_uri, cfg.tracking.experiment, sweep.name)
-        report = write_report(cfg.mlflow_uri, parent, Path(cfg.output_dir) / "report")
+        try:
+            parent = find_sweep_parent(cfg.mlflow_uri, cfg.tracking.experiment, sweep.name)
+            report = write_report(cfg.mlflow_uri, parent, Path(cfg.output_dir) / "report")
+        except ValueError as exc:  # no such sweep in this store, or no trials yet
+            print(f"mdpo-ray: {exc}", file=sys.stderr)
+            return 1
         print(f"report: {report.markdown_path} (+ {report.csv_path.name}, {len(report.plots)} plots); "
               f"best trial {report.best_trial_id}")
         return 0

@@ -57,7 +57,6 @@ def resolve_builtin(cfg: RunConfig) -> RunConfig:
 
 def worker_entry(payload: dict) -> None:
     """Runs on every Ray Train worker."""
-    from mdpo_ray import distributed  # noqa: F401  (process group already set up by Ray)
     from mdpo_ray.train_loop import Worker, train
 
     cfg = RunConfig.model_validate(payload["config"])
@@ -173,7 +172,8 @@ def describe(summary: RunSummary) -> str:
     for label, key in rows:
         if f"eval/{key}" in m:
             lines.append(f"  {label:30s} {m.get('eval_start/' + key, float('nan')):10.4f} {m['eval/' + key]:10.4f}")
-    lines += [f"  MLflow store:   {cfg.mlflow_uri} (run {summary.mlflow_run_id})",
+    run = f"run {summary.mlflow_run_id}" if summary.mlflow_run_id else "unreachable: this run was not tracked"
+    lines += [f"  MLflow store:   {cfg.mlflow_uri} ({run})",
               f"  MLflow UI:      {tracking.ui_command(cfg)}",
               f"  checkpoints:    {summary.checkpoint or cfg.run_dir}",
               f"  exported model: {summary.export_dir}  (AutoModelForCausalLM.from_pretrained)"]
