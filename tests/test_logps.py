@@ -17,7 +17,7 @@ def _direct(logits, input_ids, mask):
 
 
 def test_sequence_logps_sums_only_masked_completion_tokens(monkeypatch):
-    monkeypatch.setattr(logps, "LOGSOFTMAX_CHUNK", 3)  # force several chunks
+    monkeypatch.setattr(logps, "CHUNK_FLOATS", 4 * 11 * 3)  # force chunks of 3 positions
     torch.manual_seed(0)
     logits = torch.randn(4, 9, 11)
     input_ids = torch.randint(0, 11, (4, 9))
