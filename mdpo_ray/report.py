@@ -19,16 +19,17 @@ from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure  # no pyplot: no global backend, PNGs are rendered by Agg
 from mlflow.tracking import MlflowClient
 
-from mdpo_ray.tracking import RUN_NAME_TAG
-
-SWEEP_TAG = "mdpo.sweep"
-ROLE_TAG = "mdpo.role"  # "sweep" on the parent run
-SEARCH_KEYS_TAG = "mdpo.search_keys"  # comma-separated dotted keys
-METRIC_TAG = "mdpo.metric"
-MODE_TAG = "mdpo.mode"
-TRIAL_TAG = "mdpo.trial_id"
-STOP_REASON_TAG = "mdpo.stop_reason"
-OVERRIDE_PREFIX = "override."  # one tag per searched key on each trial run
+from mdpo_ray.tracking import (
+    METRIC_TAG,
+    MODE_TAG,
+    OVERRIDE_PREFIX,
+    ROLE_TAG,
+    RUN_NAME_TAG,
+    SEARCH_KEYS_TAG,
+    STOP_REASON_TAG,
+    SWEEP_TAG,
+    TRIAL_TAG,
+)
 TABLE_METRICS = (
     "eval/answer_accuracy", "eval/rewards/accuracies", "eval/rewards/margins", "eval/delta_chosen/mean",
     "eval/delta_rejected/mean", "rewards/margins", "logps/chosen", "logps/rejected", "stability/nonfinite_steps",

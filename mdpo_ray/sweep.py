@@ -70,8 +70,8 @@ def _trial(config: dict[str, Any], *, sweep: SweepConfig, base: dict[str, Any], 
     overrides = {key: config[key] for key in sweep.space}
     cfg = trial_config(base, overrides | shared | {"name": f"{sweep.name}-{trial_id}"},
                        source=f"sweep {sweep.name} trial {trial_id}")
-    tags = {"mlflow.parentRunId": parent_run_id, "mdpo.sweep": sweep.name, "mdpo.trial_id": trial_id}
-    tags |= {f"override.{key}": str(value) for key, value in overrides.items()}
+    tags = {"mlflow.parentRunId": parent_run_id, tracking.SWEEP_TAG: sweep.name, tracking.TRIAL_TAG: trial_id}
+    tags |= {f"{tracking.OVERRIDE_PREFIX}{key}": str(value) for key, value in overrides.items()}
     launch.train(cfg, tags=tags, callbacks=[TuneReportCallback()])
 
 
@@ -128,7 +128,8 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False)
         _check_fits_locally(first)
     first = launch.resolve_builtin(first)
     parent_run_id = tracking.open_sweep_run(first, sweep.name, tags={
-        "mdpo.search_keys": ",".join(sweep.space), "mdpo.metric": sweep.metric, "mdpo.mode": sweep.mode},
+        tracking.SEARCH_KEYS_TAG: ",".join(sweep.space), tracking.METRIC_TAG: sweep.metric,
+        tracking.MODE_TAG: sweep.mode},
         sweep_yaml=yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False))
     if first.reference == "precompute" and not any(k.startswith(_REFERENCE_KEYS) for k in sweep.space):
         launch.precompute_reference(first)

@@ -34,7 +34,16 @@ for _name, _value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUE
                       "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}.items():
     os.environ.setdefault(_name, _value)
 
+# Tag names: written here and by the sweep driver, read by the report.
 RUN_NAME_TAG = "mdpo.run_name"
+SWEEP_TAG = "mdpo.sweep"
+ROLE_TAG = "mdpo.role"  # "sweep" on a sweep's parent run
+SEARCH_KEYS_TAG = "mdpo.search_keys"  # comma-separated dotted keys
+METRIC_TAG = "mdpo.metric"
+MODE_TAG = "mdpo.mode"
+TRIAL_TAG = "mdpo.trial_id"
+STOP_REASON_TAG = "mdpo.stop_reason"
+OVERRIDE_PREFIX = "override."  # one tag per searched key on each trial run
 UNLOGGED_FILE = "unlogged_metrics.jsonl"
 REDACTED = "***REDACTED***"
 # A key ending like a credential (hf_token, api_key, db_password) is never logged; max_new_tokens is.
@@ -199,7 +208,7 @@ def open_run(cfg: RunConfig, tags: dict[str, str] | None = None) -> tuple[str | 
     """
     client, run_id, logged = _client(cfg), None, None
     try:
-        run_id, logged = _find_or_create_run(client, cfg)
+        run_id, logged = _find_or_create_run(client, _experiment_id(client, cfg), cfg.name, {RUN_NAME_TAG: cfg.name})
         _log_run_config(client, run_id, cfg, tags or {}, logged or {})
     except Exception as error:
         if not is_outage(error):
@@ -210,15 +219,17 @@ def open_run(cfg: RunConfig, tags: dict[str, str] | None = None) -> tuple[str | 
     return run_id, logged is not None
 
 
-def _find_or_create_run(client: MlflowClient, cfg: RunConfig) -> tuple[str, dict[str, str] | None]:
-    """(run_id, params already logged), None for a new run."""
-    experiment_id = _experiment_id(client, cfg)
-    found = client.search_runs([experiment_id], filter_string=f"tags.`{RUN_NAME_TAG}` = '{cfg.name}'",
-                               order_by=["attributes.start_time DESC"], max_results=1)
+def _find_or_create_run(client: MlflowClient, experiment_id: str, run_name: str,
+                        identity: dict[str, str]) -> tuple[str, dict[str, str] | None]:
+    """(run_id, params already logged): the newest run carrying the `identity` tags, reopened, or a new
+    one (params None)."""
+    query = " and ".join(f"tags.`{key}` = '{value}'" for key, value in identity.items())
+    found = client.search_runs([experiment_id], filter_string=query, order_by=["attributes.start_time DESC"],
+                               max_results=1)
     if found:
         client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id, found[0].data.params
-    return client.create_run(experiment_id, run_name=cfg.name, tags={RUN_NAME_TAG: cfg.name}).info.run_id, None
+    return client.create_run(experiment_id, run_name=run_name, tags=identity).info.run_id, None
 
 
 def _log_run_config(client: MlflowClient, run_id: str, cfg: RunConfig, tags: dict[str, str],
@@ -252,15 +263,8 @@ def close_run(cfg: RunConfig, run_id: str | None, *, succeeded: bool = False, st
 def open_sweep_run(cfg: RunConfig, sweep_name: str, *, tags: dict[str, str], sweep_yaml: str) -> str:
     """The sweep's parent run (reopened on --resume); trials attach to it with mlflow.parentRunId."""
     client = _client(cfg)
-    experiment_id = _experiment_id(client, cfg)
-    found = client.search_runs([experiment_id], f"tags.`mdpo.sweep` = '{sweep_name}' and tags.`mdpo.role` = 'sweep'",
-                               order_by=["attributes.start_time DESC"], max_results=1)
-    if found:
-        run_id = found[0].info.run_id
-        client.update_run(run_id, status="RUNNING")
-    else:
-        run_id = client.create_run(experiment_id, run_name=sweep_name,
-                                   tags={"mdpo.sweep": sweep_name, "mdpo.role": "sweep"}).info.run_id
+    run_id, _ = _find_or_create_run(client, _experiment_id(client, cfg), sweep_name,
+                                    {SWEEP_TAG: sweep_name, ROLE_TAG: "sweep"})
     for key, value in tags.items():
         client.set_tag(run_id, key, value)
     client.log_text(run_id, sweep_yaml, "sweep.yaml")
@@ -273,7 +277,7 @@ def close_unfinished_children(cfg: RunConfig, parent_run_id: str, *, reason: str
     children = client.search_runs([_experiment_id(client, cfg)],
                                   f"tags.`mlflow.parentRunId` = '{parent_run_id}' and attributes.status = 'RUNNING'")
     for child in children:
-        client.set_tag(child.info.run_id, "mdpo.stop_reason", reason)
+        client.set_tag(child.info.run_id, STOP_REASON_TAG, reason)
         client.set_terminated(child.info.run_id, status="KILLED")
 
 

@@ -25,7 +25,7 @@ from mdpo_ray.logps import concatenated_logps
 from mdpo_ray.losses import LOSSES
 from mdpo_ray.metrics import pair_metrics
 from mdpo_ray.model import export_pretrained, load_causal_lm, load_tokenizer
-from mdpo_ray.tracking import MetricSink, NullSink
+from mdpo_ray.tracking import STOP_REASON_TAG, MetricSink, NullSink
 
 STATE_FILE = "trainer_state.json"
 
@@ -173,7 +173,7 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
         worker.sink.log(metrics, step=step)
         say(f"step {step}/{cfg.optim.max_steps} " + _describe(metrics))
         if stop_reason is not None:
-            worker.sink.tag("mdpo.stop_reason", stop_reason)
+            worker.sink.tag(STOP_REASON_TAG, stop_reason)
             say(f"stopping early at step {step}: {stop_reason}")
         checkpoint_dir = None
         if step % cfg.checkpoint.every_steps == 0 or is_last:
