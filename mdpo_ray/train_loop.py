@@ -74,22 +74,26 @@ def lr_lambda(cfg: OptimConfig) -> Callable[[int], float]:
     return factor
 
 
-def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
+def _setup(cfg: RunConfig, worker: Worker):
+    """(say, device, tokenizer, (train_ds, eval_ds, data_stats), mesh, mp_policy): what every entry needs."""
     distributed.ensure_process_group()  # Ray Train has made it on its workers; a one-rank group otherwise
-    rank, world = distributed.rank(), distributed.world_size()
-    say = print if rank == 0 else (lambda *a, **k: None)
-    torch.manual_seed(cfg.seed)
+    say = print if distributed.rank() == 0 else (lambda *a, **k: None)
     device = distributed.device_for(worker.local_rank, cfg.scaling.use_gpu)
-
     tokenizer = load_tokenizer(cfg.model)
-    train_ds, eval_ds, data_stats = load_train_eval(cfg.data, tokenizer, cfg.seed)
-    for stats in data_stats:
+    data = load_train_eval(cfg.data, tokenizer, cfg.seed)
+    for stats in data[2]:
         say(stats.summary())
+    mesh = distributed.make_mesh(device)
+    return say, device, tokenizer, data, mesh, distributed.mixed_precision(cfg.scaling.mixed_precision, device)
+
+
+def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
+    torch.manual_seed(cfg.seed)
+    say, device, tokenizer, (train_ds, eval_ds, data_stats), mesh, mp_policy = _setup(cfg, worker)
+    rank, world = distributed.rank(), distributed.world_size()
     problems = evaluate.load_problems(cfg.data.generation_eval, cfg.eval.max_generation_problems) \
         if cfg.data.generation_eval else []
 
-    mesh = distributed.make_mesh(device)
-    mp_policy = distributed.mixed_precision(cfg.scaling.mixed_precision, device)
     policy = distributed.shard_model(load_causal_lm(cfg.model, trainable=True), mesh, mp_policy)
     reference, eval_reference, cache_statuses = ref.build(cfg, (train_ds, eval_ds), tokenizer.pad_token_id, mesh,
                                                           mp_policy, device, say)
@@ -194,16 +198,11 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
 
 
 def precompute_reference(cfg: RunConfig, worker: Worker) -> None:
-    """Only fill the reference log-prob cache (a sweep does this once before its trials)."""
-    distributed.ensure_process_group()
-    say = print if distributed.rank() == 0 else (lambda *a, **k: None)
-    device = distributed.device_for(worker.local_rank, cfg.scaling.use_gpu)
-    tokenizer = load_tokenizer(cfg.model)
-    datasets = load_train_eval(cfg.data, tokenizer, cfg.seed)[:2]
-    mesh = distributed.make_mesh(device)
-    mp_policy = distributed.mixed_precision(cfg.scaling.mixed_precision, device)
-    ref.build(cfg.model_copy(update={"reference": "precompute"}), datasets, tokenizer.pad_token_id, mesh,
-              mp_policy, device, say)
+    """Only fill the reference log-prob cache of a `reference: precompute` config (a sweep does this
+    once before its trials)."""
+    assert cfg.reference == "precompute", cfg.reference
+    say, device, tokenizer, (train_ds, eval_ds, _), mesh, mp_policy = _setup(cfg, worker)
+    ref.build(cfg, (train_ds, eval_ds), tokenizer.pad_token_id, mesh, mp_policy, device, say)
 
 
 def _stop_reason(cfg: RunConfig, metrics: dict[str, float]) -> str | None:
