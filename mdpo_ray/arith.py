@@ -10,7 +10,9 @@ Rejected answers come in two kinds (see ../shared/BUILTIN_TASK_NOTES.md):
                else: the chain is inconsistent, the final answer is still right, the edit distance is 1
                (the "Smaug" failure case, where DPO lowers the chosen log-prob: arXiv:2402.13228);
   wrong_final  one digit of one step's result is changed and carried through the later steps, so the
-               chain reads consistently from there on but the answer after #### is wrong.
+               chain reads consistently from there on but the answer after #### is wrong;
+  on_policy    sampled from the SFT model itself and judged wrong (builtin.py fills these in: they need
+               the trained model), where preference learning should beat plain SFT if it does at all.
 
 Pure Python apart from the tokenizer and model config; no training here (see builtin.py).
 """
@@ -128,9 +130,12 @@ def generate_task(cfg: BuiltinTaskConfig) -> dict[str, list[dict]]:
     Returns {"sft": [{prompt, chosen}], "pairs": [{prompt, chosen, rejected}],
     "eval_pairs": [{prompt, chosen, rejected}], "eval_problems": [{prompt, answer}]}.
     Problems are distinct by (operands, operators) across all splits. The held-out splits are drawn
-    first, so changing n_sft_problems or n_pref_pairs leaves them unchanged.
+    first, so changing n_sft_problems or n_pref_pairs leaves them unchanged. Rejected answers come from
+    their own random stream, so every rejected kind poses the same problems (and one SFT model serves
+    them all); for on_policy the pair rows carry no "rejected" yet.
     """
     rng = random.Random(cfg.seed)
+    reject_rng = random.Random(f"{cfg.seed}:rejected")
     sizes = {
         "eval_problems": cfg.n_eval_problems,
         "eval_pairs": cfg.n_eval_pairs,
@@ -139,7 +144,7 @@ def generate_task(cfg: BuiltinTaskConfig) -> dict[str, list[dict]]:
     }
     seen: set[Problem] = set()
     splits: dict[str, list[dict]] = {}
-    reject = REJECTERS[cfg.rejected_kind]
+    reject = REJECTERS.get(cfg.rejected_kind)
     for name, size in sizes.items():
         rows: list[dict] = []
         while len(rows) < size:
@@ -151,8 +156,10 @@ def generate_task(cfg: BuiltinTaskConfig) -> dict[str, list[dict]]:
                 rows.append({"prompt": problem.prompt, "answer": problem.answer})
             elif name == "sft":
                 rows.append({"prompt": problem.prompt, "chosen": problem.chain()})
+            elif reject is None:
+                rows.append({"prompt": problem.prompt, "chosen": problem.chain()})
             else:
-                rows.append({"prompt": problem.prompt, "chosen": problem.chain(), "rejected": reject(problem, rng)})
+                rows.append({"prompt": problem.prompt, "chosen": problem.chain(), "rejected": reject(problem, reject_rng)})
         splits[name] = rows
     return {name: splits[name] for name in ("sft", "pairs", "eval_pairs", "eval_problems")}
 

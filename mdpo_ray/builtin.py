@@ -5,7 +5,10 @@ transition (~1-6% for 600-1,100 steps, then a jump; ../shared/BUILTIN_TASK_NOTES
 count is unreliable: SFT stops at the first held-out eval that reaches `sft_target_accuracy`.
 
 The result lives in `<cache_dir>/builtin-<hash of the task config>`, built under a file lock in a temp
-dir and renamed into place, so concurrent sweep trials build it once and never see half of it.
+dir and renamed into place, so concurrent sweep trials build it once and never see half of it. The SFT
+model does not depend on the rejected-answer kind (every kind poses the same problems), so one model
+serves all kinds; each kind's pairs are written beside it on first use, under `pairs/<kind>/`. On-policy
+rejected answers are sampled from that SFT model, so they can only be made after it.
 """
 
 from __future__ import annotations
@@ -26,14 +29,17 @@ from transformers import LlamaForCausalLM
 
 from mdpo_ray import arith
 from mdpo_ray.config import BuiltinTaskConfig
-from mdpo_ray.generation import greedy_answer_accuracy
+from mdpo_ray.generation import extract_answer, greedy_answer_accuracy, sample_completions
 
-FORMAT_VERSION = 1  # bump when the task, tokenizer or files change, so old caches are not reused
+FORMAT_VERSION = 2  # bump when the task, tokenizer or files change, so old caches are not reused
 MARKER = "assets.json"  # written last: its presence means the directory is complete
 SFT_EVAL_PROBLEMS = 200  # held-out problems scored at each SFT eval; the final figure uses all of them
 SFT_WARMUP_STEPS = 100
 SFT_BETAS = (0.9, 0.98)
 SFT_GRAD_CLIP = 1.0
+ON_POLICY_SAMPLES = 4  # samples per problem; the first one with a wrong final answer becomes the rejected answer
+ON_POLICY_TEMPERATURE = 1.0
+PAIRS_INFO = "info.json"  # written last in pairs/<kind>/: its presence means the pairs are complete
 
 
 @dataclass(frozen=True)
@@ -48,12 +54,12 @@ class BuiltinAssets:
     reused: bool  # True: found in the cache, nothing was trained
 
 
-def _assets(root: Path, figures: dict, reused: bool) -> BuiltinAssets:
+def _assets(root: Path, figures: dict, reused: bool, kind: str) -> BuiltinAssets:
     return BuiltinAssets(
         root=root,
         model_dir=root / "model",
-        train_path=root / "train.jsonl",
-        eval_path=root / "eval_pairs.jsonl",
+        train_path=root / "pairs" / kind / "train.jsonl",
+        eval_path=root / "pairs" / kind / "eval_pairs.jsonl",
         generation_eval_path=root / "eval_problems.jsonl",
         sft_accuracy=figures["sft_accuracy"],
         sft_steps=figures["sft_steps"],
@@ -62,8 +68,9 @@ def _assets(root: Path, figures: dict, reused: bool) -> BuiltinAssets:
 
 
 def cache_key(cfg: BuiltinTaskConfig) -> str:
-    """A short hash of everything that shapes the assets: every field but cache_dir, plus FORMAT_VERSION."""
-    fields = cfg.model_dump(mode="json", exclude={"cache_dir"})
+    """A short hash of everything that shapes the SFT model and problems: every field but cache_dir and
+    rejected_kind (the kinds live side by side in one directory), plus FORMAT_VERSION."""
+    fields = cfg.model_dump(mode="json", exclude={"cache_dir", "rejected_kind"})
     text = json.dumps({"format_version": FORMAT_VERSION, **fields}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
@@ -78,7 +85,8 @@ def prepare_builtin(cfg: BuiltinTaskConfig, log: Callable[[str], None] = print) 
             figures = json.loads((root / MARKER).read_text())
             log(f"builtin task: reusing {root} (SFT {figures['sft_steps']} steps, "
                 f"held-out accuracy {figures['sft_accuracy']:.1%})")
-            return _assets(root, figures, reused=True)
+            _ensure_pairs(cfg, root, log)
+            return _assets(root, figures, reused=True, kind=cfg.rejected_kind)
         log(f"builtin task: building {root} (SFT until {cfg.sft_target_accuracy:.0%} held-out accuracy; "
             "about 2-3 minutes on 2 CPU cores, once per task config)")
         for stale in cache_dir.glob(f".{root.name}-*"):  # left by a killed build: only the lock holder writes them
@@ -93,7 +101,57 @@ def prepare_builtin(cfg: BuiltinTaskConfig, log: Callable[[str], None] = print) 
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise
-    return _assets(root, figures, reused=False)
+        _ensure_pairs(cfg, root, log)
+    return _assets(root, figures, reused=False, kind=cfg.rejected_kind)
+
+
+def _ensure_pairs(cfg: BuiltinTaskConfig, root: Path, log: Callable[[str], None]) -> None:
+    """Write pairs/<cfg.rejected_kind>/ unless it is complete. The caller holds the lock."""
+    final = root / "pairs" / cfg.rejected_kind
+    if (final / PAIRS_INFO).is_file():
+        return
+    task = arith.generate_task(cfg)
+    info: dict = {"kind": cfg.rejected_kind}
+    if cfg.rejected_kind == "on_policy":
+        started = time.perf_counter()
+        tokenizer = arith.build_tokenizer()
+        model = LlamaForCausalLM.from_pretrained(root / "model")
+        for split, seed in (("pairs", cfg.seed), ("eval_pairs", cfg.seed + 1)):
+            task[split], info[split] = _on_policy(model, tokenizer, task[split], seed=seed)
+        info["seconds"] = round(time.perf_counter() - started, 1)
+        log(f"builtin task: on-policy rejected answers sampled from the SFT model in {info['seconds']:.0f} s: "
+            f"{info['pairs']['kept']} training and {info['eval_pairs']['kept']} held-out pairs (problems whose "
+            f"{ON_POLICY_SAMPLES} samples all had the right answer are left out: "
+            f"{info['pairs']['all_correct']} + {info['eval_pairs']['all_correct']})")
+    for stale in root.glob(f".{cfg.rejected_kind}-*"):  # left by a killed build
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{cfg.rejected_kind}-", dir=root))
+    try:
+        _write_jsonl(staging / "train.jsonl", task["pairs"])
+        _write_jsonl(staging / "eval_pairs.jsonl", task["eval_pairs"])
+        (staging / PAIRS_INFO).write_text(json.dumps(info, indent=2))
+        if final.exists():  # incomplete (no info file): not ours to trust
+            shutil.rmtree(final)
+        final.parent.mkdir(exist_ok=True)
+        os.rename(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _on_policy(model, tokenizer, rows: list[dict], *, seed: int) -> tuple[list[dict], dict]:
+    """Each row's rejected answer: the first of ON_POLICY_SAMPLES samples whose final answer is wrong
+    (or missing). Rows whose samples were all right have nothing to reject and are left out."""
+    samples = sample_completions(model, tokenizer, [r["prompt"] for r in rows], n=ON_POLICY_SAMPLES,
+                                 temperature=ON_POLICY_TEMPERATURE, max_new_tokens=arith.MAX_NEW_TOKENS,
+                                 batch_size=256, seed=seed)
+    kept = []
+    for row, texts in zip(rows, samples, strict=True):
+        answer = extract_answer(row["chosen"])
+        wrong = next((t for t in texts if extract_answer(t) != answer), None)
+        if wrong is not None:
+            kept.append(row | {"rejected": wrong})
+    return kept, {"kept": len(kept), "all_correct": len(rows) - len(kept)}
 
 
 def _build(cfg: BuiltinTaskConfig, out: Path, log: Callable[[str], None]) -> dict:
@@ -109,7 +167,7 @@ def _build_into(cfg: BuiltinTaskConfig, out: Path, log: Callable[[str], None]) -
     started = time.perf_counter()
     task = arith.generate_task(cfg)
     tokenizer = arith.build_tokenizer()
-    log(f"builtin task: {len(task['sft'])} SFT problems, {len(task['pairs'])} {cfg.rejected_kind} pairs, "
+    log(f"builtin task: {len(task['sft'])} SFT problems, {len(task['pairs'])} preference problems, "
         f"{len(task['eval_pairs'])} held-out pairs, {len(task['eval_problems'])} held-out problems")
     model, steps = _sft(cfg, task, tokenizer, log)
     # The reported figure scores all held-out problems; the stopping evals saw only the first SFT_EVAL_PROBLEMS.
@@ -123,13 +181,11 @@ def _build_into(cfg: BuiltinTaskConfig, out: Path, log: Callable[[str], None]) -
         "sft_steps": steps,
         "build_seconds": round(seconds, 1),
         "n_parameters": sum(p.numel() for p in model.parameters()),
-        "config": cfg.model_dump(mode="json", exclude={"cache_dir"}),
+        "config": cfg.model_dump(mode="json", exclude={"cache_dir", "rejected_kind"}),
     }
-    layout = _assets(out, figures, reused=False)  # the same file names as the final directory
+    layout = _assets(out, figures, reused=False, kind=cfg.rejected_kind)  # the final directory's file names
     model.save_pretrained(layout.model_dir)  # safetensors
     tokenizer.save_pretrained(layout.model_dir)
-    _write_jsonl(layout.train_path, task["pairs"])
-    _write_jsonl(layout.eval_path, task["eval_pairs"])
     _write_jsonl(layout.generation_eval_path, task["eval_problems"])
     (out / MARKER).write_text(json.dumps(figures, indent=2))  # last: marks the directory complete
     log(f"builtin task: built in {seconds:.0f} s, SFT {steps} steps, "

@@ -29,7 +29,8 @@ class ModelConfig(_Strict):
 class BuiltinTaskConfig(_Strict):
     """The generated arithmetic preference task (see ../shared/BUILTIN_TASK_NOTES.md for the sizing)."""
 
-    rejected_kind: Literal["near_miss", "wrong_final"] = "near_miss"
+    # near_miss / wrong_final: synthetic edits of the right chain; on_policy: sampled from the SFT model, judged wrong
+    rejected_kind: Literal["near_miss", "wrong_final", "on_policy"] = "near_miss"
     n_layers: int = Field(2, ge=1)
     hidden_size: int = Field(128, ge=8)
     n_heads: int = Field(4, ge=1)

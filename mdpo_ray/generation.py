@@ -103,3 +103,35 @@ def greedy_answer_accuracy(
     finally:
         model.train(was_training)
     return n_correct, n_total
+
+
+def sample_completions(
+    model, tokenizer, prompts: list[str], *, n: int, temperature: float, max_new_tokens: int, batch_size: int,
+    seed: int,
+) -> list[list[str]]:
+    """`n` completions per prompt, sampled at `temperature` from the full distribution (no top-k / top-p).
+
+    Seeded without touching the caller's RNG; runs in eval mode under no_grad. Returns, per prompt, its
+    `n` decoded completions (special tokens dropped).
+    """
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    was_training = model.training
+    model.eval()
+    out: list[list[str]] = []
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            for start in range(0, len(prompts), batch_size):
+                batch = prompts[start : start + batch_size]
+                input_ids, attention_mask = _left_padded(
+                    tokenizer(batch, add_special_tokens=True)["input_ids"], pad_id)
+                generated = model.generate(
+                    input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
+                    do_sample=True, temperature=temperature, top_k=0, top_p=1.0, num_return_sequences=n,
+                    max_new_tokens=max_new_tokens, pad_token_id=pad_id, eos_token_id=_stop_ids(model, tokenizer),
+                )
+                texts = tokenizer.batch_decode(generated[:, input_ids.shape[1] :], skip_special_tokens=True)
+                out += [texts[i : i + n] for i in range(0, len(texts), n)]  # generate keeps each prompt's n together
+    finally:
+        model.train(was_training)
+    return out

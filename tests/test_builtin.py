@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mdpo_ray.builtin import MARKER, cache_key, prepare_builtin
 from mdpo_ray.config import BuiltinTaskConfig
-from mdpo_ray.generation import greedy_answer_accuracy
+from mdpo_ray.generation import extract_answer, greedy_answer_accuracy
 
 TINY = dict(
     n_layers=1, hidden_size=32, n_heads=2, intermediate_size=64, n_sft_problems=200, n_pref_pairs=20,
@@ -69,11 +69,52 @@ def test_second_call_reuses_without_training(built):
     assert len(messages) == 1 and "reusing" in messages[0] and "SFT step" not in messages[0]
 
 
-def test_cache_key_covers_every_field_but_cache_dir(tmp_path):
+def test_cache_key_covers_every_field_but_cache_dir_and_rejected_kind(tmp_path):
     cfg = tiny(tmp_path)
     assert cache_key(cfg) == cache_key(tiny(tmp_path / "elsewhere"))
-    assert cache_key(cfg) != cache_key(tiny(tmp_path, rejected_kind="wrong_final"))
+    assert cache_key(cfg) == cache_key(tiny(tmp_path, rejected_kind="wrong_final"))  # one SFT model for all kinds
     assert cache_key(cfg) != cache_key(tiny(tmp_path, seed=1))
+    assert cache_key(cfg) != cache_key(tiny(tmp_path, n_layers=2))
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_other_kinds_reuse_the_model_and_pose_the_same_problems(built):
+    cfg, first, _ = built
+    stamp = (first.model_dir / "model.safetensors").stat().st_mtime_ns
+    messages: list[str] = []
+    other = prepare_builtin(cfg.model_copy(update={"rejected_kind": "wrong_final"}), log=messages.append)
+    assert other.reused and other.model_dir == first.model_dir and other.train_path != first.train_path
+    assert (first.model_dir / "model.safetensors").stat().st_mtime_ns == stamp
+    near, wrong = _rows(first.train_path), _rows(other.train_path)
+    assert [(r["prompt"], r["chosen"]) for r in near] == [(r["prompt"], r["chosen"]) for r in wrong]
+    assert all(extract_answer(n["rejected"]) == extract_answer(n["chosen"]) for n in near)
+    assert all(extract_answer(w["rejected"]) != extract_answer(w["chosen"]) for w in wrong)
+
+
+def test_on_policy_rejected_answers_are_the_models_own_wrong_samples(built):
+    cfg, first, _ = built
+    messages: list[str] = []
+    on = prepare_builtin(cfg.model_copy(update={"rejected_kind": "on_policy"}), log=messages.append)
+    assert on.reused and on.model_dir == first.model_dir
+    assert any("on-policy" in m for m in messages)
+    info = json.loads((on.train_path.parent / "info.json").read_text())
+    train, held_out = _rows(on.train_path), _rows(on.eval_path)
+    assert info["pairs"]["kept"] == len(train) and info["eval_pairs"]["kept"] == len(held_out)
+    assert info["pairs"]["kept"] + info["pairs"]["all_correct"] == cfg.n_pref_pairs
+    assert train, "a 20-step SFT model gets most answers wrong: there must be pairs"
+    near_prompts = {r["prompt"]: r["chosen"] for r in _rows(first.train_path)}
+    for row in train + held_out:
+        assert extract_answer(row["rejected"]) != extract_answer(row["chosen"]), row
+        assert row["rejected"] != row["chosen"]
+    assert all(near_prompts[r["prompt"]] == r["chosen"] for r in train)  # the same problems, the same chosen
+    # Sampled from the model, not edited from the chosen chain: the texts come from its own distribution.
+    assert len({r["rejected"] for r in train}) > 1
+    again: list[str] = []
+    prepare_builtin(cfg.model_copy(update={"rejected_kind": "on_policy"}), log=again.append)
+    assert not any("on-policy" in m for m in again)  # sampled once, then reused
 
 
 def test_unreachable_target_runs_to_max_steps_with_a_warning(tmp_path):
