@@ -23,6 +23,8 @@ def _parser() -> argparse.ArgumentParser:
     _add_overrides(sub, "of every trial's base run config")
     sub = commands.add_parser("report", help="write a sweep's table and plots (and attach them in MLflow)")
     sub.add_argument("sweep", help="the sweep YAML the sweep was launched with")
+    sub.add_argument("--results", metavar="PATH.md", help="also write the evidence page (loss x beta x lr, mean ± "
+                     "std over seeds, verdicts on the paper's claims), e.g. docs/results.md")
     sub.add_argument("--set", dest="overrides", action="append", default=[], help=argparse.SUPPRESS)
     return parser
 
@@ -34,6 +36,7 @@ def _add_overrides(sub: argparse.ArgumentParser, what: str = "") -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
     if args.command in ("sweep", "report"):
         return _sweep_command(args)
     try:
@@ -74,6 +77,17 @@ def _sweep_command(args: argparse.Namespace) -> int:
             return 1
         print(f"report: {report.markdown_path} (+ {report.csv_path.name}, {len(report.plots)} plots); "
               f"best trial {report.best_trial_id}")
+        if args.results:
+            from mdpo_ray.results import write_results
+
+            try:
+                results = write_results(cfg.mlflow_uri, parent, Path(args.results),
+                                        command="mdpo-ray " + " ".join(args.argv))
+            except ValueError as exc:  # not a sweep over losses and learning rates
+                print(f"mdpo-ray: {exc}", file=sys.stderr)
+                return 1
+            print(f"results: {results.markdown_path} ({results.n_finished} of {results.n_trials} trials finished; "
+                  f"per-trial figures in {results.csv_path})")
         return 0
     try:
         summary = sweeps.run_sweep(sweep, base, resume=args.resume)

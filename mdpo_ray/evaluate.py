@@ -13,13 +13,13 @@ import torch
 from torch import nn
 
 from mdpo_ray import distributed
-from mdpo_ray.config import EvalConfig, LossConfig
+from mdpo_ray.config import EvalConfig, LossConfig, RunConfig
 from mdpo_ray.data import collate_pairs
 from mdpo_ray.generation import greedy_answer_accuracy
 from mdpo_ray.logps import concatenated_logps
 from mdpo_ray.losses import LOSSES
 from mdpo_ray.metrics import pair_metrics
-from mdpo_ray.reference import batches, rank_shard, take
+from mdpo_ray.reference import batches, cache_key, load_or_compute, rank_shard, take
 
 
 @torch.no_grad()
@@ -63,3 +63,22 @@ def eval_generation(policy: nn.Module, tokenizer, problems: list[dict], *, eval_
                                             batch_size=eval_cfg.generation_batch_size, synced_gpus=world > 1)
     counts = distributed.all_reduce_sum(torch.tensor([correct, total], dtype=torch.float64))
     return {"eval/answer_accuracy": float(counts[0] / counts[1]), "eval/n_problems": float(counts[1])}
+
+
+def start_generation(policy: nn.Module, tokenizer, problems: list[dict], *, cfg: RunConfig) -> dict[str, float]:
+    """eval_generation of the untrained policy, cached next to the reference log-probs: greedy decoding
+    of the same weights on the same problems gives the same answers, so a sweep decodes them once."""
+    source = Path(cfg.data.generation_eval)
+    stat = source.stat()
+    setting = (f"generation:{source}:{stat.st_size}:{int(stat.st_mtime)}:{len(problems)}:{cfg.eval.max_new_tokens}:"
+               f"{cfg.scaling.use_gpu}:{cfg.scaling.mixed_precision}")
+    key = cache_key(cfg.model.name_or_path, setting, max_length=cfg.data.max_length, average=False)
+
+    def compute() -> torch.Tensor:
+        scored = eval_generation(policy, tokenizer, problems, eval_cfg=cfg.eval)
+        return torch.tensor([scored["eval/answer_accuracy"], scored["eval/n_problems"]], dtype=torch.float64)
+
+    if len(problems) < distributed.world_size():  # some rank has nothing to decode: nothing to cache
+        return eval_generation(policy, tokenizer, problems, eval_cfg=cfg.eval)
+    counts, _ = load_or_compute(Path(cfg.output_dir) / "reference_logps" / f"generation-{key}.pt", compute)
+    return {"eval/answer_accuracy": float(counts[0]), "eval/n_problems": float(counts[1])}

@@ -87,11 +87,11 @@ def write_report(tracking_uri: str, parent_run_id: str, out_dir: Path, *, attach
         raise ValueError(f"run {parent_run_id} is not a sweep parent: it needs tags {METRIC_TAG} and "
                          f"{MODE_TAG}=max|min (has {METRIC_TAG}={metric!r}, {MODE_TAG}={mode!r})")
     keys = [k.strip() for k in tags.get(SEARCH_KEYS_TAG, "").split(",") if k.strip()]
-    children = _children(client, parent.info.experiment_id, parent_run_id)
+    children = trial_runs(client, parent.info.experiment_id, parent_run_id)
     if not children:
         raise ValueError(f"sweep {sweep_name!r} (parent run {parent_run_id}) has no trial runs yet")
 
-    frame = _trial_frame(client, children, keys, metric, mode)
+    frame = trial_frame(client, children, keys, metric, mode)
     ranked = frame[(frame["status"] == "FINISHED") & frame[metric].notna()]
     best = ranked.iloc[0] if len(ranked) else None
     out_dir = Path(out_dir)
@@ -112,7 +112,7 @@ def write_report(tracking_uri: str, parent_run_id: str, out_dir: Path, *, attach
                        best_value=None if best is None else float(best[metric]), n_trials=len(frame))
 
 
-def _children(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list:
+def trial_runs(client: MlflowClient, experiment_id: str, parent_run_id: str) -> list:
     runs, token = [], None
     while True:
         page = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'",
@@ -133,7 +133,7 @@ def _parse(value: str | None) -> float | str:
         return value
 
 
-def _trial_frame(client: MlflowClient, runs: list, keys: list[str], metric: str, mode: str) -> pd.DataFrame:
+def trial_frame(client: MlflowClient, runs: list, keys: list[str], metric: str, mode: str) -> pd.DataFrame:
     rows = []
     for run in runs:
         tags, latest = run.data.tags, run.data.metrics  # MLflow keeps each metric's value at its latest step

@@ -7,6 +7,7 @@ timestamps, so `--resume` finds each trial's checkpoints and MLflow child run ag
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import threading
@@ -22,7 +23,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from mdpo_ray import launch, tracking
 from mdpo_ray.config import ConfigError, RunConfig
 from mdpo_ray.report import SweepReport, write_report
-from mdpo_ray.sweep_config import SweepConfig, trial_config
+from mdpo_ray.sweep_config import SweepConfig, flat_overrides, trial_config
 
 # Without a scheduler or searcher Tune needs no metric in every report (eval metrics come only with
 # the last one); with ASHA, sweep_config insists on a metric that every report carries.
@@ -67,12 +68,34 @@ def shared_run_keys(sweep: SweepConfig, base: dict[str, Any]) -> dict[str, Any]:
 def _trial(config: dict[str, Any], *, sweep: SweepConfig, base: dict[str, Any], shared: dict[str, Any],
            parent_run_id: str) -> None:
     trial_id = tune.get_context().get_trial_id()
-    overrides = {key: config[key] for key in sweep.space}
+    overrides = flat_overrides({key: config[key] for key in sweep.space})
     cfg = trial_config(base, overrides | shared | {"name": f"{sweep.name}-{trial_id}"},
                        source=f"sweep {sweep.name} trial {trial_id}")
     tags = {"mlflow.parentRunId": parent_run_id, tracking.SWEEP_TAG: sweep.name, tracking.TRIAL_TAG: trial_id}
     tags |= {f"{tracking.OVERRIDE_PREFIX}{key}": str(value) for key, value in overrides.items()}
     launch.train(cfg, tags=tags, callbacks=[TuneReportCallback()])
+
+
+def _reference_configs(sweep: SweepConfig, base: dict[str, Any], shared: dict[str, Any]) -> list[RunConfig]:
+    """One trial config per distinct reference (model + data) the trials will use, when the space names
+    them all up front (grid or choice values); [] when a range over a reference key leaves each trial
+    to compute its own."""
+    fixed = {k: d.probe_values()[0] for k, d in sweep.space.items()}
+    varying: dict[str, list[Any]] = {}
+    for key, domain in sweep.space.items():
+        values = domain.probe_values()
+        if any(k.startswith(_REFERENCE_KEYS) for v in values for k in flat_overrides({key: v})):
+            if domain.grid is None and domain.choice is None:
+                return []
+            varying[key] = values
+    configs: dict[str, RunConfig] = {}
+    for combo in itertools.product(*varying.values()):
+        cfg = trial_config(base, fixed | dict(zip(varying, combo)) | shared | {"name": sweep.name})
+        # The run seed only reaches the data through a held-out split (data.eval_fraction).
+        identity = (cfg.model, cfg.data, cfg.builtin, cfg.loss.average_log_prob,
+                    cfg.seed if cfg.data.eval_fraction else None)
+        configs.setdefault(repr(identity), cfg)
+    return list(configs.values())
 
 
 def _max_concurrent(sweep: SweepConfig, cfg: RunConfig) -> int:
@@ -126,13 +149,17 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False)
     # reference, its log-probs once for all trials.
     if launch.init_ray():
         _check_fits_locally(first)
+    references = _reference_configs(sweep, base, shared)
+    for cfg in references:  # every kind of built-in data the grid names, each built once, here
+        launch.resolve_builtin(cfg)
     first = launch.resolve_builtin(first)
     parent_run_id = tracking.open_sweep_run(first, sweep.name, tags={
-        tracking.SEARCH_KEYS_TAG: ",".join(sweep.space), tracking.METRIC_TAG: sweep.metric,
+        tracking.SEARCH_KEYS_TAG: ",".join(sweep.search_keys()), tracking.METRIC_TAG: sweep.metric,
         tracking.MODE_TAG: sweep.mode},
         sweep_yaml=yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False))
-    if first.reference == "precompute" and not any(k.startswith(_REFERENCE_KEYS) for k in sweep.space):
-        launch.precompute_reference(first)
+    if first.reference == "precompute":
+        for cfg in references:
+            launch.precompute_reference(launch.resolve_builtin(cfg))
 
     # The trial only drives; its Train workers hold the resources. (Tune refuses {"CPU": 0}.) A restore
     # must be given the same resources, or the restored trials ask for a whole CPU each.

@@ -22,7 +22,12 @@ class _Strict(BaseModel):
 
 
 class Domain(_Strict):
-    """Exactly one of: grid (every value, crossed with the other grids), choice, uniform, loguniform."""
+    """Exactly one of: grid (every value, crossed with the other grids), choice, uniform, loguniform.
+
+    A grid or choice over a section (`loss: {grid: [{name: dpo, beta: 0.1}, {name: sft}]}`) lists
+    variants: each mapping sets those keys of the section together, so a grid need not cross keys
+    that do not combine (sft has no beta to sweep).
+    """
 
     grid: list[Any] | None = None
     choice: list[Any] | None = None
@@ -77,6 +82,14 @@ class SweepConfig(_Strict):
     search: SearchConfig | None = None
     scheduler: SchedulerConfig | None = None
     max_concurrent_trials: int | None = Field(None, ge=1)  # None: as many as the cluster's resources fit
+
+    def search_keys(self) -> list[str]:
+        """The dotted run-config keys the space sets: a section's variants contribute each key they name."""
+        keys: dict[str, None] = {}
+        for key, domain in self.space.items():
+            for value in domain.probe_values():
+                keys.update(dict.fromkeys(flat_overrides({key: value})))
+        return list(keys)
 
     @model_validator(mode="after")
     def _checks(self) -> SweepConfig:
@@ -134,10 +147,21 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
     return sweep, base
 
 
-def trial_config(base: dict[str, Any], overrides: dict[str, Any], *, source: str = "trial") -> RunConfig:
-    """The run config of one trial: the base with dotted overrides, validated like any run."""
-    raw = _merge(base, {})
+def flat_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """{"loss": {"name": "dpo", "beta": 0.1}, "optim.lr": 1e-4} -> {"loss.name": "dpo", "loss.beta": 0.1, "optim.lr": 1e-4}."""
+    flat: dict[str, Any] = {}
     for key, value in overrides.items():
+        if isinstance(value, dict):
+            flat.update(flat_overrides({f"{key}.{sub}": v for sub, v in value.items()}))
+        else:
+            flat[key] = value
+    return flat
+
+
+def trial_config(base: dict[str, Any], overrides: dict[str, Any], *, source: str = "trial") -> RunConfig:
+    """The run config of one trial: the base with dotted overrides (section variants merged), validated."""
+    raw = _merge(base, {})
+    for key, value in flat_overrides(overrides).items():
         set_dotted(raw, key, value)
     return validate_config(raw, source=source)
 

@@ -114,13 +114,17 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
             say(f"run {cfg.name!r} already reached optim.max_steps={cfg.optim.max_steps}: nothing to train "
                 "(raise optim.max_steps to continue it, or set a new name for a fresh run)")
 
-    def run_eval() -> dict[str, float]:
+    def run_eval(start: bool = False) -> dict[str, float]:
         out = evaluate.eval_pairs(policy, eval_reference, eval_ds, loss_cfg=cfg.loss, eval_cfg=cfg.eval,
                                   pad_token_id=tokenizer.pad_token_id, device=device) if eval_ds else {}
-        return out | (evaluate.eval_generation(policy, tokenizer, problems, eval_cfg=cfg.eval) if problems else {})
+        if not problems:
+            return out
+        # Before training the policy is the loaded model: every run (sweep trial) from it scores the same.
+        return out | (evaluate.start_generation(policy, tokenizer, problems, cfg=cfg) if start else
+                      evaluate.eval_generation(policy, tokenizer, problems, eval_cfg=cfg.eval))
 
     if state["step"] == 0:
-        state["eval_start"] = run_eval()
+        state["eval_start"] = run_eval(start=True)
         worker.sink.log(state["eval_start"] | _data_metrics(data_stats), step=0)
         say("before training: " + _describe(state["eval_start"]))
 

@@ -1,5 +1,5 @@
-"""System tier: a 2x2 Tune sweep of 2-worker Ray Train trials, its MLflow parent/children and report;
-and a sweep whose driver is interrupted, then resumed."""
+"""System tier: a sweep of 2-worker Ray Train trials whose driver is interrupted, then resumed.
+(The grid-into-MLflow-and-report smoke test is tests/test_evidence.py.)"""
 
 import os
 import signal
@@ -34,49 +34,11 @@ def _children(cfg, parent_id):
     return client, client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
-def test_smoke_sweep_runs_a_grid_of_trials_into_mlflow_and_a_report(tiny_run_overrides, tmp_path, capfd):
-    import ray
-
-
-    from mdpo_ray import sweep as sweeps
-
-    path = tmp_path / "grid.yaml"
-    path.write_text(SWEEP.format(name="grid"))
-    sweep, base = load_sweep(path, tiny_run_overrides)
-    try:
-        summary = sweeps.run_sweep(sweep, base)
-    finally:
-        ray.shutdown()
-    cfg = trial_config(base, sweeps.shared_run_keys(sweep, base) | {"name": "x"})
-    client, children = _children(cfg, summary.parent_run_id)
-    assert len(children) == 4 and {c.info.status for c in children} == {"FINISHED"}
-    grid = {(c.data.tags["override.loss.beta"], c.data.tags["override.loss.reject_threshold"]) for c in children}
-    assert grid == {("0.1", "0.0"), ("0.1", "-1.0"), ("0.5", "0.0"), ("0.5", "-1.0")}
-    for child in children:
-        assert child.data.params["loss.beta"] == child.data.tags["override.loss.beta"]
-        assert child.data.tags["mdpo.sweep"] == "grid" and child.data.tags["mdpo.trial_id"]
-        for key in ("loss", "rewards/margins", "logps/rejected", "stability/penalty_off_frac", "eval/rewards/accuracies"):
-            assert key in child.data.metrics
-    best = max(children, key=lambda c: c.data.metrics["eval/rewards/accuracies"])
-    assert summary.best_value == pytest.approx(best.data.metrics["eval/rewards/accuracies"])
-    assert client.get_run(summary.parent_run_id).info.status == "FINISHED"
-
-    for file in [summary.report.csv_path, summary.report.markdown_path, *summary.report.plots]:
-        assert file.is_file() and file.stat().st_size > 0
-    assert len(summary.report.csv_path.read_text().strip().splitlines()) == 5  # header + 4 trials
-    attached = {a.path for a in client.list_artifacts(summary.parent_run_id, "report")}
-    assert f"report/{summary.report.markdown_path.name}" in attached
-
-    log = capfd.readouterr()
-    assert (log.out + log.err).count("reference log-probs for 48 pairs computed") == 1  # once, before the trials
-    assert {c.data.tags["mdpo.reference_cache"] for c in children} == {"reused,reused"}  # then reused by each trial
-
-
 def test_interrupted_sweep_resumes_keeping_finished_trials(tiny_run_overrides, tmp_path):
     path = tmp_path / "resumable.yaml"
     path.write_text(SWEEP.format(name="resumable").replace("cpus_per_worker: 0.45", "cpus_per_worker: 0.9")
                     .replace("grid: [0.0, -1.0]", "grid: [0.0]")  # 2 trials, one at a time
-                    .replace("reference: precompute", "reference: resident"))  # the smoke test covers sharing
+                    .replace("reference: precompute", "reference: resident"))  # test_evidence covers sharing
     sets = [arg for item in [*tiny_run_overrides, "optim.max_steps=30", "checkpoint.every_steps=5"]
             for arg in ("--set", item)]
     command = [sys.executable, "-m", "mdpo_ray", "sweep", str(path), *sets]

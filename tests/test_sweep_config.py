@@ -102,3 +102,44 @@ scheduler: {asha: {grace_period: 2}}
     assert (tune_config.metric, tune_config.mode, tune_config.num_samples) == ("rewards/margins", "max", 6)
     lr = _domain(sweep.space["optim.lr"])
     assert all(1e-6 <= lr.sample() <= 1e-4 for _ in range(20))
+
+
+def test_section_variants_set_keys_together_and_keep_the_rest(tmp_path):
+    _write(tmp_path, BASE + "  lr: 3.0e-5\n", "base.yaml")
+    path = _write(tmp_path, """
+name: variants
+base: base.yaml
+space:
+  loss: {grid: [{name: dpo, beta: 0.3}, {name: sft}]}
+  optim.lr: {grid: [1.0e-5, 1.0e-4]}
+""")
+    sweep, base = load_sweep(path)
+    assert sweep.search_keys() == ["loss.name", "loss.beta", "optim.lr"]
+    dpo = trial_config(base, {"loss": {"name": "dpo", "beta": 0.3}, "optim.lr": 1e-4})
+    assert (dpo.loss.name, dpo.loss.beta, dpo.optim.lr, dpo.optim.max_steps) == ("dpo", 0.3, 1e-4, 7)
+    sft = trial_config(base, {"loss": {"name": "sft"}})
+    assert (sft.loss.name, sft.loss.beta) == ("sft", 0.1)  # the base's other loss keys stay
+
+
+def test_a_bad_variant_fails_at_load_time_naming_the_key(tmp_path):
+    path = _write(tmp_path, """
+name: bad-variant
+space:
+  loss: {grid: [{name: dpo, beta: 0.3}, {name: sft, betta: 0.1}]}
+""")
+    with pytest.raises(ConfigError, match=r"loss\.betta: unknown key"):
+        load_sweep(path)
+
+
+def test_the_evidence_experiment_loads_and_spans_what_it_claims():
+    from pathlib import Path
+
+    sweep, base = load_sweep(Path(__file__).parent.parent / "sweeps" / "lr_robustness.yaml")
+    grid = {key: domain.grid for key, domain in sweep.space.items()}
+    lrs = grid["optim.lr"]
+    assert len(lrs) >= 4 and max(lrs) / min(lrs) > 29.9 and len(grid["seed"]) >= 3
+    assert set(grid["builtin.rejected_kind"]) == {"near_miss", "wrong_final", "on_policy"}
+    assert {(v["name"], v.get("beta")) for v in grid["loss"]} == {
+        (name, beta) for name in ("minor_dpo", "dpo", "dpop") for beta in (0.1, 0.3)} | {("sft", None)}
+    cfg = trial_config(base, {key: values[0] for key, values in grid.items()})
+    assert cfg.scaling.num_workers == 1 and cfg.reference == "precompute"
