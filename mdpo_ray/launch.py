@@ -128,7 +128,7 @@ def train(cfg: RunConfig, *, tags: dict[str, str] | None = None, callbacks: list
     cfg = resolve_builtin(cfg)
     run_id, resumed = tracking.open_run(cfg, tags)  # None when MLflow is unreachable: it has said so
     if run_id is not None:
-        print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {cfg.mlflow_uri}")
+        print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {tracking.shown_uri(cfg.mlflow_uri)}")
     init_ray()
     trainer = TorchTrainer(
         worker_entry,
@@ -158,6 +158,34 @@ def train(cfg: RunConfig, *, tags: dict[str, str] | None = None, callbacks: list
                       export_dir=cfg.run_dir / "export")
 
 
+def runs_in_trial(cfg: RunConfig) -> bool:
+    """A one-worker CPU sweep trial trains inside its Tune trial process. For one CPU worker a
+    TorchTrainer adds nothing but two more process start-ups (its controller and worker, each
+    importing torch; ~8 s of a ~25 s trial on 2 cores), which dominate a sweep of small trials.
+    Multi-worker and GPU trials always go through Ray Train."""
+    return cfg.scaling.num_workers == 1 and not cfg.scaling.use_gpu
+
+
+def train_in_process(cfg: RunConfig, *, tags: dict[str, str], report, restore_dir: Path | None) -> None:
+    """One single-worker run in this process (a Tune trial's): the same loop, MLflow run handling and
+    checkpoints as `train`, with `report(metrics, checkpoint_dir, step)` in place of ray.train.report."""
+    from mdpo_ray.train_loop import Worker, train as train_loop
+
+    cfg = resolve_builtin(cfg)
+    run_id, resumed = tracking.open_run(cfg, tags)
+    if run_id is not None:
+        print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {tracking.shown_uri(cfg.mlflow_uri)}")
+    sink = tracking.MlflowSink(cfg.mlflow_uri, run_id, unlogged_path=cfg.run_dir / tracking.UNLOGGED_FILE) \
+        if run_id is not None else tracking.NullSink()
+    succeeded = False
+    try:
+        train_loop(cfg, Worker(local_rank=0, report=report, restore_dir=restore_dir, sink=sink))
+        succeeded = True
+    finally:
+        sink.close()
+        tracking.close_run(cfg, run_id, succeeded=succeeded)
+
+
 def _raise_keyboard_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
@@ -173,7 +201,7 @@ def describe(summary: RunSummary) -> str:
         if f"eval/{key}" in m:
             lines.append(f"  {label:30s} {m.get('eval_start/' + key, float('nan')):10.4f} {m['eval/' + key]:10.4f}")
     run = f"run {summary.mlflow_run_id}" if summary.mlflow_run_id else "unreachable: this run was not tracked"
-    lines += [f"  MLflow store:   {cfg.mlflow_uri} ({run})",
+    lines += [f"  MLflow store:   {tracking.shown_uri(cfg.mlflow_uri)} ({run})",
               f"  MLflow UI:      {tracking.ui_command(cfg)}",
               f"  checkpoints:    {summary.checkpoint or cfg.run_dir}",
               f"  exported model: {summary.export_dir}  (AutoModelForCausalLM.from_pretrained)"]

@@ -11,6 +11,7 @@ import itertools
 import os
 import signal
 import threading
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,14 +67,28 @@ def shared_run_keys(sweep: SweepConfig, base: dict[str, Any]) -> dict[str, Any]:
 
 
 def _trial(config: dict[str, Any], *, sweep: SweepConfig, base: dict[str, Any], shared: dict[str, Any],
-           parent_run_id: str) -> None:
+           parent_run_id: str, in_trial: bool) -> None:
     trial_id = tune.get_context().get_trial_id()
     overrides = flat_overrides({key: config[key] for key in sweep.space})
     cfg = trial_config(base, overrides | shared | {"name": f"{sweep.name}-{trial_id}"},
                        source=f"sweep {sweep.name} trial {trial_id}")
     tags = {"mlflow.parentRunId": parent_run_id, tracking.SWEEP_TAG: sweep.name, tracking.TRIAL_TAG: trial_id}
     tags |= {f"{tracking.OVERRIDE_PREFIX}{key}": str(value) for key, value in overrides.items()}
-    launch.train(cfg, tags=tags, callbacks=[TuneReportCallback()])
+    if not in_trial:
+        launch.train(cfg, tags=tags, callbacks=[TuneReportCallback()])
+        return
+    checkpoint = tune.get_checkpoint()  # set when Tune restarts or resumes this trial
+    with checkpoint.as_directory() if checkpoint else nullcontext() as restore_dir:
+        launch.train_in_process(cfg, tags=tags, report=_tune_report, restore_dir=Path(restore_dir) if restore_dir else None)
+
+
+def _tune_report(metrics: dict[str, float], checkpoint_dir: Path | None, step: int) -> None:
+    tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+
+def _in_trial(sweep: SweepConfig, cfg: RunConfig) -> bool:
+    """Every trial must agree: with scaling swept, all go through Ray Train."""
+    return launch.runs_in_trial(cfg) and not any(k.startswith("scaling.") for k in sweep.search_keys())
 
 
 def _reference_configs(sweep: SweepConfig, base: dict[str, Any], shared: dict[str, Any]) -> list[RunConfig]:
@@ -98,24 +113,33 @@ def _reference_configs(sweep: SweepConfig, base: dict[str, Any], shared: dict[st
     return list(configs.values())
 
 
-def _max_concurrent(sweep: SweepConfig, cfg: RunConfig) -> int:
+def _trial_cpus(cfg: RunConfig, in_trial: bool) -> float:
+    """CPUs a trial's own process asks Tune for: all of the run's when it trains in it, else a token."""
+    return cfg.scaling.cpus_per_worker if in_trial else TRIAL_DRIVER_CPU
+
+
+def _max_concurrent(sweep: SweepConfig, cfg: RunConfig, in_trial: bool) -> int:
     if sweep.max_concurrent_trials:
         return sweep.max_concurrent_trials
     scaling = cfg.scaling
-    kind, per_worker = ("GPU", scaling.gpus_per_worker) if scaling.use_gpu else ("CPU", scaling.cpus_per_worker)
-    per_trial = scaling.num_workers * per_worker + (TRIAL_DRIVER_CPU if kind == "CPU" else 0.0)
-    return max(1, int(ray.cluster_resources().get(kind, 0.0) // per_trial))
+    if in_trial:
+        per_trial, kind = scaling.cpus_per_worker, "CPU"
+    else:
+        kind, per_worker = ("GPU", scaling.gpus_per_worker) if scaling.use_gpu else ("CPU", scaling.cpus_per_worker)
+        per_trial = scaling.num_workers * per_worker + (TRIAL_DRIVER_CPU if kind == "CPU" else 0.0)
+    return max(1, int(ray.cluster_resources().get(kind, 0.0) // per_trial + 1e-9))
 
 
-def _check_fits_locally(cfg: RunConfig) -> None:
+def _check_fits_locally(cfg: RunConfig, in_trial: bool) -> None:
     """On a local instance a trial that cannot fit would wait forever (Ray Train times out after 60 s)."""
     scaling = cfg.scaling
-    need = scaling.num_workers * scaling.cpus_per_worker + TRIAL_DRIVER_CPU
+    need = scaling.cpus_per_worker if in_trial else scaling.num_workers * scaling.cpus_per_worker + TRIAL_DRIVER_CPU
     have = ray.cluster_resources().get("CPU", 0.0)
     if need > have:
         raise ConfigError(
             f"one trial needs {need:g} CPUs (scaling.num_workers={scaling.num_workers} x scaling.cpus_per_worker="
-            f"{scaling.cpus_per_worker:g}, plus {TRIAL_DRIVER_CPU} for the trial's driver) but this machine has "
+            f"{scaling.cpus_per_worker:g}{'' if in_trial else f', plus {TRIAL_DRIVER_CPU} for the trial driver'}) "
+            f"but this machine has "
             f"{have:g}: lower scaling.cpus_per_worker (e.g. --set scaling.cpus_per_worker="
             f"{max(0.05, round((have - TRIAL_DRIVER_CPU) / scaling.num_workers - 0.05, 2)):g})")
 
@@ -147,8 +171,9 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False)
                           "or give the sweep a new name")
     # Build the built-in task once here (trials would wait on its lock) and, if no trial changes the
     # reference, its log-probs once for all trials.
+    in_trial = _in_trial(sweep, first)
     if launch.init_ray():
-        _check_fits_locally(first)
+        _check_fits_locally(first, in_trial)
     references = _reference_configs(sweep, base, shared)
     for cfg in references:  # every kind of built-in data the grid names, each built once, here
         launch.resolve_builtin(cfg)
@@ -161,11 +186,12 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False)
         for cfg in references:
             launch.precompute_reference(launch.resolve_builtin(cfg))
 
-    # The trial only drives; its Train workers hold the resources. (Tune refuses {"CPU": 0}.) A restore
-    # must be given the same resources, or the restored trials ask for a whole CPU each.
+    # A Ray Train trial only drives; its Train workers hold the resources. (Tune refuses {"CPU": 0}.)
+    # A restore must be given the same resources, or the restored trials ask for a whole CPU each.
     trainable = tune.with_resources(
-        tune.with_parameters(_trial, sweep=sweep, base=base, shared=shared, parent_run_id=parent_run_id),
-        {"CPU": TRIAL_DRIVER_CPU})
+        tune.with_parameters(_trial, sweep=sweep, base=base, shared=shared, parent_run_id=parent_run_id,
+                             in_trial=in_trial),
+        {"CPU": _trial_cpus(first, in_trial)})
     if resume:
         tuner = tune.Tuner.restore(str(tune_dir / sweep.name), trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
@@ -173,8 +199,11 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False)
         tuner = tune.Tuner(
             trainable,
             param_space={key: _domain(domain) for key, domain in sweep.space.items()},
-            tune_config=_tune_config(sweep, _max_concurrent(sweep, first)),
-            run_config=tune.RunConfig(name=sweep.name, storage_path=str(tune_dir), verbose=1),
+            tune_config=_tune_config(sweep, _max_concurrent(sweep, first, in_trial)),
+            # In-trial runs have no Ray Train to restart them: Tune does, from the trial's last checkpoint.
+            run_config=tune.RunConfig(name=sweep.name, storage_path=str(tune_dir), verbose=1,
+                                      failure_config=tune.FailureConfig(max_failures=first.scaling.max_failures)
+                                      if in_trial else None),
         )
     status = "FAILED"
     # Tune stops gracefully (saving its state) on SIGINT only; `ray job stop` sends SIGTERM.
@@ -207,7 +236,7 @@ def describe(summary: SweepSummary, cfg_ui: str) -> str:
         f"\nsweep {summary.sweep.name!r}: {report.n_trials} trials",
         f"  best trial:  {best}",
         f"  report:      {report.markdown_path} (+ {report.csv_path.name}, {len(report.plots)} plots)",
-        f"  MLflow:      experiment {summary.experiment!r} in {summary.mlflow_uri} (parent run {summary.parent_run_id})",
+        f"  MLflow:      experiment {summary.experiment!r} in {tracking.shown_uri(summary.mlflow_uri)} (parent run {summary.parent_run_id})",
         f"  MLflow UI:   {cfg_ui}",
     ])
 

@@ -171,9 +171,16 @@ def is_outage(error: Exception) -> bool:
     return isinstance(error, OSError)  # requests' errors included
 
 
+def shown_uri(uri: str) -> str:
+    """A URI fit to print or log: `https://user:token@host` loses its user info."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", rf"\1{REDACTED}@", uri)
+
+
 def redacted_params(flat: dict[str, str]) -> dict[str, str]:
-    """Dotted params whose last segment looks like a credential, with the value replaced by REDACTED."""
-    return {key: REDACTED if SECRET_KEY.search(key.rsplit(".", 1)[-1]) else value for key, value in flat.items()}
+    """Dotted params whose last segment looks like a credential, with the value replaced by REDACTED;
+    user info in URIs removed."""
+    return {key: REDACTED if SECRET_KEY.search(key.rsplit(".", 1)[-1]) else shown_uri(value)
+            for key, value in flat.items()}
 
 
 def redacted_tree(node):
@@ -181,7 +188,9 @@ def redacted_tree(node):
     if isinstance(node, dict):
         return {key: REDACTED if SECRET_KEY.search(str(key)) and not isinstance(value, dict) else redacted_tree(value)
                 for key, value in node.items()}
-    return [redacted_tree(item) for item in node] if isinstance(node, list) else node
+    if isinstance(node, list):
+        return [redacted_tree(item) for item in node]
+    return shown_uri(node) if isinstance(node, str) else node
 
 
 def _client(cfg: RunConfig) -> MlflowClient:
@@ -215,7 +224,7 @@ def open_run(cfg: RunConfig, tags: dict[str, str] | None = None) -> tuple[str | 
             raise
         consequence = (f"the params and config of run {run_id} were not logged; its metrics will be buffered"
                        if run_id else "tracking disabled for this run: nothing will be logged to MLflow")
-        _warn(f"MLflow at {cfg.mlflow_uri} unreachable ({error}); {consequence}; training continues")
+        _warn(f"MLflow at {shown_uri(cfg.mlflow_uri)} unreachable ({error}); {consequence}; training continues")
     return run_id, logged is not None
 
 
@@ -256,7 +265,7 @@ def close_run(cfg: RunConfig, run_id: str | None, *, succeeded: bool = False, st
     try:
         _client(cfg).set_terminated(run_id, status=status)
     except Exception as error:  # noqa: BLE001  (raising here would hide the run's own outcome)
-        _warn(f"could not mark MLflow run {run_id} {status} at {cfg.mlflow_uri} ({error}); it may show RUNNING "
+        _warn(f"could not mark MLflow run {run_id} {status} at {shown_uri(cfg.mlflow_uri)} ({error}); it may show RUNNING "
               f"there; the run itself ended {status}")
 
 
@@ -284,4 +293,4 @@ def close_unfinished_children(cfg: RunConfig, parent_run_id: str, *, reason: str
 def ui_command(cfg: RunConfig) -> str:
     if cfg.mlflow_uri.startswith("sqlite:///"):  # a local store: the UI has to be started
         return f"mlflow ui --backend-store-uri {cfg.mlflow_uri} --port 5000  # then http://127.0.0.1:5000"
-    return f"open {cfg.mlflow_uri} (experiment {cfg.tracking.experiment!r})"
+    return f"open {shown_uri(cfg.mlflow_uri)} (experiment {cfg.tracking.experiment!r})"
