@@ -97,7 +97,7 @@ search: {algorithm: optuna, seed: 3}
 scheduler: {asha: {grace_period: 2}}
 """)
     sweep, _ = load_sweep(path)
-    tune_config = _tune_config(sweep, max_concurrent=2)
+    tune_config = _tune_config(sweep, max_concurrent=2, in_trial=False)
     assert isinstance(tune_config.search_alg, OptunaSearch) and isinstance(tune_config.scheduler, ASHAScheduler)
     assert (tune_config.metric, tune_config.mode, tune_config.num_samples) == ("rewards/margins", "max", 6)
     lr = _domain(sweep.space["optim.lr"])
