@@ -183,9 +183,6 @@ def _claims(frame: pd.DataFrame) -> list[str]:
              "Each verdict is computed from the seed means in the tables below by the rule stated with it; "
              "MinorDPO and DPO are compared at the same rejected kind, β and learning rate.", ""]
 
-    def both(key_minor, key_dpo, series):
-        return [(series.get(key_minor, math.nan), series.get(key_dpo, math.nan))]
-
     cells = [(kind, beta, lr) for kind, beta in pairs for lr in lrs
              if (kind, f"minor_dpo β={beta:g}", lr) in acc.index and (kind, f"dpo β={beta:g}", lr) in acc.index]
     if not cells:
