@@ -312,8 +312,10 @@ LIMITS = [
     "- A 2-layer, 0.5 M-parameter Llama with a character tokenizer on synthetic 2-3-step arithmetic; answers "
     "are ≤ 44 characters. The paper's claims are about LLMs on real preference data; this shows the mechanism "
     "at a scale anyone can re-run in an hour, not how large models behave.",
-    "- One SFT warm start (one reference) per task: seeds vary the batch order only, so the spread over seeds "
-    "understates the spread over references and data draws.",
+    "- One SFT warm start (one reference) for every kind of rejected answer: seeds vary the batch order only, so "
+    "the spread over seeds understates the spread over references and data draws.",
+    "- On-policy pairs exist only for problems where one of 4 samples from the SFT model was wrong; the problems it "
+    "always solves are left out of that set (the build log and `pairs/on_policy/info.json` give the counts).",
     "- 100 steps of 16 pairs at each learning rate with a constant schedule after 10 warm-up steps; longer "
     "training or other schedules can change which learning rates count as stable.",
     "- Greedy answer accuracy scores the final number only; the near-miss rejected answers differ from the chosen "
