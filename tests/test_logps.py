@@ -1,5 +1,6 @@
 """Log-prob masking and the chunked fp32 log-softmax, against a direct computation."""
 
+import pytest
 import torch
 
 from mdpo_ray import logps
@@ -60,3 +61,94 @@ def test_bf16_logits_are_reduced_in_fp32():
     out = logps.sequence_logps(logits.bfloat16(), input_ids, mask)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out.double(), _direct(logits.bfloat16().float(), input_ids, mask), rtol=1e-4, atol=1e-3)
+
+
+def _tiny_causal_lm(kind: str):
+    """A random 2-layer model: Llama (untied or tied head) or Gemma2 (soft-capped logits, scaled embeddings)."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    shape = {"vocab_size": 61, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}
+    if kind == "gemma2":
+        return Gemma2ForCausalLM(Gemma2Config(**shape, head_dim=8, final_logit_softcapping=0.5)).eval()
+    return LlamaForCausalLM(LlamaConfig(**shape, tie_word_embeddings=kind == "llama_tied")).eval()
+
+
+def _padded_pairs():
+    """(2B, T) = (6, 12), right-padded: prompts of 2-5 tokens, completions of 1-7 tokens, chosen rows first."""
+    torch.manual_seed(4)
+    spans = [(3, 5), (2, 7), (5, 1), (4, 4), (2, 6), (5, 2)]  # (prompt, completion) per row
+    input_ids = torch.zeros(6, 12, dtype=torch.long)
+    attention_mask, loss_mask = torch.zeros_like(input_ids), torch.zeros(6, 12, dtype=torch.bool)
+    for row, (prompt, completion) in enumerate(spans):
+        input_ids[row, : prompt + completion] = torch.randint(1, 61, (prompt + completion,))
+        attention_mask[row, : prompt + completion] = 1
+        loss_mask[row, prompt : prompt + completion] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+
+
+def _naive_logps(model, batch, average):
+    """The textbook way: full (2B, T, V) logits, full fp32 log-softmax, masked sum."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    full = torch.log_softmax(logits.float(), -1)[:, :-1].gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1)
+    mask = batch["loss_mask"][:, 1:].float()
+    out = (full * mask).sum(-1)
+    return out / mask.sum(-1) if average else out
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama_tied", "gemma2"])
+@pytest.mark.parametrize("average", [False, True])
+def test_head_on_completion_rows_equals_full_log_softmax_in_value_and_gradient(kind, average):
+    """The head sees only the scored rows, yet the log-probs and every parameter's gradient match the
+    full-logits computation (padding included; Gemma2's soft-capping is applied by the model itself)."""
+    model, batch = _tiny_causal_lm(kind), _padded_pairs()
+    calls = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
+    chosen, rejected = logps.concatenated_logps(model, batch, average=average)
+    hook.remove()
+    assert calls == [(1, int(batch["loss_mask"][:, 1:].sum()), 32)]  # 25 of 72 positions through the head
+    (chosen.sum() - 2 * rejected.sum()).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad()
+
+    expected = _naive_logps(model, batch, average)
+    (expected[:3].sum() - 2 * expected[3:].sum()).backward()
+    torch.testing.assert_close(torch.cat([chosen, rejected]), expected, rtol=1e-5, atol=1e-5)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_a_model_without_a_separable_head_falls_back_to_full_logits():
+    class Opaque(torch.nn.Module):  # no get_output_embeddings: the head cannot be found
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kwargs):
+            return self.inner(**kwargs)
+
+    model, batch = _tiny_causal_lm("llama"), _padded_pairs()
+    with torch.no_grad():
+        got = torch.cat(logps.concatenated_logps(Opaque(model), batch))
+        torch.testing.assert_close(got, _naive_logps(model, batch, False), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama_tied"])
+def test_head_on_completion_rows_under_fsdp2_matches_the_unsharded_model(kind):
+    """fully_shard'ed blocks and root (embeddings, final norm, head): the model is still called as a whole, so
+    FSDP2's root hooks gather the head before the hook hands it the scored rows."""
+    from mdpo_ray import distributed
+
+    distributed.ensure_process_group()
+    plain, batch = _tiny_causal_lm(kind), _padded_pairs()
+    expected = _naive_logps(plain, batch, False)
+    expected.sum().backward()
+    sharded = distributed.shard_model(_tiny_causal_lm(kind), distributed.make_mesh(torch.device("cpu")),
+                                      distributed.mixed_precision("fp32", torch.device("cpu")))
+    got = torch.cat(logps.concatenated_logps(sharded, batch))
+    got.sum().backward()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    grads = dict(sharded.named_parameters())
+    for name, p in plain.named_parameters():
+        torch.testing.assert_close(grads[name].grad.full_tensor(), p.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -1,0 +1,539 @@
+"""Side by side: TRL's DPOTrainer and mdpo-ray on the same model, pairs, batch, optimizer and precision.
+
+One command measures every configuration, each in a fresh child process (so peak memory is its own),
+then prints the table and checks the targets of the performance issue:
+
+    pip install -e '.[bench]'                          # trl, only for this script
+    python benchmarks/vs_trl.py                        # CPU, 2 threads, a 19.5M Llama, 8 pairs a step (~15 min)
+    python benchmarks/vs_trl.py --configs trl minor_dpo --windows 3      # a quick subset
+    python benchmarks/vs_trl.py --profile --configs trl minor_dpo       # + torch.profiler top ops per config
+    benchmarks/gpu.sh                                  # one GPU, bf16, a ~0.5B Llama
+
+The model is a randomly initialised LlamaForCausalLM (hidden 256, 4 layers, vocab 32k by default)
+saved with save_pretrained; the pairs are the built-in arithmetic task's (mdpo_ray/arith.py) with
+few-shot prompts (--shots solved problems before the question, ~200 tokens a sequence), written to one
+JSONL that both sides read, tokenized by the same saved character tokenizer.
+
+Configurations:
+  trl, trl_precompute          TRL DPOTrainer, sigmoid loss; reference resident / precompute_ref_log_probs
+  dpo, minor_dpo               mdpo_ray.train_loop.train in this process (one-rank FSDP2 group, the
+  dpo_precompute, ...          code a Ray worker runs), resident / precomputed reference
+  minor_dpo_full_logits        the same with the LM head on every position (how mdpo-ray ran before)
+  ray_minor_dpo                mdpo_ray.launch.train: Ray Train, 1 worker, MLflow tracking
+
+Speed is steady state: the first window of --window steps is warm-up; then --windows windows, each
+timed from the end of one window to the end of the next (TRL: a callback's on_step_end; mdpo-ray:
+the loop's log point, one per window, in-process or through MLflow's timestamps under Ray), and the
+median is reported. tokens/s counts non-padding tokens (the dataset's mean per pair x pairs/s).
+Model FLOP/s = (6N + 2N if the reference is resident) x tokens/s, N the parameters that multiply
+(all but the input embedding table), as a fraction of the measured matmul rate of the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+CONFIGS = {  # name: (side, loss, reference)
+    "trl": ("trl", "sigmoid", "resident"),
+    "trl_precompute": ("trl", "sigmoid", "precompute"),
+    "dpo": ("ours", "dpo", "resident"),
+    "minor_dpo": ("ours", "minor_dpo", "resident"),
+    "dpo_precompute": ("ours", "dpo", "precompute"),
+    "minor_dpo_precompute": ("ours", "minor_dpo", "precompute"),
+    "minor_dpo_full_logits": ("ours_full_logits", "minor_dpo", "resident"),
+    "ray_minor_dpo": ("ray", "minor_dpo", "resident"),
+}
+BETA, LR = 0.1, 1e-4
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: bf16 mixed precision")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (CPU), also on the Ray worker")
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--intermediate", type=int, default=688)
+    p.add_argument("--vocab", type=int, default=32_000)
+    p.add_argument("--shots", type=int, default=3, help="solved problems before each question (~55 tokens each)")
+    p.add_argument("--pairs", type=int, default=128, help="distinct pairs in the data set (epochs repeat)")
+    p.add_argument("--batch", type=int, default=8, help="pairs per optimizer step")
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--window", type=int, default=4, help="steps per timed window")
+    p.add_argument("--windows", type=int, default=5, help="timed windows after the warm-up window")
+    p.add_argument("--matmul-size", type=int, default=None, help="n of the n x n matmul rate (2048 CPU, 8192 GPU)")
+    p.add_argument("--workdir", type=Path, default=None, help="model, pairs and run outputs (default: a temp dir)")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of each config")
+    p.add_argument("--json", type=Path, default=None, help="also write every result to this file")
+    p.add_argument("--one", choices=list(CONFIGS), help=argparse.SUPPRESS)  # a child process: one config
+    p.add_argument("--check-args", action="store_true", help=argparse.SUPPRESS)  # parse, print, exit
+    return p
+
+
+# ------------------------------------------------------------------------------------------ shared inputs
+
+
+def _model_config(args):
+    from transformers import LlamaConfig
+
+    from mdpo_ray.arith import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    return LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
+                       num_attention_heads=args.heads, num_key_value_heads=args.heads,
+                       intermediate_size=args.intermediate, max_position_embeddings=args.max_length,
+                       tie_word_embeddings=False, pad_token_id=tokenizer.pad_token_id,
+                       bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+
+
+def _matmul_params(config) -> tuple[int, int, int]:
+    """(all parameters, those that multiply: all but an untied input embedding table, the LM head's), on 'meta'."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config)
+    total = sum(p.numel() for p in model.parameters())
+    matmul = total - (0 if config.tie_word_embeddings else model.get_input_embeddings().weight.numel())
+    return total, matmul, model.get_output_embeddings().weight.numel()
+
+
+def prepare(args, workdir: Path) -> dict:
+    """Save the random model + tokenizer and write the few-shot pairs; both sides load these files."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from mdpo_ray.arith import build_tokenizer, generate_task
+    from mdpo_ray.config import BuiltinTaskConfig
+
+    model_dir, pairs_path = workdir / "model", workdir / "pairs.jsonl"
+    tokenizer = build_tokenizer()
+    tokenizer.model_max_length = args.max_length
+    torch.manual_seed(0)
+    LlamaForCausalLM(_model_config(args)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    task = generate_task(BuiltinTaskConfig(n_sft_problems=max(10, 4 * args.shots), n_pref_pairs=args.pairs,
+                                           n_eval_pairs=1, n_eval_problems=1))
+    rng, solved = random.Random(0), task["sft"]
+    rows = []
+    for pair in task["pairs"]:
+        shots = " ".join(s["prompt"] + s["chosen"] for s in rng.sample(solved, args.shots))
+        rows.append({"prompt": f"{shots} {pair['prompt']}", "chosen": pair["chosen"], "rejected": pair["rejected"]})
+    pairs_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    # Tokens as mdpo_ray.data makes them: BOS + prompt, completion + EOS (TRL's are checked against these).
+    lengths = [(1 + len(r["prompt"]), len(r["chosen"]) + 1, len(r["rejected"]) + 1) for r in rows]
+    return {"model_dir": str(model_dir), "pairs": str(pairs_path),
+            "tokens_per_pair": statistics.mean(2 * p + c + r for p, c, r in lengths),
+            "completion_tokens_per_pair": statistics.mean(c + r for _, c, r in lengths)}
+
+
+def matmul_rate(device: str, n: int) -> float:
+    """FLOP/s of an n x n matmul in the benchmark's compute dtype (fp32 on CPU, bf16 on GPU), median of 10."""
+    import torch
+
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    reps = 20 if device == "cuda" else 3
+    times = []
+    for _ in range(11):
+        sync()
+        started = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync()
+        times.append((time.perf_counter() - started) / reps)
+    return 2 * n**3 / statistics.median(times[1:])
+
+
+# ------------------------------------------------------------------------------------------- one config
+
+
+def _windows(ends: list[float], steps_per_window: int, batch: int) -> list[float]:
+    """pairs/s of each window between consecutive window ends (seconds); the first end closes the warm-up."""
+    return [steps_per_window * batch / (b - a) for a, b in itertools.pairwise(ends)]
+
+
+def _cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system  # this process, all threads
+
+
+def _peak_memory(device: str) -> int:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
+def run_trl(args, assets: dict, precompute: bool) -> dict:
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    step_ends, cpu, threads = [], [], []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, train_args, state, control, **kwargs):
+            step_ends.append(time.perf_counter())
+            cpu.append(_cpu_seconds())
+            threads.append(torch.get_num_threads())
+
+    gpu = args.device == "cuda"
+    model = AutoModelForCausalLM.from_pretrained(assets["model_dir"], dtype=torch.float32)
+    config = DPOConfig(
+        output_dir=str(args.workdir / args.one),
+        per_device_train_batch_size=args.batch, gradient_accumulation_steps=1, max_steps=_total_steps(args),
+        learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
+        optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0,
+        bf16=gpu, fp16=False, use_cpu=not gpu,  # DPOConfig defaults to bf16=True
+        gradient_checkpointing=False,  # DPOConfig defaults to True
+        disable_dropout=True, loss_type=["sigmoid"], beta=BETA, max_length=args.max_length,
+        precompute_ref_log_probs=precompute, precompute_ref_batch_size=args.batch,
+        logging_strategy="no", report_to="none", save_strategy="no", eval_strategy="no", disable_tqdm=True,
+        dataloader_num_workers=0, dataloader_pin_memory=False, seed=0,
+    )
+    trainer = DPOTrainer(model=model, args=config, processing_class=AutoTokenizer.from_pretrained(assets["model_dir"]),
+                         train_dataset=load_dataset("json", data_files=assets["pairs"], split="train"),
+                         callbacks=[Clock()])
+    data = trainer.train_dataset
+    tokens = statistics.mean(2 * len(p) + len(c) + len(r)
+                             for p, c, r in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"]))
+    with _profiled(args):
+        trainer.train()
+    ends, cpu = step_ends[args.window - 1 :: args.window], cpu[args.window - 1 :: args.window]
+    return {"windows": _windows(ends, args.window, args.batch), "threads": threads[-1], "tokens_per_pair": tokens,
+            "cores": (cpu[-1] - cpu[0]) / (ends[-1] - ends[0])}
+
+
+class _LogClock:
+    """The loop's metric sink: the wall time of every log point (one per window) and the loop's step time."""
+
+    def __init__(self) -> None:
+        self.points: list[tuple[int, float, float, float]] = []  # (step, perf_counter, step_time_s, CPU seconds)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        if "perf/step_time_s" in metrics:
+            self.points.append((step, time.perf_counter(), metrics["perf/step_time_s"], _cpu_seconds()))
+
+    def tag(self, key: str, value: str) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _run_config(args, assets: dict, name: str, loss: str, reference: str):
+    from mdpo_ray.config import RunConfig
+
+    gpu = args.device == "cuda"
+    return RunConfig.model_validate({
+        "name": f"bench-{name}", "output_dir": str(args.workdir / name), "seed": 0, "reference": reference,
+        "model": {"name_or_path": assets["model_dir"]},
+        "data": {"train": assets["pairs"], "max_length": args.max_length},
+        "loss": {"name": loss, "beta": BETA},
+        "optim": {"lr": LR, "warmup_steps": 0, "max_steps": _total_steps(args), "batch_size": args.batch,
+                  "grad_clip": 1.0},
+        "scaling": {"num_workers": 1, "use_gpu": gpu, "cpus_per_worker": args.threads,
+                    "mixed_precision": "bf16" if gpu else "fp32"},
+        "checkpoint": {"every_steps": _total_steps(args), "num_to_keep": 1},
+        "tracking": {"log_every_steps": args.window, "mlflow_uri": f"sqlite:///{args.workdir / name / 'mlflow.db'}"},
+        "eval": {"batch_size": args.batch},  # the precompute batch, as TRL's precompute_ref_batch_size
+    })
+
+
+def run_ours(args, assets: dict, name: str, loss: str, reference: str, *, full_logits: bool) -> dict:
+    import torch
+
+    from mdpo_ray import logps
+    from mdpo_ray.train_loop import Worker, train
+
+    if full_logits:  # no hook on the head: it sees all (2B, T) positions, the log-softmax is still chunked fp32
+        logps._head_on_scored_rows = lambda head, scored: _no_hook()
+    if args.device == "cuda":  # NCCL for FSDP2 on a GPU; distributed.ensure_process_group then keeps it
+        import torch.distributed as dist
+
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
+    clock = _LogClock()
+    with _profiled(args):
+        train(_run_config(args, assets, name, loss, reference), Worker(sink=clock))
+    (_, first, _, cpu0), (_, last, _, cpu1) = clock.points[0], clock.points[-1]
+    return {"windows": _windows([t for _, t, _, _ in clock.points], args.window, args.batch),
+            "loop_windows": [args.batch / s for _, _, s, _ in clock.points[1:]],
+            "threads": torch.get_num_threads(), "cores": (cpu1 - cpu0) / (last - first)}
+
+
+def _no_hook():
+    from contextlib import nullcontext
+
+    return nullcontext([])
+
+
+def run_ray(args, assets: dict, name: str, loss: str, reference: str) -> dict:
+    import psutil
+    import ray
+    from mlflow.tracking import MlflowClient
+
+    from mdpo_ray import launch
+
+    # Ray gives a worker OMP_NUM_THREADS = its CPUs only when unset (ray/_private/utils.py
+    # set_omp_num_threads_if_unset); set it explicitly so the worker has the in-process thread count.
+    env = launch.RAY_ENV | {"OMP_NUM_THREADS": str(args.threads)}
+    os.environ |= env
+    ray.init(address="local", runtime_env={"env_vars": env}, num_cpus=args.threads, log_to_driver=False)
+    worker = {"rss": 0, "omp": None}
+    snapshots: list[tuple[float, float, float]] = []  # (time, worker CPU s, Ray's other processes' CPU s)
+    done = threading.Event()
+
+    def watch() -> None:  # the Train worker is Ray's process, not ours: find it, then sample its RSS
+        proc = None
+        while not done.wait(1.0):
+            try:
+                proc = proc or next((p for p in psutil.process_iter(["cmdline"])
+                                     if "RayTrainWorker" in " ".join(p.info["cmdline"] or ())), None)
+                if proc is not None:
+                    worker["rss"] = max(worker["rss"], proc.memory_info().rss)
+                    worker["omp"] = worker["omp"] or proc.environ().get("OMP_NUM_THREADS")
+                    snapshots.append((time.time(), sum(proc.cpu_times()[:2]), _ray_cpu_seconds(psutil) -
+                                      sum(proc.cpu_times()[:2])))
+            except psutil.Error:  # gone, or not ours to read: look again
+                proc = None
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        summary = launch.train(_run_config(args, assets, name, loss, reference))
+    finally:
+        done.set()
+        ray.shutdown()
+    history = sorted(MlflowClient(summary.config.mlflow_uri).get_metric_history(summary.mlflow_run_id,
+                                                                                 "perf/step_time_s"),
+                     key=lambda m: m.step)
+    # CPU use over the timed windows: the worker's cores, and those of Ray's own processes beside it.
+    first, last = history[0].timestamp / 1000, history[-1].timestamp / 1000
+    inside = [snap for snap in snapshots if first <= snap[0] <= last] or [(0.0, 0.0, 0.0), (1.0, None, None)]
+    (t0, w0, o0), (t1, w1, o1) = inside[0], inside[-1]
+    cores = {"cores": (w1 - w0) / (t1 - t0), "ray_cores": (o1 - o0) / (t1 - t0)} if w1 is not None and t1 > t0 else {}
+    return {"windows": _windows([m.timestamp / 1000 for m in history], args.window, args.batch),
+            "loop_windows": [args.batch / m.value for m in history[1:]],
+            **cores,
+            "threads": int(worker["omp"]) if worker["omp"] else None,
+            "peak_memory": worker["rss"] if args.device == "cpu" else None}
+
+
+def _ray_cpu_seconds(psutil) -> float:
+    """CPU seconds of every process this one started (ray.init's local cluster: GCS, raylet, workers, ...)."""
+    total = 0.0
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            total += sum(proc.cpu_times()[:2])
+        except psutil.Error:
+            pass
+    return total
+
+
+def _total_steps(args) -> int:
+    return args.window * (args.windows + 1)
+
+
+class _profiled:
+    """torch.profiler over the whole run when --profile: the top ops by self time go to stderr."""
+
+    def __init__(self, args) -> None:
+        self.args, self.prof = args, None
+
+    def __enter__(self):
+        if self.args.profile:
+            import torch.profiler
+
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.args.device == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.prof = torch.profiler.profile(activities=activities)
+            self.prof.__enter__()
+
+    def __exit__(self, *exc):
+        if self.prof is not None:
+            self.prof.__exit__(*exc)
+            sort = "self_cuda_time_total" if self.args.device == "cuda" else "self_cpu_time_total"
+            print(self.prof.key_averages().table(sort_by=sort, row_limit=18, max_name_column_width=48),
+                  file=sys.stderr)
+
+
+def child(args) -> None:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    assets = json.loads((args.workdir / "assets.json").read_text())
+    shutil.rmtree(args.workdir / args.one, ignore_errors=True)  # a fresh run: mdpo-ray would resume an old one
+    side, loss, reference = CONFIGS[args.one]
+    if side == "trl":
+        out = run_trl(args, assets, precompute=reference == "precompute")
+    elif side == "ray":
+        out = run_ray(args, assets, args.one, loss, reference)
+    else:
+        out = run_ours(args, assets, args.one, loss, reference, full_logits=side == "ours_full_logits")
+    out.setdefault("peak_memory", _peak_memory(args.device))
+    print("RESULT " + json.dumps(out))
+
+
+# ----------------------------------------------------------------------------------------------- parent
+
+
+def _executed_flops_per_pair(side: str, reference: str, assets: dict, n_body: int, n_head: int, gpu: bool) -> float:
+    """Matmul FLOPs a side actually runs per pair: the body on every token; the LM head on the completion
+    rows (mdpo-ray; TRL on Triton devices) or on every token (TRL on CPU, where it does not compact; the
+    full-logits variant), with TRL's chunked head recomputing its logits in backward (4 passes, not 3)."""
+    tokens, completion = assets["tokens_per_pair"], assets["completion_tokens_per_pair"]
+    rows = completion if side in ("ours", "ray") or (side == "trl" and gpu) else tokens
+    head_passes = 4 if side == "trl" else 3
+    policy = 6 * n_body * tokens + 2 * head_passes * n_head * rows
+    return policy + (2 * (n_body * tokens + n_head * rows) if reference == "resident" else 0)
+
+
+def _table(args, assets: dict, results: dict, rate: float, n_matmul: int, n_head: int) -> list[str]:
+    def pairing(name: str) -> str | None:
+        base = "trl_precompute" if CONFIGS[name][2] == "precompute" else "trl"
+        return base if base in results and name != base else None
+
+    header = (f"{'config':22s} {'pairs/s':>7s} {'tokens/s':>8s} {'vs TRL':>6s} {'peak mem':>9s} {'vs TRL':>6s} "
+              f"{'MFU':>6s} {'HFU':>5s} {'cores':>9s}  what")
+    lines = [header]
+    for name, r in results.items():
+        side, loss, reference = CONFIGS[name]
+        pairs = statistics.median(r["windows"])
+        model_flops = (8 if reference == "resident" else 6) * n_matmul * pairs * assets["tokens_per_pair"]
+        executed = _executed_flops_per_pair(side, reference, assets, n_matmul - n_head, n_head,
+                                            args.device == "cuda") * pairs
+        base = pairing(name)
+        speed = f"{pairs / statistics.median(results[base]['windows']):5.2f}x" if base else ""
+        mem = f"{r['peak_memory'] / 2**30:5.2f} GiB" if r["peak_memory"] else "n/a"
+        mem_ratio = f"{r['peak_memory'] / results[base]['peak_memory']:5.2f}x" \
+            if base and r["peak_memory"] and results[base]["peak_memory"] else ""
+        cores = f"{r['cores']:.2f}" if r.get("cores") is not None else "n/a"
+        cores += f"+{r['ray_cores']:.2f}" if r.get("ray_cores") is not None else ""
+        what = {"trl": "TRL DPOTrainer", "ours": "mdpo-ray in-process", "ours_full_logits": "mdpo-ray, head on all",
+                "ray": "mdpo-ray Ray Train, 1 worker"}[side] + f", {loss}, {reference} reference"
+        lines.append(f"{name:22s} {pairs:7.2f} {pairs * assets['tokens_per_pair']:8.0f} {speed:>6s} "
+                     f"{mem:>9s} {mem_ratio:>6s} {model_flops / rate:6.1%} {executed / rate:5.0%} {cores:>9s}  {what}")
+    lines += ["MFU: (6N + 2N with a resident reference) x tokens/s over the matmul rate, N the multiplying parameters",
+              "  (the issue's definition; it counts the LM head at every position, which mdpo-ray skips on prompt",
+              "  tokens, so its MFU can pass 100%). HFU: the matmul FLOPs each side actually runs over the same rate.",
+              "  cores: CPU seconds per second over the timed windows (Ray: the worker + Ray's other processes)."]
+    return lines
+
+
+def _targets(results: dict) -> list[str]:
+    def speed(name: str) -> float:
+        return statistics.median(results[name]["windows"])
+
+    lines = []
+    for ours, trl in (("dpo", "trl"), ("minor_dpo", "trl"), ("dpo_precompute", "trl_precompute"),
+                      ("minor_dpo_precompute", "trl_precompute")):
+        if ours in results and trl in results:
+            s = speed(ours) / speed(trl)
+            m = results[ours]["peak_memory"] / results[trl]["peak_memory"]
+            lines.append(f"  {ours} vs {trl}: {s:.2f}x pairs/s (target >= 1.5x: {'met' if s >= 1.5 else 'MISSED'}), "
+                         f"{m:.2f}x peak memory (target <= 0.5x: {'met' if m <= 0.5 else 'MISSED'})")
+    if "ray_minor_dpo" in results and "minor_dpo" in results:
+        ray, local = results["ray_minor_dpo"], results["minor_dpo"]
+        wall = speed("ray_minor_dpo") / speed("minor_dpo") - 1
+        loop = statistics.median(ray["loop_windows"]) / statistics.median(local["loop_windows"]) - 1
+        lines.append(f"  ray_minor_dpo vs minor_dpo in-process: {wall:+.1%} pairs/s wall-clock between log points "
+                     f"(target within 10%: {'met' if abs(wall) <= 0.10 else 'MISSED'}); {loop:+.1%} by the loop's "
+                     f"own step timer (perf/step_time_s)")
+    return lines
+
+
+def check_args(args) -> None:
+    """Resolve the options, the model size and every mdpo-ray run config without running anything (no GPU needed)."""
+    args.workdir = args.workdir or Path(tempfile.gettempdir()) / "mdpo-vs-trl-check"
+    n_total, n_matmul, _ = _matmul_params(_model_config(args))
+    assets = {"model_dir": str(args.workdir / "model"), "pairs": str(args.workdir / "pairs.jsonl")}
+    for name in args.configs:
+        side, loss, reference = CONFIGS[name]
+        if side != "trl":
+            _run_config(args, assets, name, loss, reference)  # pydantic-validated, as the run would be
+    print(json.dumps({k: str(v) for k, v in vars(args).items()} | {"parameters": n_total, "matmul_parameters": n_matmul,
+                                                                  "steps_per_config": _total_steps(args)}, indent=1))
+
+
+def main() -> None:
+    args = _parser().parse_args()
+    if args.check_args:
+        return check_args(args)
+    if args.one:
+        return child(args)
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit(f"--device cuda: torch {torch.__version__} sees no CUDA device")
+    torch.set_num_threads(args.threads)
+    args.workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mdpo-vs-trl-"))
+    args.workdir = args.workdir.resolve()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    assets = prepare(args, args.workdir)
+    (args.workdir / "assets.json").write_text(json.dumps(assets))
+    n_total, n_matmul, n_head = _matmul_params(_model_config(args))
+    size = args.matmul_size or (8192 if args.device == "cuda" else 2048)
+    rate = matmul_rate(args.device, size)
+    precision = "bf16 mixed precision (fp32 master weights)" if args.device == "cuda" else "fp32"
+    device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} torch threads"
+    print(f"model: random Llama, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}: "
+          f"{n_total / 1e6:.1f}M parameters ({n_matmul / 1e6:.1f}M multiply); {device}; {precision}")
+    print(f"pairs: {args.pairs} built-in arithmetic pairs, {args.shots}-shot prompts, "
+          f"{assets['tokens_per_pair'] / 2:.0f} tokens per sequence on average "
+          f"({assets['completion_tokens_per_pair'] / 2:.0f} of them completion); batch {args.batch} pairs")
+    print(f"measured {size}x{size} matmul rate: {rate / 1e9:.1f} GFLOP/s; timing: {args.window}-step warm-up, "
+          f"median of {args.windows} windows of {args.window} steps")
+    print("set equal on both sides: precision as above, no gradient checkpointing (TRL default: on), dropout 0, "
+          f"torch AdamW lr {LR:g} (TRL optim=adamw_torch), constant LR, no warm-up, grad clip 1.0, beta {BETA}, "
+          f"max_length {args.max_length}, precompute batch = train batch, sdpa attention; TRL logging_strategy=no, "
+          "report_to=none, save_strategy=no, eval_strategy=no", flush=True)
+    env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
+                        "HF_HOME": str(args.workdir / "hf"), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    results = {}
+    for name in args.configs:
+        started = time.perf_counter()
+        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--workdir", str(args.workdir), "--one", name],
+                              capture_output=True, text=True, env=env, check=False)
+        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if proc.returncode or line is None:
+            print(f"{name}: failed (exit {proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+            continue
+        results[name] = json.loads(line.removeprefix("RESULT "))
+        r = results[name]
+        print(f"  {name}: {statistics.median(r['windows']):.2f} pairs/s (windows "
+              f"{', '.join(f'{w:.2f}' for w in r['windows'])}), threads {r['threads']}, "
+              f"{time.perf_counter() - started:.0f} s", flush=True)
+        if "tokens_per_pair" in r and abs(r["tokens_per_pair"] - assets["tokens_per_pair"]) > 1e-6:
+            print(f"  note: {name} tokenized {r['tokens_per_pair']:.2f} tokens per pair, mdpo-ray "
+                  f"{assets['tokens_per_pair']:.2f}")
+        if args.profile:
+            print(proc.stderr[proc.stderr.find("-----") - 1 :] if "-----" in proc.stderr else proc.stderr[-4000:])
+    print()
+    lines = _table(args, assets, results, rate, n_matmul, n_head) + ["targets:"] + _targets(results)
+    print("\n".join(lines))
+    if args.json:
+        args.json.write_text(json.dumps({"assets": assets, "matmul_flops": rate, "results": results,
+                                         "argv": sys.argv[1:]}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
