@@ -4,7 +4,7 @@ One command measures every configuration, each in a fresh child process (so peak
 then prints the table and checks the targets of the performance issue:
 
     pip install -e '.[bench]'                          # trl, only for this script
-    python benchmarks/vs_trl.py                        # CPU, 2 threads, a 19.5M Llama, 8 pairs a step (~15 min)
+    python benchmarks/vs_trl.py                        # CPU, 2 threads, a 19.5M Llama, 8 pairs a step (~12 min)
     python benchmarks/vs_trl.py --configs trl minor_dpo --windows 3      # a quick subset
     python benchmarks/vs_trl.py --profile --configs trl minor_dpo       # + torch.profiler top ops per config
     benchmarks/gpu.sh                                  # one GPU, bf16, a ~0.5B Llama
@@ -25,8 +25,11 @@ Speed is steady state: the first window of --window steps is warm-up; then --win
 timed from the end of one window to the end of the next (TRL: a callback's on_step_end; mdpo-ray:
 the loop's log point, one per window, in-process or through MLflow's timestamps under Ray), and the
 median is reported. tokens/s counts non-padding tokens (the dataset's mean per pair x pairs/s).
-Model FLOP/s = (6N + 2N if the reference is resident) x tokens/s, N the parameters that multiply
-(all but the input embedding table), as a fraction of the measured matmul rate of the device.
+Model FLOP/s (MFU) = (6N + 2N if the reference is resident) x tokens/s, N the parameters that multiply
+(all but the input embedding table), as a fraction of the measured matmul rate of the device; HFU is
+the same fraction for the matmul FLOPs each side actually runs (padding and attention left out on both
+sides). `cores` is CPU seconds per second over the timed windows; for Ray, the worker's plus those of
+Ray's own processes (GCS, raylet, agents, controller), which share the machine with it.
 """
 
 from __future__ import annotations
@@ -303,7 +306,7 @@ def run_ray(args, assets: dict, name: str, loss: str, reference: str) -> dict:
 
     def watch() -> None:  # the Train worker is Ray's process, not ours: find it, then sample its RSS
         proc = None
-        while not done.wait(1.0):
+        while not done.wait(2.0):
             try:
                 proc = proc or next((p for p in psutil.process_iter(["cmdline"])
                                      if "RayTrainWorker" in " ".join(p.info["cmdline"] or ())), None)
