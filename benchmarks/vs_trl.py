@@ -230,10 +230,12 @@ class _LogClock:
 
     def __init__(self) -> None:
         self.points: list[tuple[int, float, float, float]] = []  # (step, perf_counter, step_time_s, CPU seconds)
+        self.threads: list[dict[int, float]] = []  # CPU seconds of each thread of this process, at each point
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         if "perf/step_time_s" in metrics:
             self.points.append((step, time.perf_counter(), metrics["perf/step_time_s"], _cpu_seconds()))
+            self.threads.append(_thread_seconds(os.getpid()))
 
     def tag(self, key: str, value: str) -> None:
         pass
@@ -279,7 +281,8 @@ def run_ours(args, assets: dict, name: str, loss: str, reference: str, *, full_l
     (_, first, _, cpu0), (_, last, _, cpu1) = clock.points[0], clock.points[-1]
     return {"windows": _windows([t for _, t, _, _ in clock.points], args.window, args.batch),
             "loop_windows": [args.batch / s for _, _, s, _ in clock.points[1:]],
-            "threads": torch.get_num_threads(), "cores": (cpu1 - cpu0) / (last - first)}
+            "threads": torch.get_num_threads(), "cores": (cpu1 - cpu0) / (last - first),
+            "thread_cores": _thread_split(clock.threads[0], clock.threads[-1], last - first, torch.get_num_threads())}
 
 
 def _no_hook():
@@ -301,7 +304,8 @@ def run_ray(args, assets: dict, name: str, loss: str, reference: str) -> dict:
     os.environ |= env
     ray.init(address="local", runtime_env={"env_vars": env}, num_cpus=args.threads, log_to_driver=False)
     worker = {"rss": 0, "omp": None}
-    snapshots: list[tuple[float, float, float]] = []  # (time, worker CPU s, Ray's other processes' CPU s)
+    snapshots: list[tuple[float, float, float, dict[int, float]]] = []  # (time, worker CPU s, Ray's other
+    # processes' CPU s, CPU s of each worker thread)
     done = threading.Event()
 
     def watch() -> None:  # the Train worker is Ray's process, not ours: find it, then sample its RSS
@@ -314,7 +318,7 @@ def run_ray(args, assets: dict, name: str, loss: str, reference: str) -> dict:
                     worker["rss"] = max(worker["rss"], proc.memory_info().rss)
                     worker["omp"] = worker["omp"] or proc.environ().get("OMP_NUM_THREADS")
                     snapshots.append((time.time(), sum(proc.cpu_times()[:2]), _ray_cpu_seconds(psutil) -
-                                      sum(proc.cpu_times()[:2])))
+                                      sum(proc.cpu_times()[:2]), _thread_seconds(proc.pid)))
             except psutil.Error:  # gone, or not ours to read: look again
                 proc = None
 
@@ -330,14 +334,29 @@ def run_ray(args, assets: dict, name: str, loss: str, reference: str) -> dict:
                      key=lambda m: m.step)
     # CPU use over the timed windows: the worker's cores, and those of Ray's own processes beside it.
     first, last = history[0].timestamp / 1000, history[-1].timestamp / 1000
-    inside = [snap for snap in snapshots if first <= snap[0] <= last] or [(0.0, 0.0, 0.0), (1.0, None, None)]
-    (t0, w0, o0), (t1, w1, o1) = inside[0], inside[-1]
-    cores = {"cores": (w1 - w0) / (t1 - t0), "ray_cores": (o1 - o0) / (t1 - t0)} if w1 is not None and t1 > t0 else {}
+    inside = [snap for snap in snapshots if first <= snap[0] <= last] or [(0.0, 0.0, 0.0, {}), (1.0, None, None, {})]
+    (t0, w0, o0, th0), (t1, w1, o1, th1) = inside[0], inside[-1]
+    cores = {"cores": (w1 - w0) / (t1 - t0), "ray_cores": (o1 - o0) / (t1 - t0),
+             "thread_cores": _thread_split(th0, th1, t1 - t0, args.threads)} if w1 is not None and t1 > t0 else {}
     return {"windows": _windows([m.timestamp / 1000 for m in history], args.window, args.batch),
             "loop_windows": [args.batch / m.value for m in history[1:]],
             **cores,
             "threads": int(worker["omp"]) if worker["omp"] else None,
             "peak_memory": worker["rss"] if args.device == "cpu" else None}
+
+
+def _thread_seconds(pid: int) -> dict[int, float]:
+    """CPU seconds of each thread of a process (Linux /proc, through psutil)."""
+    import psutil
+
+    return {t.id: t.user_time + t.system_time for t in psutil.Process(pid).threads()}
+
+
+def _thread_split(before: dict[int, float], after: dict[int, float], seconds: float, compute: int) -> list[float]:
+    """Cores used by the `compute` busiest threads (the step's: the Python thread that runs it and the
+    OpenMP threads it wakes), busiest first, then by all other threads together (Ray's, in a Ray worker)."""
+    used = sorted(((after[t] - before.get(t, 0.0)) / seconds for t in after), reverse=True)
+    return [*used[:compute], sum(used[compute:])]
 
 
 def _ray_cpu_seconds(psutil) -> float:
@@ -439,6 +458,10 @@ def _table(args, assets: dict, results: dict, rate: float, n_matmul: int, n_head
               "  (the issue's definition; it counts the LM head at every position, which mdpo-ray skips on prompt",
               "  tokens, so its MFU can pass 100%). HFU: the matmul FLOPs each side actually runs over the same rate.",
               "  cores: CPU seconds per second over the timed windows (Ray: the worker + Ray's other processes)."]
+    split = [f"{name} {' + '.join(f'{c:.2f}' for c in r['thread_cores'][:-1])} (other threads {r['thread_cores'][-1]:.2f})"
+             for name, r in results.items() if r.get("thread_cores")]
+    if split:
+        lines.append("  cores of the step's threads (busiest first): " + "; ".join(split))
     return lines
 
 
