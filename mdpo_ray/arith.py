@@ -154,9 +154,7 @@ def generate_task(cfg: BuiltinTaskConfig) -> dict[str, list[dict]]:
             seen.add(problem)
             if name == "eval_problems":
                 rows.append({"prompt": problem.prompt, "answer": problem.answer})
-            elif name == "sft":
-                rows.append({"prompt": problem.prompt, "chosen": problem.chain()})
-            elif reject is None:
+            elif name == "sft" or reject is None:
                 rows.append({"prompt": problem.prompt, "chosen": problem.chain()})
             else:
                 rows.append({"prompt": problem.prompt, "chosen": problem.chain(), "rejected": reject(problem, reject_rng)})

@@ -62,7 +62,8 @@ def _sweep_command(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(f"mdpo-ray: {exc}", file=sys.stderr)
         return 2
-    from mdpo_ray import sweep as sweeps, tracking  # imports Ray; only after the sweep is known to be good
+    from mdpo_ray import sweep as sweeps  # imports Ray; only after the sweep is known to be good
+    from mdpo_ray import tracking
 
     shared = sweeps.shared_run_keys(sweep, base)
     cfg = trial_config(base, shared | {"name": "probe"})

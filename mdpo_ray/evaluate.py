@@ -70,9 +70,9 @@ def start_generation(policy: nn.Module, tokenizer, problems: list[dict], *, cfg:
     of the same weights on the same problems gives the same answers, so a sweep decodes them once."""
     source = Path(cfg.data.generation_eval)
     stat = source.stat()
-    setting = (f"generation:{source}:{stat.st_size}:{int(stat.st_mtime)}:{len(problems)}:{cfg.eval.max_new_tokens}:"
-               f"{cfg.scaling.use_gpu}:{cfg.scaling.mixed_precision}")
-    key = cache_key(cfg.model.name_or_path, setting, max_length=cfg.data.max_length, average=False)
+    key = cache_key(cfg.model.name_or_path, generation=[str(source), stat.st_size, int(stat.st_mtime)],
+                    problems=len(problems), max_new_tokens=cfg.eval.max_new_tokens, max_length=cfg.data.max_length,
+                    use_gpu=cfg.scaling.use_gpu, precision=cfg.scaling.mixed_precision)
 
     def compute() -> torch.Tensor:
         scored = eval_generation(policy, tokenizer, problems, eval_cfg=cfg.eval)

@@ -63,8 +63,7 @@ def worker_entry(payload: dict) -> None:
     _quiet_report_log()
     context = ray.train.get_context()
     run_id = payload["mlflow_run_id"]  # None: MLflow was down when the run started
-    sink = tracking.MlflowSink(cfg.mlflow_uri, run_id, unlogged_path=cfg.run_dir / tracking.UNLOGGED_FILE) \
-        if context.get_world_rank() == 0 and run_id is not None else tracking.NullSink()
+    sink = tracking.sink_for(cfg, run_id, rank0=context.get_world_rank() == 0)
 
     def report(metrics: dict[str, float], checkpoint_dir: Path | None, step: int) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -126,9 +125,7 @@ def init_ray() -> bool:
 def train(cfg: RunConfig, *, tags: dict[str, str] | None = None, callbacks: list | None = None) -> RunSummary:
     """One run. A sweep trial passes its MLflow tags and Tune's report callback."""
     cfg = resolve_builtin(cfg)
-    run_id, resumed = tracking.open_run(cfg, tags)  # None when MLflow is unreachable: it has said so
-    if run_id is not None:
-        print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {tracking.shown_uri(cfg.mlflow_uri)}")
+    run_id = _open_run(cfg, tags)
     init_ray()
     trainer = TorchTrainer(
         worker_entry,
@@ -169,14 +166,12 @@ def runs_in_trial(cfg: RunConfig) -> bool:
 def train_in_process(cfg: RunConfig, *, tags: dict[str, str], report, restore_dir: Path | None) -> None:
     """One single-worker run in this process (a Tune trial's): the same loop, MLflow run handling and
     checkpoints as `train`, with `report(metrics, checkpoint_dir, step)` in place of ray.train.report."""
-    from mdpo_ray.train_loop import Worker, train as train_loop
+    from mdpo_ray.train_loop import Worker
+    from mdpo_ray.train_loop import train as train_loop
 
     cfg = resolve_builtin(cfg)
-    run_id, resumed = tracking.open_run(cfg, tags)
-    if run_id is not None:
-        print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {tracking.shown_uri(cfg.mlflow_uri)}")
-    sink = tracking.MlflowSink(cfg.mlflow_uri, run_id, unlogged_path=cfg.run_dir / tracking.UNLOGGED_FILE) \
-        if run_id is not None else tracking.NullSink()
+    run_id = _open_run(cfg, tags)
+    sink = tracking.sink_for(cfg, run_id, rank0=True)
     succeeded = False
     try:
         train_loop(cfg, Worker(local_rank=0, report=report, restore_dir=restore_dir, sink=sink))
@@ -184,6 +179,14 @@ def train_in_process(cfg: RunConfig, *, tags: dict[str, str], report, restore_di
     finally:
         sink.close()
         tracking.close_run(cfg, run_id, succeeded=succeeded)
+
+
+def _open_run(cfg: RunConfig, tags: dict[str, str] | None) -> str | None:
+    """Open (or reopen) the run's MLflow run and say which; None when MLflow is unreachable (said too)."""
+    run_id, resumed = tracking.open_run(cfg, tags)
+    if run_id is not None:
+        print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {tracking.shown_uri(cfg.mlflow_uri)}")
+    return run_id
 
 
 def _raise_keyboard_interrupt(signum, frame) -> None:

@@ -82,8 +82,9 @@ def compute_table(model: nn.Module, dataset, *, batch_size: int, pad_token_id: i
     return table
 
 
-def cache_key(model_id: str, dataset_fingerprint: str, *, max_length: int, average: bool) -> str:
-    """Keyed by the reference weights (path + file sizes/mtimes), the tokenized data and the options."""
+def cache_key(model_id: str, **setting) -> str:
+    """Keyed by the reference weights (path + file sizes/mtimes) and whatever else decides the cached
+    result (`setting`: the tokenized data, the options), so a change to either computes afresh."""
     weights = []
     path = Path(model_id)
     if path.is_dir():
@@ -91,7 +92,7 @@ def cache_key(model_id: str, dataset_fingerprint: str, *, max_length: int, avera
             if file.suffix in {".safetensors", ".bin", ".json"}:
                 stat = file.stat()
                 weights.append((file.name, stat.st_size, int(stat.st_mtime)))
-    blob = json.dumps([model_id, weights, dataset_fingerprint, max_length, average])
+    blob = json.dumps([model_id, weights, setting], sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
@@ -127,7 +128,8 @@ def build(cfg: RunConfig, datasets: tuple, pad_token_id: int, mesh, mp_policy, d
         if dataset is None:
             tables.append(None)
             continue
-        key = cache_key(cfg.model.name_or_path, dataset._fingerprint, max_length=cfg.data.max_length, average=average)
+        key = cache_key(cfg.model.name_or_path, data=dataset._fingerprint, max_length=cfg.data.max_length,
+                        average=average)
         cache_file = Path(cfg.output_dir) / "reference_logps" / f"{key}.pt"
         started = time.perf_counter()
         table, reused = load_or_compute(cache_file, lambda ds=dataset: compute_table(

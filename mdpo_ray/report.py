@@ -30,6 +30,7 @@ from mdpo_ray.tracking import (
     SWEEP_TAG,
     TRIAL_TAG,
 )
+
 TABLE_METRICS = (
     "eval/answer_accuracy", "eval/rewards/accuracies", "eval/rewards/margins", "eval/delta_chosen/mean",
     "eval/delta_rejected/mean", "rewards/margins", "logps/chosen", "logps/rejected", "stability/nonfinite_steps",

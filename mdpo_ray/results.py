@@ -3,8 +3,7 @@
 Reads only MLflow, like report.py, and needs a sweep over `optim.lr` and `loss.name` (sweeps/
 lr_robustness.yaml); `builtin.rejected_kind`, `loss.beta` and `seed` are used when swept. It leads with
 held-out greedy answer accuracy and Δw/Δl, because loss and reward accuracy look best exactly while
-DPO's answers collapse. The verdicts on the paper's claims are computed from the table by the rules
-written next to them, so the page says what the runs show, whatever that is.
+DPO's answers collapse. The verdicts on the paper's claims come from claims.py's rules.
 """
 
 from __future__ import annotations
@@ -21,15 +20,13 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
+from mdpo_ray.claims import ACC, BETA, DL, DW, KIND, LOSS, LR, SEED, claims
+from mdpo_ray.claims import kinds as swept_kinds
 from mdpo_ray.report import trial_frame, trial_runs
 from mdpo_ray.tracking import SEARCH_KEYS_TAG, SWEEP_TAG, shown_uri
 
-ACC, REWARD_ACC = "eval/answer_accuracy", "eval/rewards/accuracies"
-DW, DL = "eval/delta_chosen/mean", "eval/delta_rejected/mean"
-LR, LOSS, BETA, KIND, SEED = "optim.lr", "loss.name", "loss.beta", "builtin.rejected_kind", "seed"
+REWARD_ACC = "eval/rewards/accuracies"
 LOSS_ORDER = ("minor_dpo", "dpo", "dpop", "ipo", "robust", "hinge", "sft")
-DEGRADED_POINTS = 5.0  # DPO "degrades" at an lr where its mean accuracy is this far below the SFT reference
-HOLDS_POINTS = 2.0  # MinorDPO "holds" there if its mean accuracy is no more than this below the reference
 
 
 @dataclass(frozen=True)
@@ -85,7 +82,7 @@ def write_results(tracking_uri: str, parent_run_id: str, out_path: Path, *, comm
         f"({assets.name}/{csv_path.name}). Re-open the runs with `mlflow ui --backend-store-uri {shown_uri(tracking_uri)}`.",
         "",
     ]
-    body = _claims(finished) + _tables(finished) + [
+    body = claims(finished) + _tables(finished) + [
         "## Log-probs over training at the highest learning rate", "",
         f"![log-probs]({assets.name}/{plots[1].name})", "",
         f"![accuracy]({assets.name}/{plots[0].name})", "", *LIMITS]
@@ -118,10 +115,6 @@ def _commit() -> str:
         return "unknown"
 
 
-def _kinds(frame: pd.DataFrame) -> list:
-    return sorted(frame[KIND].dropna().unique(), key=str) or [math.nan]
-
-
 def _in_kind(frame: pd.DataFrame, kind) -> pd.DataFrame:
     return frame if isinstance(kind, float) else frame[frame[KIND] == kind]
 
@@ -152,7 +145,7 @@ def _tables(frame: pd.DataFrame) -> list[str]:
              "(points); Δw and Δl are the policy's log-prob of the held-out chosen / rejected answer minus the "
              "reference's (summed over tokens; negative means pushed below the SFT model). Reward accuracy, "
              "the fraction of held-out pairs with Δw > Δl, is last because it rewards collapse.", ""]
-    for kind in _kinds(frame):
+    for kind in swept_kinds(frame):
         rows = _in_kind(frame, kind)
         reference = rows["reference_points"].mean()
         title = "all trials" if isinstance(kind, float) else f"rejected answers: {kind}"
@@ -167,91 +160,8 @@ def _span(counts: pd.Series) -> str:
     return f"{counts.min()}" if counts.min() == counts.max() else f"{counts.min()}-{counts.max()}"
 
 
-def _means(frame: pd.DataFrame, column: str) -> pd.Series:
-    """Mean over seeds, indexed by (kind, variant, lr)."""
-    return frame.groupby([KIND, "variant", LR], dropna=False)[column].mean()
-
-
-def _claims(frame: pd.DataFrame) -> list[str]:
-    """Each of the paper's claims, a rule that decides it from the seed means, and what the rule found."""
-    acc, dw, dl = _means(frame, "acc_points"), _means(frame, DW), _means(frame, DL)
-    reference = frame.groupby(KIND, dropna=False)["reference_points"].mean()
-    pairs = [(kind, beta) for kind in _kinds(frame)
-             for beta in sorted(frame[frame[LOSS] == "minor_dpo"][BETA].dropna().unique())]
-    lrs = sorted(frame[LR].unique())
-    lines = ["## What the runs say about the paper's claims", "",
-             "Each verdict is computed from the seed means in the tables below by the rule stated with it; "
-             "MinorDPO and DPO are compared at the same rejected kind, β and learning rate.", ""]
-
-    cells = [(kind, beta, lr) for kind, beta in pairs for lr in lrs
-             if (kind, f"minor_dpo β={beta:g}", lr) in acc.index and (kind, f"dpo β={beta:g}", lr) in acc.index]
-    if not cells:
-        return lines + ["No finished MinorDPO and DPO trials at matching settings: nothing to compare yet.", ""]
-
-    def at(series, kind, loss, beta, lr):
-        return series[(kind, f"{loss} β={beta:g}", lr)]
-
-    # 1. The rejected answer is not driven far below the reference.
-    shallower = [abs(at(dl, *c[:1], "minor_dpo", *c[1:])) < abs(at(dl, *c[:1], "dpo", *c[1:])) for c in cells]
-    top = [(at(dl, k, "minor_dpo", b, lrs[-1]), at(dl, k, "dpo", b, lrs[-1])) for k, b in pairs
-           if (k, f"minor_dpo β={b:g}", lrs[-1]) in dl.index and (k, f"dpo β={b:g}", lrs[-1]) in dl.index]
-    lines += [f"1. **The rejected answer is not driven far below the reference** — "
-              f"{_verdict(sum(shallower), len(shallower))}. Rule: MinorDPO's mean Δl is closer to 0 than DPO's. "
-              f"It is in {sum(shallower)} of {len(shallower)} settings; at the highest learning rate "
-              f"({lrs[-1]:g}) Δl is " + ", ".join(f"{m:+.1f} (MinorDPO) vs {d:+.1f} (DPO)" for m, d in top) + "."]
-    # 2. The chosen answer's likelihood is not dragged down with it.
-    kept = [at(dw, c[0], "minor_dpo", c[1], c[2]) >= 0 for c in cells]
-    dpo_down = [at(dw, c[0], "dpo", c[1], c[2]) < 0 for c in cells]
-    higher = [at(dw, c[0], "minor_dpo", c[1], c[2]) > at(dw, c[0], "dpo", c[1], c[2]) for c in cells]
-    lines += [f"2. **The chosen answer's likelihood is not dragged down** — {_verdict(sum(kept), len(kept))}. "
-              f"Rule: MinorDPO's mean Δw ≥ 0. It is in {sum(kept)} of {len(kept)} settings (DPO's Δw < 0 in "
-              f"{sum(dpo_down)} of {len(dpo_down)}; MinorDPO's Δw above DPO's in {sum(higher)})."]
-    # 3. Performance holds at learning rates where DPO degrades.
-    degraded = [c for c in cells if at(acc, c[0], "dpo", c[1], c[2]) < reference[c[0]] - DEGRADED_POINTS]
-    holds = [c for c in degraded if at(acc, c[0], "minor_dpo", c[1], c[2]) >= reference[c[0]] - HOLDS_POINTS]
-    detail = "; ".join(f"{c[0]} β={c[1]:g} lr={c[2]:g}: {at(acc, c[0], 'minor_dpo', c[1], c[2]):.1f} vs DPO "
-                       f"{at(acc, c[0], 'dpo', c[1], c[2]):.1f} (reference {reference[c[0]]:.1f})" for c in degraded)
-    lines += [f"3. **Accuracy holds where DPO degrades** — "
-              + (f"{_verdict(len(holds), len(degraded))}. " if degraded else "not tested: DPO never degraded. ")
-              + f"Rule: where DPO's mean accuracy is more than {DEGRADED_POINTS:g} points below the SFT reference, "
-              f"MinorDPO's is at most {HOLDS_POINTS:g} below it. DPO degraded in {len(degraded)} of {len(cells)} "
-              f"settings and MinorDPO held in {len(holds)} of those" + (f" ({detail})." if degraded else ".")]
-    # 4. Up to +5 accuracy points over DPO (each at its best learning rate).
-    gains = []
-    for kind, beta in pairs:
-        best = {loss: max((at(acc, kind, loss, beta, lr) for lr in lrs if (kind, f"{loss} β={beta:g}", lr)
-                           in acc.index), default=math.nan) for loss in ("minor_dpo", "dpo")}
-        gains.append((kind, beta, best["minor_dpo"] - best["dpo"]))
-    big = [g for g in gains if g[2] >= 5]
-    lines += [f"4. **Up to +5 accuracy points over DPO** — {_verdict(len(big), len(gains), partial='held in part')}. "
-              "Rule: MinorDPO's best mean accuracy over learning rates minus DPO's is at least 5 points. Gains: "
-              + ", ".join(f"{k} β={b:g}: {g:+.1f}" for k, b, g in gains) + "."]
-    # 5. The sceptic's question: does preference learning beat plain SFT on the chosen answers?
-    sft_best = {kind: max((acc.get((kind, "sft", lr), math.nan) for lr in lrs), default=math.nan)
-                for kind in _kinds(frame)}
-    vs_sft = []
-    for kind, beta in pairs:
-        best = max((at(acc, kind, "minor_dpo", beta, lr) for lr in lrs
-                    if (kind, f"minor_dpo β={beta:g}", lr) in acc.index), default=math.nan)
-        if not math.isnan(sft_best[kind]):
-            vs_sft.append((kind, beta, best - sft_best[kind]))
-    if vs_sft:
-        wins = [v for v in vs_sft if v[2] > 0]
-        lines += [f"5. **Preference learning beats plain SFT on the chosen answers** (not a claim of the paper; the "
-                  f"baseline a sceptic asks for) — {_verdict(len(wins), len(vs_sft), partial='only in part')}. "
-                  "Rule: MinorDPO's best mean accuracy over learning rates exceeds SFT's. Differences: "
-                  + ", ".join(f"{k} β={b:g}: {d:+.1f}" for k, b, d in vs_sft) + "."]
-    return lines + [""]
-
-
-def _verdict(yes: int, total: int, *, partial: str = "mixed") -> str:
-    if total == 0:
-        return "not tested"
-    return "held" if yes == total else "did not hold" if yes == 0 else f"{partial} ({yes}/{total})"
-
-
 def _accuracy_plot(frame: pd.DataFrame, path: Path) -> Path:
-    kinds = _kinds(frame)
+    kinds = swept_kinds(frame)
     fig = Figure(figsize=(4.2 * len(kinds) + 1, 4.2), layout="constrained")
     axes = np.atleast_1d(fig.subplots(1, len(kinds), sharey=True))
     variants = _variant_order(frame["variant"])
@@ -277,7 +187,7 @@ def _accuracy_plot(frame: pd.DataFrame, path: Path) -> Path:
 
 def _logps_plot(client: MlflowClient, frame: pd.DataFrame, path: Path) -> Path:
     """logps/chosen and logps/rejected (training batches) over steps, mean over seeds, at the highest lr."""
-    kinds = _kinds(frame)
+    kinds = swept_kinds(frame)
     top = frame[LR].max()
     fig = Figure(figsize=(10, 3.4 * len(kinds) + 0.8), layout="constrained")
     axes = np.atleast_2d(fig.subplots(len(kinds), 2, sharex=True))

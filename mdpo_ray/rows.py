@@ -203,7 +203,7 @@ def _conversation_texts(row: dict, index: int, prompt_is_messages: bool, tokeniz
     if prompt is None:
         shared = _shared_length(chosen, rejected)
         prompt, chosen, rejected = chosen[:shared], chosen[shared:], rejected[shared:]
-    blank = lambda messages: not any(m["content"].strip() for m in messages)  # noqa: E731
+    blank = lambda messages: not any(m["content"].strip() for m in messages)
     _check_completions(chosen, rejected, blank(chosen), blank(rejected))
     if not prompt:  # chat templates refuse an empty conversation
         raise _BadRow("empty prompt")

@@ -13,7 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from mdpo_ray.config import ConfigError, RunConfig, set_dotted, parse_override, validate_config
+from mdpo_ray.config import ConfigError, RunConfig, parse_override, set_dotted, validate_config
 from mdpo_ray.metrics import METRIC_NAMES
 
 

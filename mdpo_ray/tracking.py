@@ -209,6 +209,14 @@ def _experiment_id(client: MlflowClient, cfg: RunConfig) -> str:
     return client.create_experiment(cfg.tracking.experiment, artifact_location=location)
 
 
+def sink_for(cfg: RunConfig, run_id: str | None, *, rank0: bool) -> MlflowSink | NullSink:
+    """The metric sink a worker logs to: rank 0's MlflowSink for the run; a NullSink on other ranks,
+    and when MLflow was unreachable as the run opened (run_id None)."""
+    if not rank0 or run_id is None:
+        return NullSink()
+    return MlflowSink(cfg.mlflow_uri, run_id, unlogged_path=cfg.run_dir / UNLOGGED_FILE)
+
+
 def open_run(cfg: RunConfig, tags: dict[str, str] | None = None) -> tuple[str | None, bool]:
     """(run_id, resumed): the existing run with this run name, reopened, or a new one.
 

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from mdpo_ray import distributed, evaluate, reference as ref
+from mdpo_ray import distributed, evaluate
+from mdpo_ray import reference as ref
 from mdpo_ray.config import OptimConfig, RunConfig
 from mdpo_ray.data import collate_pairs, load_train_eval
 from mdpo_ray.logps import concatenated_logps

@@ -2,7 +2,8 @@
 
 import pandas as pd
 
-from mdpo_ray.results import BETA, DL, DW, KIND, LOSS, LR, _claims, _tables, _variant
+from mdpo_ray.claims import BETA, DL, DW, KIND, LOSS, LR, claims
+from mdpo_ray.results import _tables, _variant
 
 LRS = (1e-5, 1e-4)
 
@@ -22,7 +23,7 @@ def _frame(minor_acc, dpo_acc, minor_dw=0.5, dpo_dw=-5.0, minor_dl=-2.0, dpo_dl=
 
 
 def test_minor_dpo_holding_where_dpo_collapses_reads_held():
-    text = "\n".join(_claims(_frame(minor_acc=(60, 58), dpo_acc=(52, 20))))
+    text = "\n".join(claims(_frame(minor_acc=(60, 58), dpo_acc=(52, 20))))
     assert "**The rejected answer is not driven far below the reference** — held" in text
     assert "**The chosen answer's likelihood is not dragged down** — held" in text
     assert "**Accuracy holds where DPO degrades** — held" in text
@@ -32,7 +33,7 @@ def test_minor_dpo_holding_where_dpo_collapses_reads_held():
 
 
 def test_the_same_rules_report_a_failure():
-    text = "\n".join(_claims(_frame(minor_acc=(30, 10), dpo_acc=(40, 20), minor_dw=-3.0, minor_dl=-30.0)))
+    text = "\n".join(claims(_frame(minor_acc=(30, 10), dpo_acc=(40, 20), minor_dw=-3.0, minor_dl=-30.0)))
     assert "not driven far below the reference** — did not hold" in text
     assert "not dragged down** — did not hold" in text
     assert "Accuracy holds where DPO degrades** — did not hold" in text
