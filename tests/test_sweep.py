@@ -1,4 +1,6 @@
-"""System tier: a sweep of 2-worker Ray Train trials whose driver is interrupted, then resumed.
+"""System tier: a sweep whose driver is interrupted, then resumed, once with 2-worker Ray Train trials
+and once with 1-worker trials that train inside their Tune trial process (launch.train_in_process),
+which Tune itself restores from the trial's last checkpoint.
 (The grid-into-MLflow-and-report smoke test is tests/test_evidence.py.)"""
 
 import os
@@ -34,23 +36,29 @@ def _children(cfg, parent_id):
     return client, client.search_runs([experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_id}'")
 
 
-def test_interrupted_sweep_resumes_keeping_finished_trials(tiny_run_overrides, tmp_path):
+@pytest.mark.parametrize("workers", [2, 1], ids=["ray_train", "in_trial"])
+def test_interrupted_sweep_resumes_keeping_finished_trials(tiny_run_overrides, tmp_path, workers):
     path = tmp_path / "resumable.yaml"
-    path.write_text(SWEEP.format(name="resumable").replace("cpus_per_worker: 0.45", "cpus_per_worker: 0.9")
-                    .replace("grid: [0.0, -1.0]", "grid: [0.0]")  # 2 trials, one at a time
+    cpus = 0.9 if workers == 2 else 1.5  # 2 trials, one at a time on 2 CPUs
+    path.write_text(SWEEP.format(name="resumable").replace("cpus_per_worker: 0.45", f"cpus_per_worker: {cpus}")
+                    .replace("grid: [0.0, -1.0]", "grid: [0.0]")
                     .replace("reference: precompute", "reference: resident"))  # test_evidence covers sharing
-    sets = [arg for item in [*tiny_run_overrides, "optim.max_steps=30", "checkpoint.every_steps=5"]
-            for arg in ("--set", item)]
-    command = [sys.executable, "-m", "mdpo_ray", "sweep", str(path), *sets]
-    sweep, base = load_sweep(path, [*tiny_run_overrides, "optim.max_steps=30", "checkpoint.every_steps=5"])
-    from mdpo_ray.sweep import shared_run_keys
+    steps = 30 if workers == 2 else 150  # an in-trial step is quick: enough of them to interrupt one mid-run
+    overrides = [*tiny_run_overrides, f"optim.max_steps={steps}", "checkpoint.every_steps=5",
+                 f"scaling.num_workers={workers}"]
+    command = [sys.executable, "-m", "mdpo_ray", "sweep", str(path), *[a for o in overrides for a in ("--set", o)]]
+    sweep, base = load_sweep(path, overrides)
+    from mdpo_ray.sweep import _in_trial, shared_run_keys
 
     cfg = trial_config(base, shared_run_keys(sweep, base) | {"name": "x"})
+    assert _in_trial(sweep, cfg) == (workers == 1)
     log = (tmp_path / "driver.log").open("w")  # a file, not a pipe: an unread pipe would block the driver
     driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         finished = _wait_for_finished_child(cfg, timeout=240)
-        second = _wait_for(lambda: list(Path(cfg.output_dir).glob("resumable-*_00001/checkpoint_*")), timeout=120)
+        # The second trial's second checkpoint (Ray Train's run dir, or Tune's trial dir for an in-trial run):
+        # by then the driver has registered the first; a checkpoint the driver has not yet seen is not resumed.
+        second = _wait_for(lambda: sorted(Path(cfg.output_dir).parent.glob("**/*_00001*/checkpoint_*"))[1:], timeout=120)
         os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C / ray job stop: the driver goes down mid-trial
         assert driver.wait(timeout=120) == 130, (tmp_path / "driver.log").read_text()[-3000:]
     finally:
@@ -66,8 +74,9 @@ def test_interrupted_sweep_resumes_keeping_finished_trials(tiny_run_overrides, t
     assert _loss_steps(cfg, finished) == finished_history  # the finished trial was not run again
     assert f"resumed from {second[0].parent}" in (tmp_path / "resumed.log").read_text()  # the cut one went on
     for child in children:  # every trial reached the end; an interrupted one rewound only to its checkpoint
-        steps = _loss_steps(cfg, child.info.run_id)
-        assert steps[-1] == 30 and set(steps) == set(range(1, 31)), steps
+        logged = _loss_steps(cfg, child.info.run_id)
+        assert logged[-1] == steps and set(logged) == set(range(1, steps + 1)), logged
+        assert logged.count(1) == 1, logged  # not restarted from scratch: steps before the checkpoint ran once
 
 
 def _parent_id(cfg, name):
