@@ -76,6 +76,23 @@ def test_two_worker_run_tracks_checkpoints_resumes_and_exports(ray_local, tiny_r
     assert "MLflow UI" in describe and str(longer.export_dir) in describe
 
 
+def test_local_workers_run_at_niceness_zero_with_the_local_settings(ray_local):
+    """What init_ray asked of the local instance reached its workers (the raylet starts them)."""
+    import os
+
+    import ray
+
+    from mdpo_ray import launch
+
+    @ray.remote
+    def probe():
+        return os.nice(0), {key: os.environ.get(key) for key in launch.LOCAL_RAY_ENV}
+
+    niceness, env = ray.get(probe.remote())
+    assert niceness == 0  # Ray's default for workers is 15
+    assert env == launch.LOCAL_RAY_ENV
+
+
 def test_failed_run_is_marked_failed_not_left_running(ray_local, tiny_run_overrides, tmp_path):
     from mdpo_ray import launch
 
