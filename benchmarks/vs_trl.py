@@ -7,6 +7,7 @@ then prints the table and checks the targets of the performance issue:
     python benchmarks/vs_trl.py                        # CPU, 2 threads, a 19.5M Llama, 8 pairs a step (~12 min)
     python benchmarks/vs_trl.py --configs trl minor_dpo --windows 3      # a quick subset
     python benchmarks/vs_trl.py --profile --configs trl minor_dpo       # + torch.profiler top ops per config
+    python benchmarks/vs_trl.py --configs minor_dpo ray_minor_dpo --rounds 5   # Ray's overhead, paired rounds
     benchmarks/gpu.sh                                  # one GPU, bf16, a ~0.5B Llama
 
 The model is a randomly initialised LlamaForCausalLM (hidden 256, 4 layers, vocab 32k by default)
@@ -24,7 +25,9 @@ Configurations:
 Speed is steady state: the first window of --window steps is warm-up; then --windows windows, each
 timed from the end of one window to the end of the next (TRL: a callback's on_step_end; mdpo-ray:
 the loop's log point, one per window, in-process or through MLflow's timestamps under Ray), and the
-median is reported. tokens/s counts non-padding tokens (the dataset's mean per pair x pairs/s).
+median is reported. With --rounds N every config runs N times, interleaved, and its windows are pooled;
+Ray against in-process is then the median of the N paired rounds, since a shared machine's speed drifts
+by more than Ray's overhead over the minutes between two runs. tokens/s counts non-padding tokens (the dataset's mean per pair x pairs/s).
 Model FLOP/s (MFU) = (6N + 2N if the reference is resident) x tokens/s, N the parameters that multiply
 (all but the input embedding table), as a fraction of the measured matmul rate of the device; HFU is
 the same fraction for the matmul FLOPs each side actually runs (padding and attention left out on both
@@ -78,6 +81,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--window", type=int, default=4, help="steps per timed window")
     p.add_argument("--windows", type=int, default=5, help="timed windows after the warm-up window")
+    p.add_argument("--rounds", type=int, default=1, help="run the configs this many times, interleaved; the Ray "
+                   "target then compares each round's Ray and in-process runs, which ran minutes apart")
     p.add_argument("--matmul-size", type=int, default=None, help="n of the n x n matmul rate (2048 CPU, 8192 GPU)")
     p.add_argument("--workdir", type=Path, default=None, help="model, pairs and run outputs (default: a temp dir)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of each config")
@@ -480,12 +485,44 @@ def _targets(results: dict) -> list[str]:
                          f"{m:.2f}x peak memory (target <= 0.5x: {'met' if m <= 0.5 else 'MISSED'})")
     if "ray_minor_dpo" in results and "minor_dpo" in results:
         ray, local = results["ray_minor_dpo"], results["minor_dpo"]
-        wall = speed("ray_minor_dpo") / speed("minor_dpo") - 1
+        paired = [r / i - 1 for r, i in zip(ray["round_medians"], local["round_medians"], strict=False)]
+        wall = statistics.median(paired)
         loop = statistics.median(ray["loop_windows"]) / statistics.median(local["loop_windows"]) - 1
-        lines.append(f"  ray_minor_dpo vs minor_dpo in-process: {wall:+.1%} pairs/s wall-clock between log points "
-                     f"(target within 10%: {'met' if abs(wall) <= 0.10 else 'MISSED'}); {loop:+.1%} by the loop's "
-                     f"own step timer (perf/step_time_s)")
+        rounds = f" (median of {len(paired)} rounds: {', '.join(f'{g:+.1%}' for g in paired)})" if len(paired) > 1 else ""
+        lines.append(f"  ray_minor_dpo vs minor_dpo in-process: {wall:+.1%} pairs/s wall-clock between log points"
+                     f"{rounds} (target within 10%: {'met' if abs(wall) <= 0.10 else 'MISSED'}); {loop:+.1%} by the "
+                     f"loop's own step timer (perf/step_time_s)")
     return lines
+
+
+def _run_child(args, name: str, env: dict) -> dict | None:
+    """One configuration in a fresh process: its RESULT, or None (said) when it failed."""
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--workdir", str(args.workdir), "--one", name],
+                          capture_output=True, text=True, env=env, check=False)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
+    if proc.returncode or line is None:
+        print(f"{name}: failed (exit {proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        return None
+    r = json.loads(line.removeprefix("RESULT ")) | {"seconds": time.perf_counter() - started}
+    if args.profile:
+        r["profile"] = proc.stderr[proc.stderr.find("-----") - 1 :] if "-----" in proc.stderr else proc.stderr[-4000:]
+    return r
+
+
+def _merge_round(results: dict, name: str, r: dict) -> None:
+    """Rounds of one config pool their windows (the table's median is over all of them); each round's
+    own median is kept for paired comparisons, since the machine's speed drifts between rounds."""
+    r = r | {"round_medians": [statistics.median(r["windows"])]}
+    if name not in results:
+        results[name] = r
+        return
+    pooled = results[name]
+    for key in ("windows", "loop_windows", "round_medians"):
+        if key in r:
+            pooled[key] = pooled[key] + r[key]
+    if r.get("peak_memory") and pooled.get("peak_memory"):
+        pooled["peak_memory"] = max(pooled["peak_memory"], r["peak_memory"])
 
 
 def check_args(args) -> None:
@@ -535,25 +572,22 @@ def main() -> None:
           "report_to=none, save_strategy=no, eval_strategy=no", flush=True)
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
                         "HF_HOME": str(args.workdir / "hf"), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    results = {}
-    for name in args.configs:
-        started = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--workdir", str(args.workdir), "--one", name],
-                              capture_output=True, text=True, env=env, check=False)
-        line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")), None)
-        if proc.returncode or line is None:
-            print(f"{name}: failed (exit {proc.returncode})\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-            continue
-        results[name] = json.loads(line.removeprefix("RESULT "))
-        r = results[name]
-        print(f"  {name}: {statistics.median(r['windows']):.2f} pairs/s (windows "
-              f"{', '.join(f'{w:.2f}' for w in r['windows'])}), threads {r['threads']}, "
-              f"{time.perf_counter() - started:.0f} s", flush=True)
-        if "tokens_per_pair" in r and abs(r["tokens_per_pair"] - assets["tokens_per_pair"]) > 1e-6:
-            print(f"  note: {name} tokenized {r['tokens_per_pair']:.2f} tokens per pair, mdpo-ray "
-                  f"{assets['tokens_per_pair']:.2f}")
-        if args.profile:
-            print(proc.stderr[proc.stderr.find("-----") - 1 :] if "-----" in proc.stderr else proc.stderr[-4000:])
+    results: dict[str, dict] = {}
+    for round_ in range(1, args.rounds + 1):
+        for name in args.configs:
+            r = _run_child(args, name, env)
+            if r is None:
+                continue
+            _merge_round(results, name, r)
+            label = f"  {name}" + (f" (round {round_}/{args.rounds})" if args.rounds > 1 else "")
+            print(f"{label}: {statistics.median(r['windows']):.2f} pairs/s (windows "
+                  f"{', '.join(f'{w:.2f}' for w in r['windows'])}), threads {r['threads']}, {r['seconds']:.0f} s",
+                  flush=True)
+            if "tokens_per_pair" in r and abs(r["tokens_per_pair"] - assets["tokens_per_pair"]) > 1e-6:
+                print(f"  note: {name} tokenized {r['tokens_per_pair']:.2f} tokens per pair, mdpo-ray "
+                      f"{assets['tokens_per_pair']:.2f}")
+            if args.profile:
+                print(r["profile"])
     print()
     lines = _table(args, assets, results, rate, n_matmul, n_head) + ["targets:"] + _targets(results)
     print("\n".join(lines))
