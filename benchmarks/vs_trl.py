@@ -22,7 +22,7 @@ Configurations:
   minor_dpo_full_logits        the same with the LM head on every position (how mdpo-ray ran before)
   ray_minor_dpo                mdpo_ray.launch.train: Ray Train, 1 worker, MLflow tracking
 
-Speed is steady state: the first window of --window steps is warm-up; then --windows windows, each
+Speed is steady state: the first --warmup windows of --window steps are warm-up; then --windows windows, each
 timed from the end of one window to the end of the next (TRL: a callback's on_step_end; mdpo-ray:
 the loop's log point, one per window, in-process or through MLflow's timestamps under Ray), and the
 median is reported. With --rounds N every config runs N times, interleaved, and its windows are pooled;
@@ -65,6 +65,12 @@ CONFIGS = {  # name: (side, loss, reference)
 BETA, LR = 0.1, 1e-4
 
 
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of at least 1")
+    return int(text)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
@@ -80,7 +86,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8, help="pairs per optimizer step")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--window", type=int, default=4, help="steps per timed window")
-    p.add_argument("--windows", type=int, default=5, help="timed windows after the warm-up window")
+    p.add_argument("--warmup", type=_positive, default=3, help="warm-up windows, not timed (Ray's own start-up, e.g. its "
+                   "Train helper actors importing their modules, overlaps the first ~15 s of training)")
+    p.add_argument("--windows", type=int, default=5, help="timed windows after the warm-up")
     p.add_argument("--rounds", type=int, default=1, help="run the configs this many times, interleaved; the Ray "
                    "target then compares each round's Ray and in-process runs, which ran minutes apart")
     p.add_argument("--matmul-size", type=int, default=None, help="n of the n x n matmul rate (2048 CPU, 8192 GPU)")
@@ -226,6 +234,7 @@ def run_trl(args, assets: dict, precompute: bool) -> dict:
     with _profiled(args):
         trainer.train()
     ends, cpu = step_ends[args.window - 1 :: args.window], cpu[args.window - 1 :: args.window]
+    ends, cpu = ends[args.warmup - 1 :], cpu[args.warmup - 1 :]
     return {"windows": _windows(ends, args.window, args.batch), "threads": threads[-1], "tokens_per_pair": tokens,
             "cores": (cpu[-1] - cpu[0]) / (ends[-1] - ends[0])}
 
@@ -283,11 +292,12 @@ def run_ours(args, assets: dict, name: str, loss: str, reference: str, *, full_l
     clock = _LogClock()
     with _profiled(args):
         train(_run_config(args, assets, name, loss, reference), Worker(sink=clock))
-    (_, first, _, cpu0), (_, last, _, cpu1) = clock.points[0], clock.points[-1]
-    return {"windows": _windows([t for _, t, _, _ in clock.points], args.window, args.batch),
-            "loop_windows": [args.batch / s for _, _, s, _ in clock.points[1:]],
+    points, threads = clock.points[args.warmup - 1 :], clock.threads[args.warmup - 1 :]
+    (_, first, _, cpu0), (_, last, _, cpu1) = points[0], points[-1]
+    return {"windows": _windows([t for _, t, _, _ in points], args.window, args.batch),
+            "loop_windows": [args.batch / s for _, _, s, _ in points[1:]],
             "threads": torch.get_num_threads(), "cores": (cpu1 - cpu0) / (last - first),
-            "thread_cores": _thread_split(clock.threads[0], clock.threads[-1], last - first, torch.get_num_threads())}
+            "thread_cores": _thread_split(threads[0], threads[-1], last - first, torch.get_num_threads())}
 
 
 def _no_hook():
@@ -337,7 +347,7 @@ def run_ray(args, assets: dict, name: str, loss: str, reference: str) -> dict:
         ray.shutdown()
     history = sorted(MlflowClient(summary.config.mlflow_uri).get_metric_history(summary.mlflow_run_id,
                                                                                  "perf/step_time_s"),
-                     key=lambda m: m.step)
+                     key=lambda m: m.step)[args.warmup - 1 :]
     # CPU use over the timed windows: the worker's cores, and those of Ray's own processes beside it.
     first, last = history[0].timestamp / 1000, history[-1].timestamp / 1000
     inside = [snap for snap in snapshots if first <= snap[0] <= last] or [(0.0, 0.0, 0.0, {}), (1.0, None, None, {})]
@@ -377,7 +387,7 @@ def _ray_cpu_seconds(psutil) -> float:
 
 
 def _total_steps(args) -> int:
-    return args.window * (args.windows + 1)
+    return args.window * (args.warmup + args.windows)
 
 
 class _profiled:
@@ -564,8 +574,8 @@ def main() -> None:
     print(f"pairs: {args.pairs} built-in arithmetic pairs, {args.shots}-shot prompts, "
           f"{assets['tokens_per_pair'] / 2:.0f} tokens per sequence on average "
           f"({assets['completion_tokens_per_pair'] / 2:.0f} of them completion); batch {args.batch} pairs")
-    print(f"measured {size}x{size} matmul rate: {rate / 1e9:.1f} GFLOP/s; timing: {args.window}-step warm-up, "
-          f"median of {args.windows} windows of {args.window} steps")
+    print(f"measured {size}x{size} matmul rate: {rate / 1e9:.1f} GFLOP/s; timing: {args.warmup * args.window}-step "
+          f"warm-up, median of {args.windows} windows of {args.window} steps")
     print("set equal on both sides: precision as above, no gradient checkpointing (TRL default: on), dropout 0, "
           f"torch AdamW lr {LR:g} (TRL optim=adamw_torch), constant LR, no warm-up, grad clip 1.0, beta {BETA}, "
           f"max_length {args.max_length}, precompute batch = train batch, sdpa attention; TRL logging_strategy=no, "
