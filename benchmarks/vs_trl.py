@@ -4,7 +4,7 @@ One command measures every configuration, each in a fresh child process (so peak
 then prints the table and checks the targets of the performance issue:
 
     pip install -e '.[bench]'                          # trl, only for this script
-    python benchmarks/vs_trl.py                        # CPU, 2 threads, a 19.5M Llama, 8 pairs a step (~12 min)
+    python benchmarks/vs_trl.py                        # CPU, 2 threads, a 19.5M Llama, 8 pairs a step (~16 min)
     python benchmarks/vs_trl.py --configs trl minor_dpo --windows 3      # a quick subset
     python benchmarks/vs_trl.py --profile --configs trl minor_dpo       # + torch.profiler top ops per config
     python benchmarks/vs_trl.py --configs minor_dpo ray_minor_dpo --rounds 5   # Ray's overhead, paired rounds
