@@ -32,7 +32,7 @@ RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
 
 # A local instance runs on the cores that train: each of Ray's ~10 processes wakes every few ms, and a
 # 2-thread CPU step stalls whenever either thread is preempted (benchmarks/vs_trl.py; README,
-# Performance). These turn off what a one-machine run does not use. Joining a cluster changes none.
+# Performance). Joining a cluster (RAY_ADDRESS set) changes none of Ray's settings.
 LOCAL_RAY_ENV = {
     # Ray starts workers at niceness 15 so a busy node cannot starve its own raylet/GCS; then every
     # wake-up of those (niceness 0) preempts the training threads at once. Locally the control plane
@@ -40,8 +40,6 @@ LOCAL_RAY_ENV = {
     "RAY_worker_niceness": "0",
     # Polls the GCS for node drains every 5 s in an actor process of its own; nothing drains a local machine.
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-    # Train's Prometheus metrics feed the dashboard, which a local instance does not start.
-    "RAY_TRAIN_METRICS_ENABLED": "0",
 }
 
 
@@ -132,13 +130,9 @@ def init_ray() -> bool:
     if ray.is_initialized():
         return False
     local = "RAY_ADDRESS" not in os.environ
-    local_env = LOCAL_RAY_ENV if local else {}
-    for key, value in local_env.items():  # the driver reads some (RAY_TRAIN_METRICS_ENABLED) itself
-        os.environ.setdefault(key, value)
-    # A local instance shares the training's cores: the dashboard alone (a server and ten helper
-    # processes) took 0.03 of 2 cores at rest. To watch a local run in it: `ray start --head`, then
-    # RAY_ADDRESS=auto mdpo-ray train ...
-    ray.init(runtime_env={"env_vars": RAY_ENV | local_env}, log_to_driver=True, include_dashboard=False if local else None)
+    # The dashboard stays: it took 0.03 of 2 cores at rest, but without it Ray's State API is gone and
+    # Train's placement-group cleaner warns every second that it cannot see its controller.
+    ray.init(runtime_env={"env_vars": RAY_ENV | (LOCAL_RAY_ENV if local else {})}, log_to_driver=True)
     return local
 
 
