@@ -161,10 +161,14 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
                     f"(now {cfg.optim.lr:g}), a smaller loss.beta, optim.grad_clip, or fp32 (scaling.mixed_precision=fp32)"
                 )
         optimizer.zero_grad(set_to_none=True)
-        # The learning rate is a function of the step number (so a resumed run gets the same one), so a
-        # skipped step advances the schedule too; torch would warn that the order is wrong.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+        if consecutive_nonfinite:
+            # The learning rate is a function of the step number (so a resumed run gets the same one), so
+            # a skipped step advances the schedule too; torch would warn that the order is wrong. Only
+            # here: catch_warnings resets every once-per-place warning, which would then print every step.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
+                scheduler.step()
+        else:
             scheduler.step()
 
         window.append(torch.stack([out.losses, policy_chosen, policy_rejected, ref_chosen, ref_rejected], 1)
