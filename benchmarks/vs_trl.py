@@ -88,8 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--window", type=int, default=4, help="steps per timed window")
     p.add_argument("--warmup", type=_positive, default=3, help="warm-up windows, not timed (Ray's own start-up, e.g. its "
                    "Train helper actors importing their modules, overlaps the first ~15 s of training)")
-    p.add_argument("--windows", type=int, default=5, help="timed windows after the warm-up")
-    p.add_argument("--rounds", type=int, default=1, help="run the configs this many times, interleaved; the Ray "
+    p.add_argument("--windows", type=_positive, default=5, help="timed windows after the warm-up")
+    p.add_argument("--rounds", type=_positive, default=1, help="run the configs this many times, interleaved; the Ray "
                    "target then compares each round's Ray and in-process runs, which ran minutes apart")
     p.add_argument("--matmul-size", type=int, default=None, help="n of the n x n matmul rate (2048 CPU, 8192 GPU)")
     p.add_argument("--workdir", type=Path, default=None, help="model, pairs and run outputs (default: a temp dir)")
@@ -233,8 +233,9 @@ def run_trl(args, assets: dict, precompute: bool) -> dict:
                              for p, c, r in zip(data["prompt_ids"], data["chosen_ids"], data["rejected_ids"]))
     with _profiled(args):
         trainer.train()
-    ends, cpu = step_ends[args.window - 1 :: args.window], cpu[args.window - 1 :: args.window]
-    ends, cpu = ends[args.warmup - 1 :], cpu[args.warmup - 1 :]
+    # Window ends, from that of the last warm-up window (where the first timed window starts).
+    first_end = args.window * args.warmup - 1
+    ends, cpu = step_ends[first_end :: args.window], cpu[first_end :: args.window]
     return {"windows": _windows(ends, args.window, args.batch), "threads": threads[-1], "tokens_per_pair": tokens,
             "cores": (cpu[-1] - cpu[0]) / (ends[-1] - ends[0])}
 
