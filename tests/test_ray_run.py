@@ -38,6 +38,13 @@ def test_two_worker_run_tracks_checkpoints_resumes_and_exports(ray_local, tiny_r
     cfg = load_config(None, [*tiny_run_overrides, "optim.max_steps=4", "scaling.num_workers=2"])
     first = launch.train(cfg)
 
+    # The instance is this process's own: Train ran without the actors only a shared cluster needs.
+    from ray.util.state import list_actors
+
+    actors = {a.class_name for a in list_actors(limit=10_000)}
+    assert {"TrainController", "RayTrainWorker"} <= actors
+    assert not actors & {"PlacementGroupCleaner", "DatasetManager"}
+
     client = MlflowClient(tracking_uri=cfg.mlflow_uri)
     run = client.get_run(first.mlflow_run_id)
     assert run.info.status == "FINISHED"
