@@ -41,7 +41,6 @@ LOCAL_RAY_ENV = {
     # Polls the GCS for node drains every 5 s in an actor process of its own; nothing drains a local machine.
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
 }
-_local_gcs: str | None = None  # the address of the local instance init_ray started in this process
 
 
 def _cluster_only_callbacks() -> tuple[type, ...]:
@@ -51,6 +50,18 @@ def _cluster_only_callbacks() -> tuple[type, ...]:
     except ImportError:  # moved in another Ray version: its defaults stay
         return ()
     return DatasetsCallback, PlacementGroupCleanerCallback
+
+
+def _started_here() -> bool:
+    """Whether ray.init in this process started the instance (a head node that ends with this process),
+    rather than joining one: RAY_ADDRESS unset is not enough, since ray.init also joins a cluster that
+    `ray start` left on this machine."""
+    try:
+        from ray._private import worker  # internal: where ray.init keeps the node it started or joined
+    except ImportError:
+        return False
+    node = getattr(worker, "_global_node", None)
+    return node is not None and node.is_head()
 
 
 class _LocalTrainer(TorchTrainer):
@@ -66,8 +77,7 @@ class _LocalTrainer(TorchTrainer):
 
 
 def _trainer(*args, **kwargs) -> TorchTrainer:
-    local = ray.is_initialized() and ray.get_runtime_context().gcs_address == _local_gcs
-    return (_LocalTrainer if local else TorchTrainer)(*args, **kwargs)
+    return (_LocalTrainer if _started_here() else TorchTrainer)(*args, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -152,7 +162,6 @@ def _quiet_report_log() -> None:
 def init_ray() -> bool:
     """Inside `ray job submit` (RAY_ADDRESS is set) this joins the cluster; otherwise it starts a local
     one. True when the instance is local to this process (its resources are all there will be)."""
-    global _local_gcs
     for key, value in RAY_ENV.items():  # also where Ray is up already (a Tune trial starting a trainer)
         os.environ.setdefault(key, value)
     if ray.is_initialized():
@@ -161,7 +170,6 @@ def init_ray() -> bool:
     # The dashboard stays (0.03 of 2 cores at rest): it is Ray's State API and its UI, and on a cluster
     # Train's placement-group cleaner warns every second without it.
     ray.init(runtime_env={"env_vars": RAY_ENV | (LOCAL_RAY_ENV if local else {})}, log_to_driver=True)
-    _local_gcs = ray.get_runtime_context().gcs_address if local else None
     return local
 
 
