@@ -32,7 +32,7 @@ RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
 
 # A local instance runs on the cores that train: each of Ray's ~10 processes wakes every few ms, and a
 # 2-thread CPU step stalls whenever either thread is preempted (benchmarks/vs_trl.py; README,
-# Performance). Joining a cluster (RAY_ADDRESS set) changes none of Ray's settings.
+# Performance). Joining a cluster changes none of Ray's settings.
 LOCAL_RAY_ENV = {
     # Ray starts workers at niceness 15 so a busy node cannot starve its own raylet/GCS; then every
     # wake-up of those (niceness 0) preempts the training threads at once. Locally the control plane
@@ -159,14 +159,25 @@ def _quiet_report_log() -> None:
     logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
+def _will_start_instance() -> bool:
+    """Whether ray.init() will start an instance rather than join one. It joins RAY_ADDRESS (set inside
+    `ray job submit`) and also, without it, the cluster that `ray start` left on this machine: on the
+    head node of cluster.yaml (`ray attach`), that is an autoscaling cluster."""
+    try:  # the lookup ray.init(address=None) makes: RAY_ADDRESS, else /tmp/ray/ray_current_cluster
+        from ray._private.services import get_ray_address_from_environment
+    except ImportError:  # moved in another Ray version
+        return "RAY_ADDRESS" not in os.environ
+    return get_ray_address_from_environment(None, None) is None
+
+
 def init_ray() -> bool:
-    """Inside `ray job submit` (RAY_ADDRESS is set) this joins the cluster; otherwise it starts a local
-    one. True when the instance is local to this process (its resources are all there will be)."""
+    """Joins the cluster inside `ray job submit` or on a node of one; otherwise starts a local instance.
+    True when it started one (its resources are all there will be)."""
     for key, value in RAY_ENV.items():  # also where Ray is up already (a Tune trial starting a trainer)
         os.environ.setdefault(key, value)
     if ray.is_initialized():
         return False
-    local = "RAY_ADDRESS" not in os.environ
+    local = _will_start_instance()
     # The dashboard stays (0.03 of 2 cores at rest): it is Ray's State API and its UI, and on a cluster
     # Train's placement-group cleaner warns every second without it.
     ray.init(runtime_env={"env_vars": RAY_ENV | (LOCAL_RAY_ENV if local else {})}, log_to_driver=True)

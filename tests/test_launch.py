@@ -10,6 +10,7 @@ def ray_init_calls(monkeypatch):
     import ray
 
     calls = []
+    monkeypatch.setattr(ray._private.services, "find_bootstrap_address", lambda temp_dir: None)  # no `ray start` here
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
     for key in (*launch.RAY_ENV, *launch.LOCAL_RAY_ENV, "RAY_ADDRESS"):
@@ -25,6 +26,17 @@ def test_a_local_instance_gets_the_local_settings(ray_init_calls):
 
 def test_joining_a_cluster_keeps_its_settings(ray_init_calls, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
+    assert launch.init_ray() is False
+    (kwargs,) = ray_init_calls
+    assert kwargs["runtime_env"]["env_vars"] == launch.RAY_ENV
+
+
+def test_a_cluster_that_ray_start_left_on_this_machine_is_joined_untouched(ray_init_calls, monkeypatch):
+    """The head node of cluster.yaml (`ray attach`, no RAY_ADDRESS): ray.init joins the autoscaling
+    cluster, so it is not local (the sweep's fits-here check would see the head's CPU: 0)."""
+    import ray
+
+    monkeypatch.setattr(ray._private.services, "find_bootstrap_address", lambda temp_dir: "10.0.0.5:6379")
     assert launch.init_ray() is False
     (kwargs,) = ray_init_calls
     assert kwargs["runtime_env"]["env_vars"] == launch.RAY_ENV
