@@ -18,7 +18,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchTrainer
 
-from mdpo_ray import tracking
+from mdpo_ray import sinks, tracking
 from mdpo_ray.config import BUILTIN, RunConfig, validate_config
 
 # Every ray.train.report waits on the controller's health-check poll (2 s by default): at 0.1 s a
@@ -112,7 +112,7 @@ def worker_entry(payload: dict) -> None:
     _quiet_report_log()
     context = ray.train.get_context()
     run_id = payload["mlflow_run_id"]  # None: MLflow was down when the run started
-    sink = tracking.sink_for(cfg, run_id, rank0=context.get_world_rank() == 0)
+    sink = sinks.sink_for(cfg, run_id, rank0=context.get_world_rank() == 0)
 
     def report(metrics: dict[str, float], checkpoint_dir: Path | None, step: int) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -233,7 +233,7 @@ def train_in_process(cfg: RunConfig, *, tags: dict[str, str], report, restore_di
 
     cfg = resolve_builtin(cfg)
     run_id = _open_run(cfg, tags)
-    sink = tracking.sink_for(cfg, run_id, rank0=True)
+    sink = sinks.sink_for(cfg, run_id, rank0=True)
     succeeded = False
     try:
         train_loop(cfg, Worker(local_rank=0, report=report, restore_dir=restore_dir, sink=sink))

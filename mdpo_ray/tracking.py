@@ -1,38 +1,22 @@
-"""MLflow: the driver owns a run's lifecycle, rank 0 writes its metrics, every other rank a null sink.
+"""MLflow on the driver: it owns a run's lifecycle; the workers only append metrics (mdpo_ray.sinks).
 
 The driver opens (or, for a re-run with the same run name, reopens) the MLflow run before any worker
 starts and closes it as FINISHED or FAILED whatever happens to the workers, so a run is never left
-RUNNING. Workers only append metrics to a run id they are handed. (nanochat `DummyWandb`.)
-Tracking never stops training: a server down at the start disables tracking for the run, an outage
-during it is buffered and retried, and what never reached MLflow is written to a JSONL file.
+RUNNING. Params and the config.yaml artifact are logged with credentials redacted. A server down at
+the start disables tracking for the run; the run trains either way.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import sys
-import time
-from collections import deque
-from itertools import islice
 from pathlib import Path
-from typing import Protocol
 
 import yaml
-from mlflow.entities import Metric, Param, RunTag
-from mlflow.exceptions import MlflowException
+from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 
 from mdpo_ray.config import RunConfig, flatten
-
-# MLflow's REST client retries a failed call 7 times, backing off 2 * 2^n s (up to 120 s), with a 120 s
-# timeout per attempt: one call to a down server would block training for 4+ minutes. Give up within
-# ~3 s (connection refused) or ~35 s (no answer); MlflowSink buffers and retries on its own schedule.
-# Read per request, so setting them before the first call suffices; a user's own setting wins.
-for _name, _value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                      "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}.items():
-    os.environ.setdefault(_name, _value)
+from mdpo_ray.sinks import is_outage, warn
 
 # Tag names: written here and by the sweep driver, read by the report.
 RUN_NAME_TAG = "mdpo.run_name"
@@ -44,131 +28,11 @@ MODE_TAG = "mdpo.mode"
 TRIAL_TAG = "mdpo.trial_id"
 STOP_REASON_TAG = "mdpo.stop_reason"
 OVERRIDE_PREFIX = "override."  # one tag per searched key on each trial run
-UNLOGGED_FILE = "unlogged_metrics.jsonl"
 REDACTED = "***REDACTED***"
 # A key ending like a credential (hf_token, api_key, db_password) is never logged; max_new_tokens is.
 SECRET_KEY = re.compile(r"(token|secret|password|passwd|api_?key|access_?key|secret_?key|private_?key|credentials?)$",
                         re.IGNORECASE)
 _BATCH = 100  # MLflow's log_batch limit on params per call (1000 on metrics)
-
-
-class MetricSink(Protocol):
-    def log(self, metrics: dict[str, float], step: int) -> None: ...
-
-    def tag(self, key: str, value: str) -> None: ...
-
-
-class NullSink:
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        pass
-
-    def tag(self, key: str, value: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-
-class MlflowSink:
-    """Rank 0's metrics and tags, kept through MLflow outages.
-
-    A call that fails because MLflow is down keeps its points (step and timestamp as logged) in a
-    bounded buffer, the oldest dropped and counted beyond `max_buffered`. Later calls send them oldest
-    first, trying at most every `retry_every_s` (doubled while the outage lasts, up to 5 min) so a down
-    server does not cost a timeout every step. Resending a batch whose answer was lost is harmless:
-    MLflow skips a metric identical in key, value, timestamp and step. `close()` writes whatever never
-    reached MLflow to `unlogged_path` as JSON lines.
-    """
-
-    def __init__(self, tracking_uri: str, run_id: str, *, unlogged_path: Path | None = None,
-                 max_buffered: int = 100_000, retry_every_s: float = 30.0) -> None:
-        self.client = MlflowClient(tracking_uri=tracking_uri)
-        self.uri, self.run_id, self.unlogged_path = tracking_uri, run_id, unlogged_path
-        self.retry_every_s = retry_every_s
-        self._buffer: deque[Metric | RunTag] = deque(maxlen=max_buffered)
-        self._rejected: list[Metric | RunTag] = []  # refused by MLflow (a 4xx): retrying would not help
-        self._dropped = 0  # while MLflow is down, points pushed out of the full buffer
-        self._outage: str | None = None  # the error, while MLflow is unreachable
-        self._wait, self._next_try = retry_every_s, 0.0
-
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        now = int(time.time() * 1000)
-        self._push([Metric(key, float(value), now, step) for key, value in metrics.items()])
-
-    def tag(self, key: str, value: str) -> None:
-        self._push([RunTag(key, str(value))])
-
-    def close(self) -> None:
-        """A last flush; then say what could not be logged and write it to `unlogged_path`."""
-        self._flush(force=True)
-        unlogged = [*self._buffer, *self._rejected]
-        if unlogged or self._dropped:
-            head = f"MLflow at {self.uri} was unreachable at the end" if self._outage else "MLflow refused some points"
-            dropped = f" (and {self._dropped} older ones were dropped from the full buffer)" if self._dropped else ""
-            _warn(f"{head}: {len(unlogged)} metric points could not be logged to run {self.run_id}{dropped}; this did "
-                  f"not affect training: checkpoints and export are unaffected; {self._write(unlogged)}")
-        self._buffer.clear()
-        self._rejected.clear()
-
-    def _push(self, items: list[Metric | RunTag]) -> None:
-        self._dropped += max(0, len(self._buffer) + len(items) - self._buffer.maxlen)
-        self._buffer.extend(items)
-        self._flush()
-
-    def _flush(self, *, force: bool = False) -> None:
-        if self._outage is not None and not force and time.monotonic() < self._next_try:
-            return
-        sent = 0
-        while self._buffer:
-            chunk = list(islice(self._buffer, 1000))  # log_batch takes at most 1000 metrics
-            try:
-                self.client.log_batch(self.run_id, metrics=[m for m in chunk if isinstance(m, Metric)],
-                                      tags=[t for t in chunk if isinstance(t, RunTag)])
-            except Exception as error:  # noqa: BLE001  (nothing from tracking may stop training)
-                if is_outage(error):
-                    return self._went_down(error)
-                if not self._rejected:
-                    _warn(f"MLflow refused {len(chunk)} metric points ({error}); they will go to {UNLOGGED_FILE}")
-                self._rejected += chunk
-            for _ in chunk:
-                self._buffer.popleft()
-            sent += len(chunk)
-        if self._outage is not None:
-            dropped = f" ({self._dropped} older ones were dropped from the full buffer)" if self._dropped else ""
-            _warn(f"MLflow reachable again: flushed {sent} buffered metric points{dropped}")
-            self._outage, self._wait, self._dropped = None, self.retry_every_s, 0
-
-    def _went_down(self, error: Exception) -> None:
-        if self._outage is None:
-            _warn(f"MLflow at {self.uri} unreachable ({error}); buffering metrics and retrying; training continues")
-        else:
-            self._wait = min(2 * self._wait, 300.0)
-        self._outage, self._next_try = str(error), time.monotonic() + self._wait
-
-    def _write(self, unlogged: list[Metric | RunTag]) -> str:
-        if self.unlogged_path is None:
-            return "they are lost (no file was given to keep them)"
-        rows = [{"run_id": self.run_id, "key": m.key, "value": m.value} |
-                ({"timestamp": m.timestamp, "step": m.step} if isinstance(m, Metric) else {"tag": True})
-                for m in unlogged]
-        try:
-            self.unlogged_path.parent.mkdir(parents=True, exist_ok=True)
-            with self.unlogged_path.open("a") as f:  # append: a resumed run keeps an earlier attempt's points
-                f.writelines(json.dumps(row) + "\n" for row in rows)
-        except OSError as error:
-            return f"they are lost: writing {self.unlogged_path} failed ({error})"
-        return f"they are in {self.unlogged_path} (JSON lines: run_id, key, value, timestamp, step)"
-
-
-def _warn(message: str) -> None:
-    print(f"mdpo-ray: {message}", file=sys.stderr, flush=True)
-
-
-def is_outage(error: Exception) -> bool:
-    """Unreachable, timed out, or a 5xx/429 answer: worth retrying. A 4xx is a refusal that won't heal."""
-    if isinstance(error, MlflowException):
-        return error.get_http_status_code() >= 500 or error.get_http_status_code() == 429
-    return isinstance(error, OSError)  # requests' errors included
 
 
 def shown_uri(uri: str) -> str:
@@ -209,14 +73,6 @@ def _experiment_id(client: MlflowClient, cfg: RunConfig) -> str:
     return client.create_experiment(cfg.tracking.experiment, artifact_location=location)
 
 
-def sink_for(cfg: RunConfig, run_id: str | None, *, rank0: bool) -> MlflowSink | NullSink:
-    """The metric sink a worker logs to: rank 0's MlflowSink for the run; a NullSink on other ranks,
-    and when MLflow was unreachable as the run opened (run_id None)."""
-    if not rank0 or run_id is None:
-        return NullSink()
-    return MlflowSink(cfg.mlflow_uri, run_id, unlogged_path=cfg.run_dir / UNLOGGED_FILE)
-
-
 def open_run(cfg: RunConfig, tags: dict[str, str] | None = None) -> tuple[str | None, bool]:
     """(run_id, resumed): the existing run with this run name, reopened, or a new one.
 
@@ -232,7 +88,7 @@ def open_run(cfg: RunConfig, tags: dict[str, str] | None = None) -> tuple[str | 
             raise
         consequence = (f"the params and config of run {run_id} were not logged; its metrics will be buffered"
                        if run_id else "tracking disabled for this run: nothing will be logged to MLflow")
-        _warn(f"MLflow at {shown_uri(cfg.mlflow_uri)} unreachable ({error}); {consequence}; training continues")
+        warn(f"MLflow at {shown_uri(cfg.mlflow_uri)} unreachable ({error}); {consequence}; training continues")
     return run_id, logged is not None
 
 
@@ -273,7 +129,7 @@ def close_run(cfg: RunConfig, run_id: str | None, *, succeeded: bool = False, st
     try:
         _client(cfg).set_terminated(run_id, status=status)
     except Exception as error:  # noqa: BLE001  (raising here would hide the run's own outcome)
-        _warn(f"could not mark MLflow run {run_id} {status} at {shown_uri(cfg.mlflow_uri)} ({error}); it may show RUNNING "
+        warn(f"could not mark MLflow run {run_id} {status} at {shown_uri(cfg.mlflow_uri)} ({error}); it may show RUNNING "
               f"there; the run itself ended {status}")
 
 

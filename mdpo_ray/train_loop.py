@@ -27,7 +27,8 @@ from mdpo_ray.logps import concatenated_logps
 from mdpo_ray.losses import LOSSES
 from mdpo_ray.metrics import pair_metrics
 from mdpo_ray.model import export_pretrained, load_causal_lm, load_tokenizer
-from mdpo_ray.tracking import STOP_REASON_TAG, MetricSink, NullSink
+from mdpo_ray.sinks import MetricSink, NullSink
+from mdpo_ray.tracking import STOP_REASON_TAG
 
 STATE_FILE = "trainer_state.json"
 

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 
 from mlflow.tracking import MlflowClient
 
-from mdpo_ray import tracking
+from mdpo_ray import sinks, tracking
 from mdpo_ray.config import load_config
 from mdpo_ray.train_loop import Worker, train
 
@@ -63,8 +63,8 @@ def _rows(path):
 
 
 def test_a_dead_server_costs_seconds_warns_once_and_close_writes_every_point(tmp_path, capsys):
-    unlogged = tmp_path / "run" / tracking.UNLOGGED_FILE
-    sink = tracking.MlflowSink(f"http://127.0.0.1:{_free_port()}", RUN_ID, unlogged_path=unlogged)
+    unlogged = tmp_path / "run" / sinks.UNLOGGED_FILE
+    sink = sinks.MlflowSink(f"http://127.0.0.1:{_free_port()}", RUN_ID, unlogged_path=unlogged)
     started = time.monotonic()
     for step in range(5):
         sink.log({"loss": 0.5 + step, "lr": 1e-3}, step)
@@ -88,8 +88,8 @@ def test_a_dead_server_costs_seconds_warns_once_and_close_writes_every_point(tmp
 
 def test_a_full_buffer_drops_the_oldest_points_and_says_how_many(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # refused at once: this test is about counting
-    unlogged = tmp_path / tracking.UNLOGGED_FILE
-    sink = tracking.MlflowSink(f"http://127.0.0.1:{_free_port()}", RUN_ID, unlogged_path=unlogged, max_buffered=3)
+    unlogged = tmp_path / sinks.UNLOGGED_FILE
+    sink = sinks.MlflowSink(f"http://127.0.0.1:{_free_port()}", RUN_ID, unlogged_path=unlogged, max_buffered=3)
     for step in range(5):
         sink.log({"loss": float(step)}, step)
     sink.close()
@@ -104,7 +104,7 @@ def test_an_outage_is_buffered_and_flushed_once_when_the_server_is_back(tmp_path
     with _mlflow_server(port, root) as uri:
         client = MlflowClient(tracking_uri=uri)
         run_id = client.create_run(client.create_experiment("outage")).info.run_id
-        sink = tracking.MlflowSink(uri, run_id, unlogged_path=tmp_path / tracking.UNLOGGED_FILE, retry_every_s=0)
+        sink = sinks.MlflowSink(uri, run_id, unlogged_path=tmp_path / sinks.UNLOGGED_FILE, retry_every_s=0)
         sink.log({"loss": 0.0}, 0)
     assert capsys.readouterr().err == ""
 
@@ -118,17 +118,17 @@ def test_an_outage_is_buffered_and_flushed_once_when_the_server_is_back(tmp_path
         sink.close()
         history = client.get_metric_history(run_id, "loss")
     assert sorted((m.step, m.value) for m in history) == [(s, float(s)) for s in range(5)]  # each step once
-    assert not (tmp_path / tracking.UNLOGGED_FILE).exists()
+    assert not (tmp_path / sinks.UNLOGGED_FILE).exists()
 
 
 def test_training_completes_and_exports_with_tracking_down(tiny_run_overrides, tmp_path, capsys):
     cfg = load_config(None, [*tiny_run_overrides, "scaling.num_workers=1"])
-    sink = tracking.MlflowSink(f"http://127.0.0.1:{_free_port()}", RUN_ID,
-                               unlogged_path=cfg.run_dir / tracking.UNLOGGED_FILE)
+    sink = sinks.MlflowSink(f"http://127.0.0.1:{_free_port()}", RUN_ID,
+                               unlogged_path=cfg.run_dir / sinks.UNLOGGED_FILE)
     train(cfg, Worker(sink=sink))
     sink.close()  # as launch.worker_entry does after train returns or raises
     assert (cfg.run_dir / "export" / "config.json").is_file()
-    assert {r["step"] for r in _rows(cfg.run_dir / tracking.UNLOGGED_FILE) if r["key"] == "loss"} == {1, 2, 3, 4}
+    assert {r["step"] for r in _rows(cfg.run_dir / sinks.UNLOGGED_FILE) if r["key"] == "loss"} == {1, 2, 3, 4}
     assert capsys.readouterr().err.count("unreachable (") == 1
 
 
