@@ -247,7 +247,7 @@ def _open_run(cfg: RunConfig, tags: dict[str, str] | None) -> str | None:
     """Open (or reopen) the run's MLflow run and say which; None when MLflow is unreachable (said too)."""
     run_id, resumed = tracking.open_run(cfg, tags)
     if run_id is not None:
-        print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {tracking.shown_uri(cfg.mlflow_uri)}")
+        print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {sinks.shown_uri(cfg.mlflow_uri)}")
     return run_id
 
 
@@ -266,7 +266,7 @@ def describe(summary: RunSummary) -> str:
         if f"eval/{key}" in m:
             lines.append(f"  {label:30s} {m.get('eval_start/' + key, float('nan')):10.4f} {m['eval/' + key]:10.4f}")
     run = f"run {summary.mlflow_run_id}" if summary.mlflow_run_id else "unreachable: this run was not tracked"
-    lines += [f"  MLflow store:   {tracking.shown_uri(cfg.mlflow_uri)} ({run})",
+    lines += [f"  MLflow store:   {sinks.shown_uri(cfg.mlflow_uri)} ({run})",
               f"  MLflow UI:      {tracking.ui_command(cfg)}",
               f"  checkpoints:    {summary.checkpoint or cfg.run_dir}",
               f"  exported model: {summary.export_dir}  (AutoModelForCausalLM.from_pretrained)"]

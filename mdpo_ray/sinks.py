@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
 from collections import deque
@@ -31,6 +32,8 @@ for _name, _value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUE
     os.environ.setdefault(_name, _value)
 
 UNLOGGED_FILE = "unlogged_metrics.jsonl"
+REDACTED = "***REDACTED***"
+_USER_INFO = re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
 
 
 class MetricSink(Protocol):
@@ -141,8 +144,15 @@ class MlflowSink:
         return f"they are in {self.unlogged_path} (JSON lines: run_id, key, value, timestamp, step)"
 
 
+def shown_uri(text: str) -> str:
+    """A URI, or any text holding some, fit to print or log: `https://user:token@host` loses its user info."""
+    return _USER_INFO.sub(rf"\1{REDACTED}@", text)
+
+
 def warn(message: str) -> None:
-    print(f"mdpo-ray: {message}", file=sys.stderr, flush=True)
+    """To stderr (a worker's lands in Ray's logs), with user info taken out of every URI in it: MLflow's
+    errors repeat the request URL, credentials included."""
+    print(f"mdpo-ray: {shown_uri(message)}", file=sys.stderr, flush=True)
 
 
 def is_outage(error: Exception) -> bool:

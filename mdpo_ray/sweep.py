@@ -21,7 +21,7 @@ import yaml
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from mdpo_ray import launch, tracking
+from mdpo_ray import launch, sinks, tracking
 from mdpo_ray.config import ConfigError, RunConfig
 from mdpo_ray.report import SweepReport, write_report
 from mdpo_ray.sweep_config import SweepConfig, flat_overrides, trial_config
@@ -239,7 +239,7 @@ def describe(summary: SweepSummary, cfg_ui: str) -> str:
         f"\nsweep {summary.sweep.name!r}: {report.n_trials} trials",
         f"  best trial:  {best}",
         f"  report:      {report.markdown_path} (+ {report.csv_path.name}, {len(report.plots)} plots)",
-        f"  MLflow:      experiment {summary.experiment!r} in {tracking.shown_uri(summary.mlflow_uri)} (parent run {summary.parent_run_id})",
+        f"  MLflow:      experiment {summary.experiment!r} in {sinks.shown_uri(summary.mlflow_uri)} (parent run {summary.parent_run_id})",
         f"  MLflow UI:   {cfg_ui}",
     ])
 

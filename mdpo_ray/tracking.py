@@ -16,7 +16,7 @@ from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 
 from mdpo_ray.config import RunConfig, flatten
-from mdpo_ray.sinks import is_outage, warn
+from mdpo_ray.sinks import REDACTED, is_outage, shown_uri, warn
 
 # Tag names: written here and by the sweep driver, read by the report.
 RUN_NAME_TAG = "mdpo.run_name"
@@ -28,16 +28,10 @@ MODE_TAG = "mdpo.mode"
 TRIAL_TAG = "mdpo.trial_id"
 STOP_REASON_TAG = "mdpo.stop_reason"
 OVERRIDE_PREFIX = "override."  # one tag per searched key on each trial run
-REDACTED = "***REDACTED***"
 # A key ending like a credential (hf_token, api_key, db_password) is never logged; max_new_tokens is.
 SECRET_KEY = re.compile(r"(token|secret|password|passwd|api_?key|access_?key|secret_?key|private_?key|credentials?)$",
                         re.IGNORECASE)
 _BATCH = 100  # MLflow's log_batch limit on params per call (1000 on metrics)
-
-
-def shown_uri(uri: str) -> str:
-    """A URI fit to print or log: `https://user:token@host` loses its user info."""
-    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", rf"\1{REDACTED}@", uri)
 
 
 def redacted_params(flat: dict[str, str]) -> dict[str, str]:

@@ -146,20 +146,36 @@ def test_credential_like_keys_are_redacted_in_params_and_config_yaml():
     flat = {"hf_token": "hf_abc", "tracking.api_key": "k", "db.Password": "p", "aws.secret_access_key": "s",
             "loss.beta": "0.1", "eval.max_new_tokens": "8", "model.tokenizer": "/tok"}
     assert tracking.redacted_params(flat) == flat | {
-        "hf_token": tracking.REDACTED, "tracking.api_key": tracking.REDACTED, "db.Password": tracking.REDACTED,
-        "aws.secret_access_key": tracking.REDACTED}
+        "hf_token": sinks.REDACTED, "tracking.api_key": sinks.REDACTED, "db.Password": sinks.REDACTED,
+        "aws.secret_access_key": sinks.REDACTED}
     tree = {"loss": {"beta": 0.1}, "hub": {"hf_token": "hf_abc", "creds": {"apiKey": "k"}}, "tokens": [{"token": "t"}]}
-    hidden = tracking.REDACTED
+    hidden = sinks.REDACTED
     assert tracking.redacted_tree(tree) == {"loss": {"beta": 0.1}, "tokens": [{"token": hidden}],
                                             "hub": {"hf_token": hidden, "creds": {"apiKey": hidden}}}
 
 
 def test_user_info_in_tracking_uris_is_never_shown():
     uri = "https://alice:s3cret@mlflow.example.com/api"
-    assert tracking.shown_uri(uri) == f"https://{tracking.REDACTED}@mlflow.example.com/api"
-    assert tracking.shown_uri("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
-    assert tracking.shown_uri("http://host:5000") == "http://host:5000"
+    assert sinks.shown_uri(uri) == f"https://{sinks.REDACTED}@mlflow.example.com/api"
+    assert sinks.shown_uri("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
+    assert sinks.shown_uri("http://host:5000") == "http://host:5000"
     assert "s3cret" not in str(tracking.redacted_params({"tracking.mlflow_uri": uri}))
     assert "s3cret" not in str(tracking.redacted_tree({"tracking": {"mlflow_uri": uri}}))
     cfg = load_config(overrides=[f"tracking.mlflow_uri={uri}"])
     assert "s3cret" not in tracking.ui_command(cfg)
+
+
+def test_outage_warnings_never_show_user_info_in_the_uri(tmp_path, capsys, monkeypatch):
+    """MLflow's own error text repeats the request URL, credentials included: a worker's warnings
+    (kept in Ray's logs) and the driver's must not."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    uri = f"http://alice:s3cret@127.0.0.1:{_free_port()}"
+    sink = sinks.MlflowSink(uri, RUN_ID, unlogged_path=tmp_path / sinks.UNLOGGED_FILE)
+    sink.log({"loss": 1.0}, 1)
+    sink.close()
+    cfg = load_config(None, [f"output_dir={tmp_path}", f"tracking.mlflow_uri={uri}"])
+    assert tracking.open_run(cfg) == (None, False)
+    tracking.close_run(cfg, RUN_ID, succeeded=True)
+    err = capsys.readouterr().err
+    assert err.count("unreachable") == 3 and "could not mark MLflow run" in err  # every warning was printed
+    assert "s3cret" not in err and f"http://{sinks.REDACTED}@127.0.0.1" in err
