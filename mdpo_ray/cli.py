@@ -68,7 +68,8 @@ def _sweep_command(args: argparse.Namespace) -> int:
     shared = sweeps.shared_run_keys(sweep, base)
     cfg = trial_config(base, shared | {"name": "probe"})
     if args.command == "report":
-        from mdpo_ray.report import find_sweep_parent, write_report
+        from mdpo_ray.report import write_report
+        from mdpo_ray.trials import find_sweep_parent
 
         try:
             parent = find_sweep_parent(cfg.mlflow_uri, cfg.tracking.experiment, sweep.name)
