@@ -11,7 +11,6 @@ import math
 import shutil
 import tempfile
 import time
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -63,18 +62,19 @@ def batch_indices(step: int, *, n: int, batch_size: int, seed: int, rank: int, w
     return [int(_epoch_order(n, seed, p // n)[p % n]) for p in positions]
 
 
-def lr_lambda(cfg: OptimConfig) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / (cfg.warmup_steps + 1)
-        progress = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-        if cfg.schedule == "linear":
-            return max(0.0, 1.0 - progress)
-        if cfg.schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-        return 1.0
-
-    return factor
+def lr_at(cfg: OptimConfig, step: int) -> float:
+    """The learning rate of step `step` (1-based): a linear warm-up over `warmup_steps`, then the schedule.
+    A function of the step alone, so a resumed run and a skipped non-finite step keep to the schedule
+    with no scheduler state to save or to step."""
+    done = step - 1  # steps before this one
+    if done < cfg.warmup_steps:
+        return cfg.lr * (done + 1) / (cfg.warmup_steps + 1)
+    progress = (done - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+    if cfg.schedule == "linear":
+        return cfg.lr * max(0.0, 1.0 - progress)
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    return cfg.lr
 
 
 def _setup(cfg: RunConfig, worker: Worker):
@@ -106,12 +106,11 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
 
     optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   weight_decay=cfg.optim.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim))
     state = {"step": 0, "nonfinite_steps": 0, "eval_start": {}}
     if worker.restore_dir is not None:
         distributed.load_sharded(worker.restore_dir, policy, optimizer)
         state = json.loads((worker.restore_dir / STATE_FILE).read_text())
-        scheduler.load_state_dict(state.pop("scheduler"))
+        state.pop("scheduler", None)  # checkpoints written before the schedule was a function of the step
         say(f"resumed from {worker.restore_dir} at step {state['step']}")
         if state["step"] >= cfg.optim.max_steps:
             say(f"run {cfg.name!r} already reached optim.max_steps={cfg.optim.max_steps}: nothing to train "
@@ -137,6 +136,9 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
     consecutive_nonfinite = 0
     for step in range(state["step"] + 1, cfg.optim.max_steps + 1):
         started = time.perf_counter()
+        lr = lr_at(cfg.optim, step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         indices = batch_indices(step, n=len(train_ds), batch_size=cfg.optim.batch_size, seed=cfg.seed,
                                 rank=rank, world=world)
         batch = {k: v.to(device) for k, v in collate_pairs(ref.take(train_ds, indices), tokenizer.pad_token_id).items()}
@@ -162,15 +164,6 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
                     f"(now {cfg.optim.lr:g}), a smaller loss.beta, optim.grad_clip, or fp32 (scaling.mixed_precision=fp32)"
                 )
         optimizer.zero_grad(set_to_none=True)
-        if consecutive_nonfinite:
-            # The learning rate is a function of the step number (so a resumed run gets the same one), so
-            # a skipped step advances the schedule too; torch would warn that the order is wrong. Only
-            # here: catch_warnings resets every once-per-place warning, which would then print every step.
-            with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler.step\(\)` before")
-                scheduler.step()
-        else:
-            scheduler.step()
 
         window.append(torch.stack([out.losses, policy_chosen, policy_rejected, ref_chosen, ref_rejected], 1)
                       .detach().float().cpu())
@@ -182,7 +175,7 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
         if step % cfg.tracking.log_every_steps and step % cfg.checkpoint.every_steps and not is_last:
             continue
 
-        metrics = _window_metrics(cfg, window, step_stats, scheduler.get_last_lr()[0], state["nonfinite_steps"])
+        metrics = _window_metrics(cfg, window, step_stats, lr, state["nonfinite_steps"])
         window.clear()
         step_stats = dict.fromkeys(step_stats, 0.0) | {"steps": 0}
         stop_reason = _stop_reason(cfg, metrics)  # identical on every rank: the metrics are gathered
@@ -197,7 +190,7 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
         checkpoint_dir = None
         if step % cfg.checkpoint.every_steps == 0 or is_last:
             state["step"] = step
-            checkpoint_dir = _save_checkpoint(policy, optimizer, scheduler, state)
+            checkpoint_dir = _save_checkpoint(policy, optimizer, state)
         worker.report(metrics | {"step": step} | _prefixed(state["eval_start"], "eval_start/"), checkpoint_dir, step)
         if checkpoint_dir is not None:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the launcher has persisted it by now
@@ -245,11 +238,11 @@ def _window_metrics(cfg: RunConfig, window, step_stats, lr: float, nonfinite_ste
     }
 
 
-def _save_checkpoint(policy, optimizer, scheduler, state: dict) -> Path:
+def _save_checkpoint(policy, optimizer, state: dict) -> Path:
     directory = Path(tempfile.mkdtemp(prefix=f"mdpo-ckpt-{state['step']:06d}-"))
     distributed.save_sharded(directory, policy, optimizer)
     if distributed.rank() == 0:
-        (directory / STATE_FILE).write_text(json.dumps(state | {"scheduler": scheduler.state_dict()}))
+        (directory / STATE_FILE).write_text(json.dumps(state))
     return directory
 
 

@@ -1,5 +1,6 @@
 """The training loop in-process on a one-rank FSDP2 group (the same code path Ray workers run)."""
 
+import json
 import math
 from pathlib import Path
 
@@ -95,15 +96,35 @@ def test_precompute_gives_the_same_losses_as_a_resident_reference(tiny_run_overr
 
 
 def test_resume_from_a_checkpoint_continues_the_same_trajectory(tiny_run_overrides, tmp_path):
-    _, straight = _run(tiny_run_overrides)
+    overrides = [*tiny_run_overrides, "optim.warmup_steps=3"]  # steps 1-3 warm up: the schedule must carry over
+    _, straight = _run(overrides)
     keep = tmp_path / "kept"
     keep.mkdir()
     first = Recorder(keep_checkpoints_in=keep)
-    _run([*tiny_run_overrides, "name=interrupted", "optim.max_steps=2"], first)
-    _, resumed = _run([*tiny_run_overrides, "name=interrupted"], Recorder(), restore_dir=first.checkpoints[-1])
+    _run([*overrides, "name=interrupted", "optim.max_steps=2"], first)
+    state_file = first.checkpoints[-1] / train_loop.STATE_FILE  # as written before the LR was a function of the step
+    state_file.write_text(json.dumps(json.loads(state_file.read_text()) | {"scheduler": {"last_epoch": 2}}))
+    _, resumed = _run([*overrides, "name=interrupted"], Recorder(), restore_dir=first.checkpoints[-1])
     assert 1 not in resumed.logged and 0 not in resumed.logged  # no re-evaluation, no replayed steps
     for step in (3, 4):
+        assert resumed.logged[step]["lr"] == straight.logged[step]["lr"]
         assert resumed.logged[step]["loss"] == pytest.approx(straight.logged[step]["loss"], rel=1e-5)
+    assert [straight.logged[step]["lr"] for step in (1, 3, 4)] == pytest.approx([0.25e-2, 0.75e-2, 1e-2])
+
+
+def test_the_learning_rate_is_a_function_of_the_step_logged_with_the_step_it_drove():
+    """Warm-up over 3 steps: step s (1-based) gets lr * s / 4 while s <= 3. Then max_steps - warmup = 4
+    steps of schedule, step s at progress (s - 4) / 4: linear 1 - progress, cosine (1 + cos(pi * progress)) / 2."""
+    def lrs(schedule):
+        cfg = load_config(None, ["optim.lr=1.0", "optim.warmup_steps=3", "optim.max_steps=7",
+                                 f"optim.schedule={schedule}"]).optim
+        return [train_loop.lr_at(cfg, step) for step in range(1, 8)]
+
+    warmup = [0.25, 0.5, 0.75]
+    assert lrs("constant") == pytest.approx([*warmup, 1.0, 1.0, 1.0, 1.0])
+    assert lrs("linear") == pytest.approx([*warmup, 1.0, 0.75, 0.5, 0.25])
+    assert lrs("cosine") == pytest.approx([*warmup, 1.0, (1 + math.cos(math.pi / 4)) / 2, 0.5,
+                                           (1 + math.cos(3 * math.pi / 4)) / 2])
 
 
 @pytest.mark.filterwarnings("error::UserWarning")  # no warning that the schedule stepped without the optimizer
