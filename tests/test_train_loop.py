@@ -173,3 +173,22 @@ def test_stop_config_ends_an_unstable_run_early_and_says_why(tiny_run_overrides,
     assert "stop.max_chosen_drop" in rec.tags["mdpo.stop_reason"]
     assert "eval/answer_accuracy" in rec.logged[last]  # a stopped run is still evaluated and exported
     assert (cfg.run_dir / "export" / "config.json").is_file()
+
+
+def test_a_bf16_mixed_precision_run_trains_evaluates_and_exports_fp32_weights(tiny_task, tiny_run_overrides,
+                                                                              monkeypatch):
+    """The GPU recipe's precision on CPU (the config allows bf16 only with use_gpu, so the policy is
+    swapped in): the resident reference, the loss, greedy decoding and the export all meet bf16 params."""
+    _, fp32 = _run(tiny_run_overrides)
+    ours = distributed.mixed_precision
+    monkeypatch.setattr(distributed, "mixed_precision", lambda mode, device: ours("bf16", device))
+    cfg, bf16 = _run([*tiny_run_overrides, "name=bf16"])
+
+    assert bf16.logged[1]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference, both in bf16
+    assert bf16.logged[1]["logps/chosen"] == pytest.approx(fp32.logged[1]["logps/chosen"], rel=1e-2)
+    assert bf16.logged[1]["logps/chosen"] != pytest.approx(fp32.logged[1]["logps/chosen"], rel=1e-6)  # it was bf16
+    assert all(math.isfinite(bf16.logged[step]["loss"]) for step in (1, 2, 3, 4))
+    assert "eval/answer_accuracy" in bf16.logged[4]
+    before, after = _params(tiny_task["model"]), _params(cfg.run_dir / "export")
+    assert all(t.dtype == torch.float32 for t in after.values())  # the fp32 master weights, not bf16 copies
+    assert not [k for k in before if torch.equal(before[k], after[k])]
