@@ -175,14 +175,18 @@ def test_stop_config_ends_an_unstable_run_early_and_says_why(tiny_run_overrides,
     assert (cfg.run_dir / "export" / "config.json").is_file()
 
 
+@pytest.mark.parametrize("reference_mode", ["resident", "precompute"])
 def test_a_bf16_mixed_precision_run_trains_evaluates_and_exports_fp32_weights(tiny_task, tiny_run_overrides,
-                                                                              monkeypatch):
+                                                                              monkeypatch, reference_mode, tmp_path):
     """The GPU recipe's precision on CPU (the config allows bf16 only with use_gpu, so the policy is
-    swapped in): the resident reference, the loss, greedy decoding and the export all meet bf16 params."""
+    swapped in): the reference (resident, or its log-prob table), the loss, greedy decoding and the
+    export all meet bf16 params."""
+    tiny_run_overrides = [*tiny_run_overrides, f"reference={reference_mode}"]
     _, fp32 = _run(tiny_run_overrides)
     ours = distributed.mixed_precision
     monkeypatch.setattr(distributed, "mixed_precision", lambda mode, device: ours("bf16", device))
-    cfg, bf16 = _run([*tiny_run_overrides, "name=bf16"])
+    # Its own output_dir: cached reference tables are keyed by the configured precision, still auto (fp32 on CPU).
+    cfg, bf16 = _run([*tiny_run_overrides, "name=bf16", f"output_dir={tmp_path / 'bf16'}"])
 
     assert bf16.logged[1]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference, both in bf16
     assert bf16.logged[1]["logps/chosen"] == pytest.approx(fp32.logged[1]["logps/chosen"], rel=1e-2)
