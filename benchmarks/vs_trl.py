@@ -583,28 +583,44 @@ def main() -> None:
           "report_to=none, save_strategy=no, eval_strategy=no", flush=True)
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
                         "HF_HOME": str(args.workdir / "hf"), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    results: dict[str, dict] = {}
-    for round_ in range(1, args.rounds + 1):
-        for name in args.configs:
-            r = _run_child(args, name, env)
-            if r is None:
-                continue
-            _merge_round(results, name, r)
-            label = f"  {name}" + (f" (round {round_}/{args.rounds})" if args.rounds > 1 else "")
-            print(f"{label}: {statistics.median(r['windows']):.2f} pairs/s (windows "
-                  f"{', '.join(f'{w:.2f}' for w in r['windows'])}), threads {r['threads']}, {r['seconds']:.0f} s",
-                  flush=True)
-            if "tokens_per_pair" in r and abs(r["tokens_per_pair"] - assets["tokens_per_pair"]) > 1e-6:
-                print(f"  note: {name} tokenized {r['tokens_per_pair']:.2f} tokens per pair, mdpo-ray "
-                      f"{assets['tokens_per_pair']:.2f}")
-            if args.profile:
-                print(r["profile"])
+    results = _run_configs(args, assets, env, rate)
     print()
     lines = _table(args, assets, results, rate, n_matmul, n_head) + ["targets:"] + _targets(results)
     print("\n".join(lines))
     if args.json:
-        args.json.write_text(json.dumps({"assets": assets, "matmul_flops": rate, "results": results,
-                                         "argv": sys.argv[1:]}, indent=1))
+        _write_json(args, assets, results, rate)
+
+
+def _run_configs(args, assets: dict, env: dict, rate: float) -> dict[str, dict]:
+    """Each config in its own process, round after round. Interrupted (Ctrl-C, `timeout -s INT`), it
+    returns what finished, so the table still covers those."""
+    results: dict[str, dict] = {}
+    try:
+        for round_ in range(1, args.rounds + 1):
+            for name in args.configs:
+                r = _run_child(args, name, env)
+                if r is None:
+                    continue
+                _merge_round(results, name, r)
+                if args.json:  # after every config: a run stopped part-way keeps what it measured
+                    _write_json(args, assets, results, rate)
+                label = f"  {name}" + (f" (round {round_}/{args.rounds})" if args.rounds > 1 else "")
+                print(f"{label}: {statistics.median(r['windows']):.2f} pairs/s (windows "
+                      f"{', '.join(f'{w:.2f}' for w in r['windows'])}), threads {r['threads']}, {r['seconds']:.0f} s",
+                      flush=True)
+                if "tokens_per_pair" in r and abs(r["tokens_per_pair"] - assets["tokens_per_pair"]) > 1e-6:
+                    print(f"  note: {name} tokenized {r['tokens_per_pair']:.2f} tokens per pair, mdpo-ray "
+                          f"{assets['tokens_per_pair']:.2f}")
+                if args.profile:
+                    print(r["profile"])
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the table covers the {len(results)} configs that finished", flush=True)
+    return results
+
+
+def _write_json(args, assets: dict, results: dict, rate: float) -> None:
+    args.json.write_text(json.dumps({"assets": assets, "matmul_flops": rate, "results": results,
+                                     "argv": sys.argv[1:]}, indent=1))
 
 
 if __name__ == "__main__":
