@@ -90,7 +90,7 @@ class MlflowSink:
             head = f"MLflow at {self.uri} was unreachable at the end" if self._outage else "MLflow refused some points"
             dropped = f" (and {self._dropped} older ones were dropped from the full buffer)" if self._dropped else ""
             warn(f"{head}: {len(unlogged)} metric points could not be logged to run {self.run_id}{dropped}; this did "
-                  f"not affect training: checkpoints and export are unaffected; {self._write(unlogged)}")
+                 f"not affect training: checkpoints and export are unaffected; {self._write(unlogged)}")
         self._buffer.clear()
         self._rejected.clear()
 

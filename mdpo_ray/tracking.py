@@ -124,7 +124,7 @@ def close_run(cfg: RunConfig, run_id: str | None, *, succeeded: bool = False, st
         _client(cfg).set_terminated(run_id, status=status)
     except Exception as error:  # noqa: BLE001  (raising here would hide the run's own outcome)
         warn(f"could not mark MLflow run {run_id} {status} at {shown_uri(cfg.mlflow_uri)} ({error}); it may show RUNNING "
-              f"there; the run itself ended {status}")
+             f"there; the run itself ended {status}")
 
 
 def open_sweep_run(cfg: RunConfig, sweep_name: str, *, tags: dict[str, str], sweep_yaml: str) -> str:
