@@ -49,7 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from mdpo_ray import launch  # imports Ray; only after the config is known to be good
 
-    summary = launch.train(cfg)
+    try:
+        summary = launch.train(cfg)
+    except ConfigError as exc:  # found once the run starts: e.g. MLflow refusing the request
+        print(f"mdpo-ray: {exc}", file=sys.stderr)
+        return 2
     print(launch.describe(summary))
     return 0
 
@@ -71,6 +75,11 @@ def _sweep_command(args: argparse.Namespace) -> int:
         from mdpo_ray.report import write_report
         from mdpo_ray.trials import find_sweep_parent
 
+        try:
+            tracking.require_reachable(cfg, "the report reads the sweep's trials from it")
+        except ConfigError as exc:
+            print(f"mdpo-ray: {exc}", file=sys.stderr)
+            return 2
         try:
             parent = find_sweep_parent(cfg.mlflow_uri, cfg.tracking.experiment, sweep.name)
             report = write_report(cfg.mlflow_uri, parent, Path(cfg.output_dir) / "report")

@@ -175,6 +175,8 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False)
     # Build the built-in task once here (trials would wait on its lock) and, if no trial changes the
     # reference, its log-probs once for all trials.
     in_trial = _in_trial(sweep, first)
+    tracking.require_reachable(first, "a sweep records its trials there and its report reads them back; nothing "
+                                      "has started")
     if launch.init_ray():
         _check_fits_locally(first, in_trial)
     references = _reference_configs(sweep, base, shared)

@@ -15,7 +15,7 @@ import yaml
 from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 
-from mdpo_ray.config import RunConfig, flatten
+from mdpo_ray.config import ConfigError, RunConfig, flatten
 from mdpo_ray.sinks import REDACTED, is_outage, shown_uri, warn
 
 # Tag names: written here and by the sweep driver, read by the report.
@@ -79,11 +79,31 @@ def open_run(cfg: RunConfig, tags: dict[str, str] | None = None) -> tuple[str | 
         _log_run_config(client, run_id, cfg, tags or {}, logged or {})
     except Exception as error:
         if not is_outage(error):
-            raise
+            raise _refused(cfg, error) from error
         consequence = (f"the params and config of run {run_id} were not logged; its metrics will be buffered"
                        if run_id else "tracking disabled for this run: nothing will be logged to MLflow")
         warn(f"MLflow at {shown_uri(cfg.mlflow_uri)} unreachable ({error}); {consequence}; training continues")
     return run_id, logged is not None
+
+
+def require_reachable(cfg: RunConfig, why: str) -> None:
+    """A ConfigError unless MLflow answers, for what cannot go on without it (a sweep, a report); a
+    single run trains without it instead. Read-only: it creates nothing."""
+    try:
+        _client(cfg).get_experiment_by_name(cfg.tracking.experiment)
+    except Exception as error:
+        if not is_outage(error):
+            raise _refused(cfg, error) from error
+        raise ConfigError(f"MLflow at {shown_uri(cfg.mlflow_uri)} is unreachable ({shown_uri(str(error))}): {why}; "
+                          "start the server, or point tracking.mlflow_uri at one (--set tracking.mlflow_uri=...)"
+                          ) from error
+
+
+def _refused(cfg: RunConfig, error: Exception) -> ConfigError:
+    """A 4xx: a wrong URI, a server that is not MLflow, or missing credentials; retrying will not help."""
+    return ConfigError(f"MLflow at {shown_uri(cfg.mlflow_uri)} refused the request ({shown_uri(str(error))}): check "
+                       "tracking.mlflow_uri, and the credentials if the server needs them (MLFLOW_TRACKING_USERNAME/"
+                       "MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN)")
 
 
 def _find_or_create_run(client: MlflowClient, experiment_id: str, run_name: str,

@@ -14,6 +14,7 @@ import time
 import urllib.request
 from contextlib import contextmanager
 
+import pytest
 from mlflow.tracking import MlflowClient
 
 from mdpo_ray import sinks, tracking
@@ -179,3 +180,58 @@ def test_outage_warnings_never_show_user_info_in_the_uri(tmp_path, capsys, monke
     err = capsys.readouterr().err
     assert err.count("unreachable") == 3 and "could not mark MLflow run" in err  # every warning was printed
     assert "s3cret" not in err and f"http://{sinks.REDACTED}@127.0.0.1" in err
+
+
+def test_a_sweep_or_report_with_mlflow_down_stops_before_ray_with_the_uri_and_the_fix(tmp_path, capsys, monkeypatch):
+    """A single run trains without tracking; a sweep cannot (its trials and report live in MLflow): a clear
+    error, exit 2, before Ray is asked for anything. No traceback, and no credentials in the message."""
+    from mdpo_ray import cli, launch
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setattr(launch, "init_ray", lambda: pytest.fail("Ray was started"))
+    sweep = tmp_path / "sweep.yaml"
+    sweep.write_text("name: down\nspace:\n  loss.beta: {grid: [0.1, 0.5]}\nmetric: loss\nmode: min\n")
+    uri = f"http://alice:s3cret@127.0.0.1:{_free_port()}"
+    overrides = ["--set", f"tracking.mlflow_uri={uri}", "--set", f"output_dir={tmp_path / 'out'}"]
+    for command in ("sweep", "report"):
+        assert cli.main([command, str(sweep), *overrides]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"mdpo-ray: MLflow at http://{sinks.REDACTED}@127.0.0.1") and "is unreachable" in err
+        assert "tracking.mlflow_uri" in err and "s3cret" not in err and "Traceback" not in err
+
+
+@contextmanager
+def _refusing_server():
+    """An HTTP server that answers 403 to everything: a proxy wanting credentials, say."""
+    import http.server
+    import threading
+
+    class Refuse(http.server.BaseHTTPRequestHandler):
+        def _refuse(self):
+            self.send_response(403)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"error_code": "PERMISSION_DENIED", "message": "no credentials"}')
+
+        do_GET = do_POST = _refuse
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Refuse)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://alice:s3cret@127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+
+
+def test_a_server_refusing_the_request_is_a_config_error_naming_the_key(tmp_path):
+    from mdpo_ray.config import ConfigError
+
+    with _refusing_server() as uri:
+        cfg = load_config(None, [f"output_dir={tmp_path}", f"tracking.mlflow_uri={uri}"])
+        for call in (lambda: tracking.open_run(cfg), lambda: tracking.require_reachable(cfg, "a test")):
+            with pytest.raises(ConfigError, match=r"refused the request \(PERMISSION_DENIED.*check tracking.mlflow_uri") as info:
+                call()
+            assert "s3cret" not in str(info.value) and sinks.REDACTED in str(info.value)
