@@ -44,7 +44,8 @@ class SweepSummary:
     experiment: str
     best_trial: str | None
     best_value: float | None
-    report: SweepReport
+    report: SweepReport | None  # None: MLflow was unreachable at the end (said; `mdpo-ray report` writes it)
+    n_trials: int
     unfinished: int  # trials left unfinished by an interruption: `--resume` continues them
 
 
@@ -224,11 +225,24 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False)
         tracking.close_unfinished_children(first, parent_run_id,
                                            reason="stopped by the sweep (scheduler or interruption) before finishing")
         tracking.close_run(first, parent_run_id, status=status)
-    report = write_report(first.mlflow_uri, parent_run_id, Path(first.output_dir) / "report")
+    report = _report(first, parent_run_id)
     return SweepSummary(sweep=sweep, parent_run_id=parent_run_id, mlflow_uri=first.mlflow_uri,
-                        experiment=first.tracking.experiment, best_trial=report.best_trial_id,
-                        best_value=report.best_value, report=report,
+                        experiment=first.tracking.experiment, best_trial=report.best_trial_id if report else None,
+                        best_value=report.best_value if report else None, report=report, n_trials=len(saved),
                         unfinished=unfinished)
+
+
+def _report(cfg: RunConfig, parent_run_id: str) -> SweepReport | None:
+    """The sweep's report, or None (said) when MLflow is down by the end: the trials' outcome stands,
+    and `mdpo-ray report` writes it from MLflow later."""
+    try:
+        return write_report(cfg.mlflow_uri, parent_run_id, Path(cfg.output_dir) / "report")
+    except Exception as error:
+        if not sinks.is_outage(error):
+            raise
+        sinks.warn(f"the sweep's report was not written: MLflow at {cfg.mlflow_uri} is unreachable ({error}); when "
+                   "it is back, `mdpo-ray report <this sweep file>` writes it")
+        return None
 
 
 def describe(summary: SweepSummary, cfg_ui: str) -> str:
@@ -237,10 +251,12 @@ def describe(summary: SweepSummary, cfg_ui: str) -> str:
             if summary.best_trial else "none (no FINISHED trial reported the metric)")
     interrupted = (f"  INTERRUPTED: {summary.unfinished} trial(s) unfinished; continue with: "
                    f"mdpo-ray sweep <this file> --resume\n" if summary.unfinished else "")
+    written = (f"{report.markdown_path} (+ {report.csv_path.name}, {len(report.plots)} plots)" if report else
+               "not written (MLflow was unreachable at the end): mdpo-ray report <this file>, once it is back")
     return interrupted + "\n".join([
-        f"\nsweep {summary.sweep.name!r}: {report.n_trials} trials",
-        f"  best trial:  {best}",
-        f"  report:      {report.markdown_path} (+ {report.csv_path.name}, {len(report.plots)} plots)",
+        f"\nsweep {summary.sweep.name!r}: {summary.n_trials} trials",
+        f"  best trial:  {best if report else 'unknown until the report is written'}",
+        f"  report:      {written}",
         f"  MLflow:      experiment {summary.experiment!r} in {sinks.shown_uri(summary.mlflow_uri)} (parent run {summary.parent_run_id})",
         f"  MLflow UI:   {cfg_ui}",
     ])

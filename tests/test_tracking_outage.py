@@ -235,3 +235,27 @@ def test_a_server_refusing_the_request_is_a_config_error_naming_the_key(tmp_path
             with pytest.raises(ConfigError, match=r"refused the request \(PERMISSION_DENIED.*check tracking.mlflow_uri") as info:
                 call()
             assert "s3cret" not in str(info.value) and sinks.REDACTED in str(info.value)
+
+
+def test_mlflow_down_at_a_sweeps_end_is_said_and_the_summary_points_to_mdpo_ray_report(tmp_path, capsys,
+                                                                                         monkeypatch):
+    """The trials are done (Tune's state is saved); closing their MLflow runs and writing the report wait
+    for MLflow. Neither may raise from the sweep's end: both warn, and the summary says what to run."""
+    from mdpo_ray import sweep as sweeps
+    from mdpo_ray.sweep_config import load_sweep
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    cfg = load_config(None, [f"output_dir={tmp_path}", f"tracking.mlflow_uri=http://127.0.0.1:{_free_port()}"])
+    tracking.close_unfinished_children(cfg, RUN_ID, reason="a test")
+    assert sweeps._report(cfg, RUN_ID) is None
+    err = capsys.readouterr().err
+    assert "could not close the sweep's unfinished trial runs" in err
+    assert "report was not written" in err and "mdpo-ray report <this sweep file>" in err
+
+    path = tmp_path / "sweep.yaml"
+    path.write_text("name: late\nspace:\n  loss.beta: {grid: [0.1, 0.5]}\nmetric: loss\nmode: min\n")
+    sweep, _ = load_sweep(path)
+    summary = sweeps.SweepSummary(sweep=sweep, parent_run_id=RUN_ID, mlflow_uri=cfg.mlflow_uri, experiment="e",
+                                  best_trial=None, best_value=None, report=None, n_trials=2, unfinished=0)
+    text = sweeps.describe(summary, tracking.ui_command(cfg))
+    assert "'late': 2 trials" in text and "not written (MLflow was unreachable at the end): mdpo-ray report" in text
