@@ -134,10 +134,9 @@ def test_a_model_without_a_separable_head_falls_back_to_full_logits():
         torch.testing.assert_close(got, _naive_logps(model, batch, False), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["llama", "llama_tied"])
-def test_head_on_completion_rows_under_fsdp2_matches_the_unsharded_model(kind):
-    """fully_shard'ed blocks and root (embeddings, final norm, head): the model is still called as a whole, so
-    FSDP2's root hooks gather the head before the hook hands it the scored rows."""
+def _sharded_against_plain(kind: str, precision: str):
+    """(log-probs, the unsharded model's, [(name, gradient, the unsharded model's)]) of one backward of
+    the summed log-probs, the sharded model under FSDP2 with `precision`'s mixed-precision policy."""
     from mdpo_ray import distributed
 
     distributed.ensure_process_group()
@@ -145,13 +144,21 @@ def test_head_on_completion_rows_under_fsdp2_matches_the_unsharded_model(kind):
     expected = _naive_logps(plain, batch, False)
     expected.sum().backward()
     sharded = distributed.shard_model(_tiny_causal_lm(kind), distributed.make_mesh(torch.device("cpu")),
-                                      distributed.mixed_precision("fp32", torch.device("cpu")))
+                                      distributed.mixed_precision(precision, torch.device("cpu")))
     got = torch.cat(logps.concatenated_logps(sharded, batch))
     got.sum().backward()
-    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     grads = dict(sharded.named_parameters())
-    for name, p in plain.named_parameters():
-        torch.testing.assert_close(grads[name].grad.full_tensor(), p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    return got, expected, [(name, grads[name].grad.full_tensor(), p.grad) for name, p in plain.named_parameters()]
+
+
+@pytest.mark.parametrize("kind", ["llama", "llama_tied"])
+def test_head_on_completion_rows_under_fsdp2_matches_the_unsharded_model(kind):
+    """fully_shard'ed blocks and root (embeddings, final norm, head): the model is still called as a whole, so
+    FSDP2's root hooks gather the head before the hook hands it the scored rows."""
+    got, expected, grads = _sharded_against_plain(kind, "fp32")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    for name, grad, plain_grad in grads:
+        torch.testing.assert_close(grad, plain_grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 @pytest.mark.parametrize("kind", ["llama", "llama_tied"])
@@ -159,22 +166,11 @@ def test_bf16_mixed_precision_under_fsdp2_gives_fp32_logps_and_fp32_grads(kind):
     """The GPU recipe's precision (FSDP2 computes in bf16, reduces in fp32), run on CPU: the head hook
     meets bf16 hidden states and a bf16 head without a dtype clash, the log-probs come back fp32 and
     close to the fp32 model's, and the gradients land on the fp32 weights pointing the same way."""
-    from mdpo_ray import distributed
-
-    distributed.ensure_process_group()
-    plain, batch = _tiny_causal_lm(kind), _padded_pairs()
-    expected = _naive_logps(plain, batch, False)
-    expected.sum().backward()
-    sharded = distributed.shard_model(_tiny_causal_lm(kind), distributed.make_mesh(torch.device("cpu")),
-                                      distributed.mixed_precision("bf16", torch.device("cpu")))
-    got = torch.cat(logps.concatenated_logps(sharded, batch))
-    got.sum().backward()
+    got, expected, grads = _sharded_against_plain(kind, "bf16")
     assert got.dtype == torch.float32
     # bf16 keeps 8 bits of mantissa (~0.4% per logit); over up to 7 tokens the sums differ by ~0.004 here.
     torch.testing.assert_close(got, expected, rtol=2e-3, atol=1e-2)
     assert (got - expected).abs().max() > 1e-4  # and it did compute in bf16: fp32 agrees to ~1e-6
-    grads = dict(sharded.named_parameters())
-    for name, p in plain.named_parameters():
-        grad = grads[name].grad.full_tensor()
+    for name, grad, plain_grad in grads:
         assert grad.dtype == torch.float32, name
-        assert torch.nn.functional.cosine_similarity(grad.flatten(), p.grad.flatten(), dim=0) > 0.999, name
+        assert torch.nn.functional.cosine_similarity(grad.flatten(), plain_grad.flatten(), dim=0) > 0.999, name
