@@ -82,7 +82,7 @@ def open_run(cfg: RunConfig, tags: dict[str, str] | None = None) -> tuple[str | 
             raise _refused(cfg, error) from error
         consequence = (f"the params and config of run {run_id} were not logged; its metrics will be buffered"
                        if run_id else "tracking disabled for this run: nothing will be logged to MLflow")
-        warn(f"MLflow at {shown_uri(cfg.mlflow_uri)} unreachable ({error}); {consequence}; training continues")
+        warn(f"MLflow at {cfg.mlflow_uri} unreachable ({error}); {consequence}; training continues")
     return run_id, logged is not None
 
 
@@ -143,7 +143,7 @@ def close_run(cfg: RunConfig, run_id: str | None, *, succeeded: bool = False, st
     try:
         _client(cfg).set_terminated(run_id, status=status)
     except Exception as error:  # noqa: BLE001  (raising here would hide the run's own outcome)
-        warn(f"could not mark MLflow run {run_id} {status} at {shown_uri(cfg.mlflow_uri)} ({error}); it may show RUNNING "
+        warn(f"could not mark MLflow run {run_id} {status} at {cfg.mlflow_uri} ({error}); it may show RUNNING "
              f"there; the run itself ended {status}")
 
 
@@ -169,7 +169,7 @@ def close_unfinished_children(cfg: RunConfig, parent_run_id: str, *, reason: str
             client.set_tag(child.info.run_id, STOP_REASON_TAG, reason)
             client.set_terminated(child.info.run_id, status="KILLED")
     except Exception as error:  # noqa: BLE001  (raising here, in the sweep's finally, would hide its outcome)
-        warn(f"could not close the sweep's unfinished trial runs at {shown_uri(cfg.mlflow_uri)} ({error}); they may "
+        warn(f"could not close the sweep's unfinished trial runs at {cfg.mlflow_uri} ({error}); they may "
              "show RUNNING there")
 
 
