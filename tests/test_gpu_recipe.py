@@ -1,6 +1,7 @@
 """Fast tier: the GPU recipe (benchmarks/gpu.sh) resolves, though no GPU runs here. Its model is the
 ~0.5B Llama the README names, and each of its mdpo-ray runs passes the config schema as it would there."""
 
+import ast
 import json
 import os
 import subprocess
@@ -17,5 +18,5 @@ def test_the_gpu_recipe_resolves_a_half_billion_model_and_valid_run_configs(tmp_
     resolved = json.loads(proc.stdout)
     assert resolved["device"] == "cuda" and resolved["json"] == "vs_trl_gpu.json"
     assert 0.4e9 < resolved["parameters"] < 0.6e9
-    assert set(json.loads(resolved["configs"].replace("'", '"'))) >= {"trl", "trl_precompute", "minor_dpo",
-                                                                      "minor_dpo_precompute", "ray_minor_dpo"}
+    assert set(ast.literal_eval(resolved["configs"])) >= {"trl", "trl_precompute", "minor_dpo", "minor_dpo_precompute",
+                                                          "ray_minor_dpo"}  # --check-args prints str(list)
