@@ -160,6 +160,15 @@ class RunConfig(_Strict):
             )
         if self.scaling.mixed_precision == "bf16" and not self.scaling.use_gpu:
             raise ValueError("scaling.mixed_precision=bf16 needs scaling.use_gpu=true; use auto or fp32 on CPU")
+        gpus = self.scaling.gpus_per_worker
+        if self.scaling.use_gpu and (gpus > 1 or (gpus < 1 and self.scaling.num_workers > 1)):
+            # Each worker is one FSDP2 rank on one GPU: more GPUs per worker would sit idle, and NCCL refuses
+            # two ranks of one group on the same GPU, which a fraction would allow.
+            raise ValueError(
+                f"scaling.gpus_per_worker ({gpus:g}) must be 1 with scaling.use_gpu=true: each worker is one "
+                "FSDP2 rank on one GPU, so to use more GPUs raise scaling.num_workers; a fraction (several "
+                "sweep trials on one GPU) fits only scaling.num_workers=1"
+            )
         if self.model.name_or_path == BUILTIN and self.data.train != BUILTIN:
             raise ValueError(
                 "model.name_or_path=builtin:arith is the SFT model of the built-in task and only fits "

@@ -44,6 +44,25 @@ def test_bad_values_name_the_key(override, needle):
     assert needle in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "ok"),
+    [
+        (["scaling.gpus_per_worker=1"], True),
+        (["scaling.num_workers=1", "scaling.gpus_per_worker=0.5"], True),  # sweep trials sharing a GPU
+        (["scaling.gpus_per_worker=0.5"], False),  # 2 ranks could land on one GPU: NCCL refuses
+        (["scaling.num_workers=1", "scaling.gpus_per_worker=2"], False),  # one rank would leave a GPU idle
+    ],
+)
+def test_gpus_per_worker_is_one_rank_per_gpu(overrides, ok):
+    overrides = ["scaling.use_gpu=true", *overrides]
+    if ok:
+        load_config(None, overrides)
+        return
+    with pytest.raises(ConfigError, match=r"scaling.gpus_per_worker \(\S+\) must be 1 with scaling.use_gpu=true"):
+        load_config(None, overrides)
+    load_config(None, overrides[1:])  # on CPU the GPU count is not read
+
+
 def test_builtin_model_needs_builtin_data():
     with pytest.raises(ConfigError, match="set model.name_or_path to your own model"):
         load_config(None, ["data.train=my.jsonl"])
