@@ -6,7 +6,6 @@ of the training step exercise the FSDP2 code that a multi-GPU run uses. (torchti
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -38,9 +37,9 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
 
-def device_for(local_rank: int, use_gpu: bool) -> torch.device:
+def device_for(gpu: int, use_gpu: bool) -> torch.device:
     if use_gpu:
-        device = torch.device("cuda", local_rank)
+        device = torch.device("cuda", gpu)
         torch.cuda.set_device(device)
         return device
     return torch.device("cpu")
@@ -127,7 +126,3 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Unsharded CPU state dict on rank 0 (empty elsewhere). A collective: call it on every rank."""
     options = StateDictOptions(full_state_dict=True, cpu_offload=True)
     return get_model_state_dict(model, options=options)
-
-
-def local_rank_from_env() -> int:
-    return int(os.environ.get("LOCAL_RANK", "0"))

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import ray
 import ray.train
+import ray.train.torch
 from ray.train.torch import TorchTrainer
 
 from mdpo_ray import sinks, tracking
@@ -122,7 +123,7 @@ def worker_entry(payload: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     try:
         with checkpoint.as_directory() if checkpoint else nullcontext() as restore_dir:
-            train(cfg, Worker(local_rank=context.get_local_rank(), report=report,
+            train(cfg, Worker(gpu=_gpu(cfg), report=report,
                               restore_dir=Path(restore_dir) if restore_dir else None, sink=sink))
     finally:
         sink.close()  # a last flush; what MLflow never got goes to the run dir, even if training failed
@@ -131,9 +132,15 @@ def worker_entry(payload: dict) -> None:
 def precompute_entry(payload: dict) -> None:
     from mdpo_ray.train_loop import Worker, precompute_reference
 
+    cfg = RunConfig.model_validate(payload["config"])
     _quiet_report_log()
-    precompute_reference(RunConfig.model_validate(payload["config"]),
-                         Worker(local_rank=ray.train.get_context().get_local_rank()))
+    precompute_reference(cfg, Worker(gpu=_gpu(cfg)))
+
+
+def _gpu(cfg: RunConfig) -> int:
+    """The GPU Ray assigned this worker, as a CUDA index in the worker's view. Ray Train has made it the
+    current device; the local rank matches it only while Ray orders a node's workers by GPU id."""
+    return ray.train.torch.get_device().index if cfg.scaling.use_gpu else 0
 
 
 def precompute_reference(cfg: RunConfig) -> None:
@@ -236,7 +243,7 @@ def train_in_process(cfg: RunConfig, *, tags: dict[str, str], report, restore_di
     sink = sinks.sink_for(cfg, run_id, rank0=True)
     succeeded = False
     try:
-        train_loop(cfg, Worker(local_rank=0, report=report, restore_dir=restore_dir, sink=sink))
+        train_loop(cfg, Worker(report=report, restore_dir=restore_dir, sink=sink))
         succeeded = True
     finally:
         sink.close()

@@ -36,7 +36,7 @@ STATE_FILE = "trainer_state.json"
 class Worker:
     """What the launcher tells the loop about its place in the job."""
 
-    local_rank: int = 0
+    gpu: int = 0  # the CUDA device index Ray Train gave this worker; read only with scaling.use_gpu
     report: Callable[[dict[str, float], Path | None, int], None] = lambda metrics, ckpt_dir, step: None
     restore_dir: Path | None = None  # latest checkpoint, when resuming
     sink: MetricSink = NullSink()  # MLflow on rank 0, NullSink elsewhere
@@ -81,7 +81,7 @@ def _setup(cfg: RunConfig, worker: Worker):
     """(say, device, tokenizer, (train_ds, eval_ds, data_stats), mesh, mp_policy): what every entry needs."""
     distributed.ensure_process_group()  # Ray Train has made it on its workers; a one-rank group otherwise
     say = print if distributed.rank() == 0 else (lambda *a, **k: None)
-    device = distributed.device_for(worker.local_rank, cfg.scaling.use_gpu)
+    device = distributed.device_for(worker.gpu, cfg.scaling.use_gpu)
     tokenizer = load_tokenizer(cfg.model)
     data = load_train_eval(cfg.data, tokenizer, cfg.seed)
     for stats in data[2]:

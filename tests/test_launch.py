@@ -65,3 +65,32 @@ def test_an_instance_started_here_trains_without_the_cluster_only_actors(monkeyp
 
 def test_a_joined_cluster_keeps_all_of_trains_actors(monkeypatch):
     assert _default_callbacks(monkeypatch, head=False) >= CLUSTER_ONLY | {"BackendSetupCallback"}
+
+
+@pytest.mark.parametrize("entry", ["worker_entry", "precompute_entry"])
+def test_a_gpu_worker_trains_on_the_gpu_ray_gave_it(monkeypatch, entry):
+    """Ray Train's device, not the local rank: they differ when Ray's GPU order is not the workers'."""
+    import ray.train
+    import ray.train.torch
+    import torch
+
+    from mdpo_ray import train_loop
+    from mdpo_ray.config import load_config
+
+    class Context:
+        def get_local_rank(self):
+            return 1
+
+        def get_world_rank(self):
+            return 1
+
+    seen = []
+    monkeypatch.setattr(ray.train, "get_context", Context)
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(ray.train.torch, "get_device", lambda: torch.device("cuda", 3))
+    monkeypatch.setattr(train_loop, "train", lambda cfg, worker: seen.append(worker.gpu))
+    monkeypatch.setattr(train_loop, "precompute_reference", lambda cfg, worker: seen.append(worker.gpu))
+    for use_gpu, gpu in (("true", 3), ("false", 0)):
+        cfg = load_config(None, [f"scaling.use_gpu={use_gpu}", "tracking.mlflow_uri=sqlite:////nonexistent/m.db"])
+        getattr(launch, entry)({"config": cfg.model_dump(mode="json"), "mlflow_run_id": None})
+        assert seen.pop() == gpu
