@@ -65,14 +65,15 @@ def eval_generation(policy: nn.Module, tokenizer, problems: list[dict], *, eval_
     return {"eval/answer_accuracy": float(counts[0] / counts[1]), "eval/n_problems": float(counts[1])}
 
 
-def start_generation(policy: nn.Module, tokenizer, problems: list[dict], *, cfg: RunConfig) -> dict[str, float]:
+def start_generation(policy: nn.Module, tokenizer, problems: list[dict], *, cfg: RunConfig,
+                     numerics: dict[str, str]) -> dict[str, float]:
     """eval_generation of the untrained policy, cached next to the reference log-probs: greedy decoding
     of the same weights on the same problems gives the same answers, so a sweep decodes them once."""
     source = Path(cfg.data.generation_eval)
     stat = source.stat()
     key = cache_key(cfg.model.name_or_path, generation=[str(source), stat.st_size, int(stat.st_mtime)],
                     problems=len(problems), max_new_tokens=cfg.eval.max_new_tokens, max_length=cfg.data.max_length,
-                    use_gpu=cfg.scaling.use_gpu, precision=cfg.scaling.mixed_precision)
+                    **numerics)
 
     def compute() -> torch.Tensor:
         scored = eval_generation(policy, tokenizer, problems, eval_cfg=cfg.eval)

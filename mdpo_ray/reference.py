@@ -1,7 +1,7 @@
 """Reference log-probs: a frozen resident model, or a table computed once and cached on disk.
 
 `precompute` runs the frozen reference over every pair once before training, then frees it, so
-training holds one model instead of two. The table is keyed by model + data + tokenisation, so runs
+training holds one model instead of two. The table is keyed by model + data + tokenisation + precision, so runs
 (and sweep trials) over the same reference and data reuse it. Both modes give the same losses.
 """
 
@@ -96,6 +96,13 @@ def cache_key(model_id: str, **setting) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def numerics(device: torch.device, mp_policy) -> dict[str, str]:
+    """What decides a cached forward's values besides weights, data and options: where it ran and in which
+    compute precision (bf16 log-probs differ from fp32 by ~1e-2 relative; reused across precisions, a
+    run's step-0 Δw and Δl would start away from 0)."""
+    return {"device": device.type, "compute_dtype": str(mp_policy.param_dtype or torch.float32)}
+
+
 def load_or_compute(cache_file: Path, compute) -> tuple[torch.Tensor, bool]:
     """(table, reused). Ranks agree on reuse only if every one of them can read the cache."""
     have = torch.tensor([1 if cache_file.is_file() else 0])
@@ -129,7 +136,7 @@ def build(cfg: RunConfig, datasets: tuple, pad_token_id: int, mesh, mp_policy, d
             tables.append(None)
             continue
         key = cache_key(cfg.model.name_or_path, data=dataset._fingerprint, max_length=cfg.data.max_length,
-                        average=average)
+                        average=average, **numerics(device, mp_policy))
         cache_file = Path(cfg.output_dir) / "reference_logps" / f"{key}.pt"
         started = time.perf_counter()
         table, reused = load_or_compute(cache_file, lambda ds=dataset: compute_table(

@@ -122,7 +122,8 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
         if not problems:
             return out
         # Before training the policy is the loaded model: every run (sweep trial) from it scores the same.
-        return out | (evaluate.start_generation(policy, tokenizer, problems, cfg=cfg) if start else
+        return out | (evaluate.start_generation(policy, tokenizer, problems, cfg=cfg,
+                                                numerics=ref.numerics(device, mp_policy)) if start else
                       evaluate.eval_generation(policy, tokenizer, problems, eval_cfg=cfg.eval))
 
     if state["step"] == 0:

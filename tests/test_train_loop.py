@@ -177,7 +177,7 @@ def test_stop_config_ends_an_unstable_run_early_and_says_why(tiny_run_overrides,
 
 @pytest.mark.parametrize("reference_mode", ["resident", "precompute"])
 def test_a_bf16_mixed_precision_run_trains_evaluates_and_exports_fp32_weights(tiny_task, tiny_run_overrides,
-                                                                              monkeypatch, reference_mode, tmp_path):
+                                                                              monkeypatch, reference_mode):
     """The GPU recipe's precision on CPU (the config allows bf16 only with use_gpu, so the policy is
     swapped in): the reference (resident, or its log-prob table), the loss, greedy decoding and the
     export all meet bf16 params."""
@@ -185,8 +185,12 @@ def test_a_bf16_mixed_precision_run_trains_evaluates_and_exports_fp32_weights(ti
     _, fp32 = _run(tiny_run_overrides)
     ours = distributed.mixed_precision
     monkeypatch.setattr(distributed, "mixed_precision", lambda mode, device: ours("bf16", device))
-    # Its own output_dir: cached reference tables are keyed by the configured precision, still auto (fp32 on CPU).
-    cfg, bf16 = _run([*tiny_run_overrides, "name=bf16", f"output_dir={tmp_path / 'bf16'}"])
+    # The same output_dir, and the configured precision is still auto: the fp32 run's cached reference tables
+    # and start-of-run decoding must not be reused, as they are keyed by the precision that ran.
+    cfg, bf16 = _run([*tiny_run_overrides, "name=bf16"])
+    cached = [p.name.startswith("generation-") for p in (Path(cfg.output_dir) / "reference_logps").glob("*.pt")]
+    assert sorted(cached) == [False] * (4 if reference_mode == "precompute" else 0) + [True] * 2  # (train, eval) x 2
+    assert bf16.tags.get("mdpo.reference_cache") == (None if reference_mode == "resident" else "computed,computed")
 
     assert bf16.logged[1]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference, both in bf16
     assert bf16.logged[1]["logps/chosen"] == pytest.approx(fp32.logged[1]["logps/chosen"], rel=1e-2)
