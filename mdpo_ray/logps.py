@@ -107,9 +107,12 @@ def concatenated_logps(
         logps = sequence_logps(logits, input_ids, loss_mask, average=average)
     else:
         assert len(calls) == 1 and logits.shape[:2] == (1, int(scored.sum())), (len(calls), logits.shape)
-        tokens = picked_logps(logits[0], input_ids[:, 1:][targets_mask])
-        rows = scored.nonzero()[:, 0]  # row-major, the order of hidden[scored] and of tokens
-        logps = torch.zeros(input_ids.shape[0], dtype=torch.float32, device=tokens.device).index_add(0, rows, tokens)
+        tokens = picked_logps(logits[0], input_ids[:, 1:][targets_mask])  # row-major, as hidden[scored]
+        # Back in place and summed per row: a dense sum is deterministic on CUDA (index_add's atomics are
+        # not), so the policy and a resident reference sum identical token log-probs to identical totals
+        # and step 0's Δw, Δl are exactly 0 (MinorDPO's first step is then DPO's).
+        per_token = torch.zeros(targets_mask.shape, dtype=torch.float32, device=tokens.device)
+        logps = per_token.masked_scatter(targets_mask, tokens).sum(-1)
         if average:
             logps = logps / targets_mask.sum(-1).clamp(min=1)
     n_pairs = logps.shape[0] // 2
