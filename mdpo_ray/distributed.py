@@ -56,18 +56,22 @@ def mixed_precision(mode: str, device: torch.device) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy()
 
 
-def shard_model(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy) -> nn.Module:
+def shard_model(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy, *,
+                frozen: bool = False) -> nn.Module:
     """fully_shard each decoder block, then the root (embeddings, final norm, head).
 
     Block classes come from the Hugging Face model's own `_no_split_modules`, so any HF causal LM
     (Llama, Qwen, Mistral, GPT-2, ...) is sharded per block without a per-architecture table.
+    FSDP2 keeps the root unsharded after forward until the backward that follows; a frozen model has
+    no backward, so its root reshards after each forward instead of holding the gathered embeddings
+    and head on every rank for good.
     """
     block_names = set(getattr(model, "_no_split_modules", None) or ())
     blocks = [m for m in model.modules() if type(m).__name__ in block_names]
     assert blocks, f"{type(model).__name__} declares no _no_split_modules; cannot find its decoder blocks"
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp_policy)
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=True if frozen else None)
     return model
 
 

@@ -174,3 +174,21 @@ def test_bf16_mixed_precision_under_fsdp2_gives_fp32_logps_and_fp32_grads(kind):
     for name, grad, plain_grad in grads:
         assert grad.dtype == torch.float32, name
         assert torch.nn.functional.cosine_similarity(grad.flatten(), plain_grad.flatten(), dim=0) > 0.999, name
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_a_frozen_model_reshards_its_root_after_a_forward(frozen):
+    """FSDP2 leaves the root (embeddings, final norm, head) gathered after forward for the backward that
+    follows; a frozen reference has none, so unless it reshards, every rank holds the whole root for good."""
+    from torch.distributed.tensor import DTensor
+
+    from mdpo_ray import distributed
+
+    distributed.ensure_process_group()
+    model = _tiny_causal_lm("llama").requires_grad_(not frozen)
+    distributed.shard_model(model, distributed.make_mesh(torch.device("cpu")),
+                            distributed.mixed_precision("fp32", torch.device("cpu")), frozen=frozen)
+    with torch.no_grad():
+        logps.concatenated_logps(model, _padded_pairs())
+    root = [name for name, p in model.named_parameters() if not isinstance(p, DTensor)]
+    assert root == ([] if frozen else ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"])
