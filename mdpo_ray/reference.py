@@ -7,6 +7,7 @@ training holds one model instead of two. The table is keyed by model + data + to
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import os
@@ -124,7 +125,7 @@ def build(cfg: RunConfig, datasets: tuple, pad_token_id: int, mesh, mp_policy, d
     A precomputed table is None for a missing set; statuses say "computed" or "reused" per table.
     """
     load_frozen = lru_cache(maxsize=1)(
-        lambda: distributed.shard_model(load_causal_lm(cfg.model, trainable=False), mesh, mp_policy))
+        lambda: distributed.shard_model(load_causal_lm(cfg.model, trainable=False), mesh, mp_policy, frozen=True))
     average = cfg.loss.average_log_prob
     if cfg.reference == "resident":
         resident = ResidentReference(load_frozen(), pad_token_id=pad_token_id, average=average)
@@ -147,4 +148,5 @@ def build(cfg: RunConfig, datasets: tuple, pad_token_id: int, mesh, mp_policy, d
         tables.append(PrecomputedReference(table))
         statuses.append("reused" if reused else "computed")
     load_frozen.cache_clear()
+    gc.collect()  # FSDP2 modules sit in reference cycles: without this the frozen shards outlive the call
     return tables[0], tables[1], statuses

@@ -159,6 +159,30 @@ def test_a_cached_reference_table_is_reused_without_loading_the_reference(tiny_r
     assert loads == [True], "only the policy is loaded when the reference table is cached"
 
 
+def test_a_precomputed_reference_is_freed_before_training(tiny_run_overrides, monkeypatch):
+    """`precompute` holds one model while training: the frozen one is gone once its tables are made."""
+    import gc
+    import weakref
+
+    frozen, alive_after_build = [], []
+    load, build = reference.load_causal_lm, reference.build
+    monkeypatch.setattr(reference, "load_causal_lm", lambda cfg, trainable: frozen.append(
+        weakref.ref(model := load(cfg, trainable=trainable))) or model)
+
+    def checked_build(*args, **kwargs):
+        out = build(*args, **kwargs)
+        alive_after_build.append([ref() is not None for ref in frozen])
+        return out
+
+    monkeypatch.setattr(reference, "build", checked_build)
+    gc.disable()  # only the collection the code asks for, not one the allocator happens to trigger
+    try:
+        _run([*tiny_run_overrides, "reference=precompute", "optim.max_steps=1"])
+    finally:
+        gc.enable()
+    assert alive_after_build == [[False]]
+
+
 def test_stop_config_ends_an_unstable_run_early_and_says_why(tiny_run_overrides, monkeypatch):
     from mdpo_ray.losses import LossOutput
 
