@@ -105,7 +105,7 @@ class ScalingConfig(_Strict):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(1.0, gt=0)  # only read when use_gpu
-    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 params + fp32 reduce on GPU, fp32 on CPU
+    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 params + fp32 reduce on GPUs with native bf16, else fp32
     max_failures: int = Field(0, ge=-1)  # worker-group restarts from the latest checkpoint (-1: unlimited)
 
 

@@ -50,8 +50,10 @@ def make_mesh(device: torch.device) -> DeviceMesh:
 
 
 def mixed_precision(mode: str, device: torch.device) -> MixedPrecisionPolicy:
-    """bf16 compute with fp32 gradient reduction on GPU; plain fp32 on CPU (bf16 matmuls there are slow)."""
-    if mode == "bf16" or (mode == "auto" and device.type == "cuda"):
+    """bf16 compute with fp32 gradient reduction on a GPU with bf16 units (Ampere on); plain fp32 on CPU,
+    where bf16 matmuls are slow, and for `auto` on older GPUs (V100, T4), which only emulate bf16."""
+    native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
+    if mode == "bf16" or (mode == "auto" and native_bf16):
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()
 
