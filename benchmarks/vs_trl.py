@@ -286,10 +286,6 @@ def run_ours(args, assets: dict, name: str, loss: str, reference: str, *, full_l
 
     if full_logits:  # no hook on the head: it sees all (2B, T) positions, the log-softmax is still chunked fp32
         logps._head_on_scored_rows = lambda head, scored: _no_hook()
-    if args.device == "cuda":  # NCCL for FSDP2 on a GPU; distributed.ensure_process_group then keeps it
-        import torch.distributed as dist
-
-        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1)
     clock = _LogClock()
     with _profiled(args):
         train(_run_config(args, assets, name, loss, reference), Worker(sink=clock))

@@ -24,7 +24,8 @@ from torch.distributed.tensor import DTensor
 
 
 def ensure_process_group(backend: str = "gloo") -> None:
-    """Ray Train sets the group up on its workers; outside Ray (tests, local mode) make a one-rank group."""
+    """Ray Train sets the group up on its workers; outside Ray (tests, the benchmark) make a one-rank group
+    (NCCL on a GPU: gloo lacks the GPU collectives FSDP2 uses)."""
     if not dist.is_initialized():
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 

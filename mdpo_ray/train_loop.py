@@ -79,9 +79,10 @@ def lr_at(cfg: OptimConfig, step: int) -> float:
 
 def _setup(cfg: RunConfig, worker: Worker):
     """(say, device, tokenizer, (train_ds, eval_ds, data_stats), mesh, mp_policy): what every entry needs."""
-    distributed.ensure_process_group()  # Ray Train has made it on its workers; a one-rank group otherwise
-    say = print if distributed.rank() == 0 else (lambda *a, **k: None)
     device = distributed.device_for(worker.gpu, cfg.scaling.use_gpu)
+    # Ray Train has made the group on its workers; elsewhere (tests, the benchmark) a one-rank group.
+    distributed.ensure_process_group("nccl" if device.type == "cuda" else "gloo")
+    say = print if distributed.rank() == 0 else (lambda *a, **k: None)
     tokenizer = load_tokenizer(cfg.model)
     data = load_train_eval(cfg.data, tokenizer, cfg.seed)
     for stats in data[2]:

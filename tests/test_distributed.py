@@ -23,3 +23,22 @@ def test_mixed_precision_is_bf16_only_where_asked_or_native(monkeypatch, mode, d
     policy = distributed.mixed_precision(mode, torch.device(device))
     assert policy.param_dtype == param_dtype
     assert policy.reduce_dtype == (torch.float32 if param_dtype else None)
+
+
+@pytest.mark.parametrize(("use_gpu", "backend"), [(True, "nccl"), (False, "gloo")])
+def test_a_run_outside_ray_makes_an_nccl_group_on_a_gpu(monkeypatch, tiny_run_overrides, use_gpu, backend):
+    """The benchmark calls the loop in-process: on a GPU its one-rank group must be NCCL, as Ray Train's is."""
+    from mdpo_ray import train_loop
+    from mdpo_ray.config import load_config
+
+    class Stop(Exception):
+        pass
+
+    def record(backend):
+        raise Stop(backend)
+
+    monkeypatch.setattr(distributed, "device_for", lambda gpu, use_gpu: torch.device("cuda" if use_gpu else "cpu", 0))
+    monkeypatch.setattr(distributed, "ensure_process_group", record)
+    cfg = load_config(None, [*tiny_run_overrides, "scaling.num_workers=1", f"scaling.use_gpu={use_gpu}"])
+    with pytest.raises(Stop, match=backend):
+        train_loop.train(cfg, train_loop.Worker())
