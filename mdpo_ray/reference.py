@@ -11,6 +11,7 @@ import gc
 import hashlib
 import json
 import os
+import tempfile
 import time
 from collections.abc import Callable
 from functools import lru_cache
@@ -112,8 +113,11 @@ def load_or_compute(cache_file: Path, compute) -> tuple[torch.Tensor, bool]:
     table = compute()
     if not cache_file.is_file():
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".tmp{os.getpid()}")
-        torch.save(table, tmp)
+        # Every rank writes (a node-local output_dir needs its own copy); mkstemp names are unique even
+        # where ranks on two nodes share a pid (containers) and a file system.
+        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=cache_file.name, suffix=".tmp")
+        with os.fdopen(fd, "wb") as out:
+            torch.save(table, out)
         os.replace(tmp, cache_file)  # atomic: a concurrent reader never sees half a file
     return table, False
 
