@@ -11,8 +11,8 @@ import gc
 import hashlib
 import json
 import os
-import tempfile
 import time
+import uuid
 from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
@@ -113,11 +113,10 @@ def load_or_compute(cache_file: Path, compute) -> tuple[torch.Tensor, bool]:
     table = compute()
     if not cache_file.is_file():
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        # Every rank writes (a node-local output_dir needs its own copy); mkstemp names are unique even
-        # where ranks on two nodes share a pid (containers) and a file system.
-        fd, tmp = tempfile.mkstemp(dir=cache_file.parent, prefix=cache_file.name, suffix=".tmp")
-        with os.fdopen(fd, "wb") as out:
-            torch.save(table, out)
+        # Every rank writes (a node-local output_dir needs its own copy), each to a random name: ranks on
+        # two nodes can share a pid (containers) and a file system. (mkstemp would make the cache 0600.)
+        tmp = cache_file.with_suffix(f".tmp{uuid.uuid4().hex}")
+        torch.save(table, tmp)
         os.replace(tmp, cache_file)  # atomic: a concurrent reader never sees half a file
     return table, False
 
