@@ -12,9 +12,9 @@ embeddings, final norm and head) and the model's own logit post-processing (scal
 elementwise, so indifferent to which rows it sees) apply unchanged. A model whose head is not a
 separate module called once on (2B, T, H) hidden states gets the full (2B, T, V) logits instead.
 
-Log-softmax is taken in fp32 one chunk of rows at a time (~64 MiB), so a bf16 model never
-materialises a full-vocabulary fp32 copy of its logits (benchmarks/logps_memory.py: 132 MiB extra
-instead of 1-4 GiB at vocab 32k-128k for the full-logits path).
+Log-softmax is taken in fp32 one chunk of rows at a time (~64 MiB), forward and backward, so a bf16
+model never materialises a full-vocabulary fp32 copy of its logits, not even one kept for backward
+(benchmarks/logps_memory.py has the figures at vocab 32k and 128k).
 """
 
 from __future__ import annotations
@@ -28,18 +28,47 @@ from torch import nn
 CHUNK_FLOATS = 2**24  # fp32 elements per log-softmax chunk (64 MiB): rows per chunk = this / V
 
 
+class _PickedLogps(torch.autograd.Function):
+    """log_softmax(logits)[i, targets[i]] in fp32, one chunk of rows at a time, forward and backward.
+
+    Plain autograd through a chunked log-softmax keeps every fp32 chunk for its backward: a full fp32
+    copy of the logits after all. This keeps the logits as they came (bf16 on a GPU) and each row's
+    logsumexp, and recomputes the softmax one chunk at a time in backward.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
+        lse = torch.empty_like(out)
+        for rows in _chunks(logits):
+            chunk = logits[rows].float()
+            lse[rows] = torch.logsumexp(chunk, dim=-1)
+            out[rows] = chunk.gather(-1, targets[rows, None]).squeeze(-1) - lse[rows]
+        ctx.save_for_backward(logits, targets, lse)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        logits, targets, lse = ctx.saved_tensors
+        grad = torch.empty_like(logits)
+        for rows in _chunks(logits):
+            # d/dlogits of (logit[target] - logsumexp) = onehot(target) - softmax, times the incoming grad.
+            chunk = torch.exp(logits[rows].float() - lse[rows, None]).mul_(-grad_out[rows, None])
+            grad[rows] = chunk.scatter_add_(-1, targets[rows, None], grad_out[rows, None])
+        return grad, None
+
+
+def _chunks(logits: torch.Tensor) -> Iterator[slice]:
+    step = max(1, CHUNK_FLOATS // logits.shape[-1])
+    return (slice(start, start + step) for start in range(0, logits.shape[0], step))
+
+
 def picked_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log_softmax(logits)[i, targets[i]] in fp32, one chunk of rows at a time.
+    """log_softmax(logits)[i, targets[i]] in fp32, one chunk of rows at a time (~64 MiB of fp32).
 
     logits: (n, V) in any dtype; targets: (n,). Returns (n,) fp32.
     """
-    out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
-    step = max(1, CHUNK_FLOATS // logits.shape[-1])
-    for start in range(0, targets.shape[0], step):
-        chunk = logits[start : start + step].float()
-        picked = chunk.gather(-1, targets[start : start + step, None]).squeeze(-1)
-        out[start : start + step] = picked - torch.logsumexp(chunk, dim=-1)
-    return out
+    return _PickedLogps.apply(logits, targets)
 
 
 def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
@@ -47,15 +76,11 @@ def token_logps(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
 
     logits: (N, T, V) in any dtype; input_ids: (N, T). Returns (N, T-1) fp32.
     """
-    targets = input_ids[:, 1:]
-    out = torch.empty(targets.shape, dtype=torch.float32, device=logits.device)
-    step = max(1, CHUNK_FLOATS // (logits.shape[0] * logits.shape[-1]))
-    for start in range(0, targets.shape[1], step):
-        end = min(start + step, targets.shape[1])
-        chunk = logits[:, start:end].float()  # position t-1 predicts token t
-        picked = chunk.gather(-1, targets[:, start:end, None]).squeeze(-1)
-        out[:, start:end] = picked - torch.logsumexp(chunk, dim=-1)
-    return out
+    n, t, v = logits.shape
+    # Position t-1 predicts token t. The last position predicts nothing; it gets a dummy target (its
+    # gradient is 0) so the logits are used as one (N*T, V) view rather than copied without that column.
+    targets = torch.cat([input_ids[:, 1:], input_ids[:, :1]], dim=1)
+    return picked_logps(logits.reshape(n * t, v), targets.reshape(n * t)).view(n, t)[:, :-1]
 
 
 def sequence_logps(

@@ -63,6 +63,37 @@ def test_bf16_logits_are_reduced_in_fp32():
     torch.testing.assert_close(out.double(), _direct(logits.bfloat16().float(), input_ids, mask), rtol=1e-4, atol=1e-3)
 
 
+@pytest.mark.parametrize("full_logits", [False, True])
+def test_chunked_log_softmax_gradient_matches_the_textbook_one(monkeypatch, full_logits):
+    monkeypatch.setattr(logps, "CHUNK_FLOATS", 11 * 3)  # 3 rows (positions) a chunk
+    torch.manual_seed(4)
+    logits = torch.randn(3, 7, 11, dtype=torch.float64, requires_grad=True)
+    input_ids = torch.randint(0, 11, (3, 7))
+    weights = torch.randn(3, 6, dtype=torch.float64)
+    if full_logits:
+        got = logps.token_logps(logits, input_ids)
+    else:  # the scored-rows path: (n, V) rows and their targets
+        got = logps.picked_logps(logits[:, :-1].reshape(-1, 11), input_ids[:, 1:].reshape(-1)).view(3, 6)
+    (got.double() * weights).sum().backward()
+    ours, logits.grad = logits.grad, None
+    (torch.log_softmax(logits, -1)[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1) * weights).sum().backward()
+    torch.testing.assert_close(ours, logits.grad, rtol=1e-5, atol=1e-6)  # the forward runs in fp32
+
+
+def test_backward_keeps_the_logits_as_they_came_not_an_fp32_copy(monkeypatch):
+    """Autograd through a chunked fp32 log-softmax would save each fp32 chunk: the whole fp32 copy after all."""
+    monkeypatch.setattr(logps, "CHUNK_FLOATS", 50 * 4)  # 4 rows a chunk
+    logits = torch.randn(16, 50, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = logps.picked_logps(logits, torch.randint(0, 50, (16,)))
+    big = [t for t in saved if t.numel() >= 50]
+    assert big and all(t.untyped_storage().data_ptr() == logits.untyped_storage().data_ptr() for t in big)
+    assert sum(t.numel() for t in saved if t.is_floating_point() and t.numel() < 50) <= 16  # a logsumexp per row
+    out.sum().backward()
+    assert logits.grad.dtype == torch.bfloat16
+
+
 def _tiny_causal_lm(kind: str):
     """A random 2-layer model: Llama (untied or tied head) or Gemma2 (soft-capped logits, scaled embeddings)."""
     from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
