@@ -121,14 +121,24 @@ def load_or_compute(cache_file: Path, compute) -> tuple[torch.Tensor, bool]:
     return table, False
 
 
+def _in_compute_dtype(model: nn.Module, mp_policy) -> nn.Module:
+    """A model that is never updated needs no fp32 master weights: under a bf16 policy its parameters are
+    stored in bf16 (half the memory), the very values FSDP2 would cast the policy's to, so step 0's
+    Δw, Δl stay exactly 0. Buffers keep their dtype, as under FSDP2 (rotary frequencies stay fp32)."""
+    if mp_policy.param_dtype is not None:
+        for param in model.parameters():
+            param.data = param.data.to(mp_policy.param_dtype)
+    return model
+
+
 def build(cfg: RunConfig, datasets: tuple, pad_token_id: int, mesh, mp_policy, device: torch.device,
           say: Callable[[str], None]) -> tuple:
     """(train reference, eval reference, cache statuses) for cfg.reference.
 
     A precomputed table is None for a missing set; statuses say "computed" or "reused" per table.
     """
-    load_frozen = lru_cache(maxsize=1)(
-        lambda: distributed.shard_model(load_causal_lm(cfg.model, trainable=False), mesh, mp_policy, frozen=True))
+    load_frozen = lru_cache(maxsize=1)(lambda: distributed.shard_model(
+        _in_compute_dtype(load_causal_lm(cfg.model, trainable=False), mp_policy), mesh, mp_policy, frozen=True))
     average = cfg.loss.average_log_prob
     if cfg.reference == "resident":
         resident = ResidentReference(load_frozen(), pad_token_id=pad_token_id, average=average)

@@ -209,6 +209,9 @@ def test_a_bf16_mixed_precision_run_trains_evaluates_and_exports_fp32_weights(ti
     _, fp32 = _run(tiny_run_overrides)
     ours = distributed.mixed_precision
     monkeypatch.setattr(distributed, "mixed_precision", lambda mode, device: ours("bf16", device))
+    frozen, keep = [], reference.ResidentReference.__init__
+    monkeypatch.setattr(reference.ResidentReference, "__init__",
+                        lambda self, model, **kwargs: frozen.append(model) or keep(self, model, **kwargs))
     # The same output_dir, and the configured precision is still auto: the fp32 run's cached reference tables
     # and start-of-run decoding must not be reused, as they are keyed by the precision that ran.
     cfg, bf16 = _run([*tiny_run_overrides, "name=bf16"])
@@ -217,6 +220,11 @@ def test_a_bf16_mixed_precision_run_trains_evaluates_and_exports_fp32_weights(ti
     assert bf16.tags.get("mdpo.reference_cache") == (None if reference_mode == "resident" else "computed,computed")
 
     assert bf16.logged[1]["loss"] == pytest.approx(math.log(2), abs=1e-5)  # policy == reference, both in bf16
+    if reference_mode == "resident":  # the same forward on the same bf16 values: exactly 0, not ~1e-7
+        first = bf16.logged[1]
+        assert first["delta_chosen/mean"] == first["delta_rejected/mean"] == 0.0
+        assert first["stability/chosen_below_ref_frac"] == first["stability/penalty_off_frac"] == 0.0
+        assert {p.dtype for p in frozen[-1].parameters()} == {torch.bfloat16}  # no fp32 copy of a frozen model
     assert bf16.logged[1]["logps/chosen"] == pytest.approx(fp32.logged[1]["logps/chosen"], rel=1e-2)
     assert bf16.logged[1]["logps/chosen"] != pytest.approx(fp32.logged[1]["logps/chosen"], rel=1e-6)  # it was bf16
     assert all(math.isfinite(bf16.logged[step]["loss"]) for step in (1, 2, 3, 4))
