@@ -66,16 +66,21 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPol
     Block classes come from the Hugging Face model's own `_no_split_modules`, so any HF causal LM
     (Llama, Qwen, Mistral, GPT-2, ...) is sharded per block without a per-architecture table.
     FSDP2 keeps the root unsharded after forward until the backward that follows; a frozen model has
-    no backward, so its root reshards after each forward instead of holding the gathered embeddings
-    and head on every rank for good.
+    no backward, so across ranks its root reshards after each forward instead of holding the gathered
+    embeddings and head on every rank for good. On one rank the gathered root is only a second copy,
+    and gathering it again each forward cost a CPU Ray worker ~8% of its speed (benchmarks/vs_trl.py).
     """
     block_names = set(getattr(model, "_no_split_modules", None) or ())
     blocks = [m for m in model.modules() if type(m).__name__ in block_names]
     assert blocks, f"{type(model).__name__} declares no _no_split_modules; cannot find its decoder blocks"
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp_policy)
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=True if frozen else None)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=_reshard_root(frozen, mesh.size()))
     return model
+
+
+def _reshard_root(frozen: bool, ranks: int) -> bool | None:
+    return True if frozen and ranks > 1 else None  # None: FSDP2's default, kept until the backward
 
 
 def _comm_device() -> torch.device:

@@ -207,19 +207,43 @@ def test_bf16_mixed_precision_under_fsdp2_gives_fp32_logps_and_fp32_grads(kind):
         assert torch.nn.functional.cosine_similarity(grad.flatten(), plain_grad.flatten(), dim=0) > 0.999, name
 
 
-@pytest.mark.parametrize("frozen", [True, False])
-def test_a_frozen_model_reshards_its_root_after_a_forward(frozen):
-    """FSDP2 leaves the root (embeddings, final norm, head) gathered after forward for the backward that
-    follows; a frozen reference has none, so unless it reshards, every rank holds the whole root for good."""
-    from torch.distributed.tensor import DTensor
+_GATHERED_AFTER_FORWARD = r"""
+import sys
 
-    from mdpo_ray import distributed
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor
+from transformers import LlamaConfig, LlamaForCausalLM
 
-    distributed.ensure_process_group()
-    model = _tiny_causal_lm("llama").requires_grad_(not frozen)
-    distributed.shard_model(model, distributed.make_mesh(torch.device("cpu")),
-                            distributed.mixed_precision("fp32", torch.device("cpu")), frozen=frozen)
-    with torch.no_grad():
-        logps.concatenated_logps(model, _padded_pairs())
-    root = [name for name, p in model.named_parameters() if not isinstance(p, DTensor)]
-    assert root == ([] if frozen else ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"])
+from mdpo_ray import distributed
+
+rank, ranks, store, frozen = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4] == "frozen"
+dist.init_process_group("gloo", store=dist.FileStore(store, ranks), rank=rank, world_size=ranks)
+torch.manual_seed(0)
+model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2)).requires_grad_(not frozen)
+cpu = torch.device("cpu")
+distributed.shard_model(model, distributed.make_mesh(cpu), distributed.mixed_precision("fp32", cpu), frozen=frozen)
+with torch.no_grad():
+    model(input_ids=torch.randint(0, 64, (2, 6)))
+print(" ".join(name for name, p in model.named_parameters() if not isinstance(p, DTensor)))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize(("ranks", "frozen", "gathered"), [
+    (2, True, False),  # a frozen reference has no backward to reshard its root: it reshards after forward
+    (2, False, True),  # the policy keeps it for the backward (FSDP2's default)
+    (1, True, True),  # on one rank the gathered root is a second copy, cheaper kept than gathered each forward
+])
+def test_a_frozen_model_across_ranks_reshards_its_root_after_a_forward(tmp_path, ranks, frozen, gathered):
+    import subprocess
+    import sys
+
+    procs = [subprocess.Popen([sys.executable, "-c", _GATHERED_AFTER_FORWARD, str(rank), str(ranks),
+                               str(tmp_path / "store"), "frozen" if frozen else "trainable"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(ranks)]
+    outs = [proc.communicate(timeout=120) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), [err[-2000:] for _, err in outs]
+    root = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
+    assert [out.split() for out, _ in outs] == [root if gathered else []] * ranks
