@@ -1,8 +1,9 @@
 """Reference log-probs: a frozen resident model, or a table computed once and cached on disk.
 
 `precompute` runs the frozen reference over every pair once before training, then frees it, so
-training holds one model instead of two. The table is keyed by model + data + tokenisation + precision, so runs
-(and sweep trials) over the same reference and data reuse it. Both modes give the same losses.
+training holds one model instead of two. The table is keyed by model + data + tokenisation +
+precision, so runs (and sweep trials) over the same reference and data reuse it. Both modes give the
+same losses.
 """
 
 from __future__ import annotations
