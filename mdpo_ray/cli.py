@@ -37,35 +37,28 @@ def _add_overrides(sub: argparse.ArgumentParser, what: str = "") -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
-    if args.command in ("sweep", "report"):
-        return _sweep_command(args)
     try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as exc:
+        return _sweep_command(args) if args.command in ("sweep", "report") else _run_command(args)
+    except ConfigError as exc:  # a bad config, or one found out once the run starts (MLflow refusing it)
         print(f"mdpo-ray: {exc}", file=sys.stderr)
         return 2
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config, args.overrides)
     if args.command == "config":
         print(to_yaml(cfg), end="")
         return 0
     from mdpo_ray import launch  # imports Ray; only after the config is known to be good
 
-    try:
-        summary = launch.train(cfg)
-    except ConfigError as exc:  # found once the run starts: e.g. MLflow refusing the request
-        print(f"mdpo-ray: {exc}", file=sys.stderr)
-        return 2
-    print(launch.describe(summary))
+    print(launch.describe(launch.train(cfg)))
     return 0
 
 
 def _sweep_command(args: argparse.Namespace) -> int:
     from mdpo_ray.sweep_config import load_sweep, trial_config
 
-    try:
-        sweep, base = load_sweep(args.sweep, args.overrides)
-    except ConfigError as exc:
-        print(f"mdpo-ray: {exc}", file=sys.stderr)
-        return 2
+    sweep, base = load_sweep(args.sweep, args.overrides)
     from mdpo_ray import sweep as sweeps  # imports Ray; only after the sweep is known to be good
     from mdpo_ray import tracking
 
@@ -75,11 +68,7 @@ def _sweep_command(args: argparse.Namespace) -> int:
         from mdpo_ray.report import write_report
         from mdpo_ray.trials import find_sweep_parent
 
-        try:
-            tracking.require_reachable(cfg, "the report reads the sweep's trials from it")
-        except ConfigError as exc:
-            print(f"mdpo-ray: {exc}", file=sys.stderr)
-            return 2
+        tracking.require_reachable(cfg, "the report reads the sweep's trials from it")
         try:
             parent = find_sweep_parent(cfg.mlflow_uri, cfg.tracking.experiment, sweep.name)
             report = write_report(cfg.mlflow_uri, parent, Path(cfg.output_dir) / "report")
@@ -100,11 +89,7 @@ def _sweep_command(args: argparse.Namespace) -> int:
             print(f"results: {results.markdown_path} ({results.n_finished} of {results.n_trials} trials finished; "
                   f"per-trial figures in {results.csv_path})")
         return 0
-    try:
-        summary = sweeps.run_sweep(sweep, base, resume=args.resume)
-    except ConfigError as exc:
-        print(f"mdpo-ray: {exc}", file=sys.stderr)
-        return 2
+    summary = sweeps.run_sweep(sweep, base, resume=args.resume)
     print(sweeps.describe(summary, tracking.ui_command(cfg)))
     return 130 if summary.unfinished else 0  # 130: interrupted, as a shell reports Ctrl-C
 
