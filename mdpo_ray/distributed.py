@@ -16,6 +16,7 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
     get_state_dict,
+    set_model_state_dict,
     set_state_dict,
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -69,14 +70,34 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPol
     no backward, so across ranks its root reshards after each forward instead of holding the gathered
     embeddings and head on every rank for good. On one rank the gathered root is only a second copy,
     and gathering it again each forward cost a CPU Ray worker ~8% of its speed (benchmarks/vs_trl.py).
+    Across ranks the weights and buffers are rank 0's: the other ranks may pass the bare architecture
+    on the meta device (`load_causal_lm(weights=False)`) and get their shards from rank 0, one tensor
+    at a time, so only rank 0 ever holds the whole model.
     """
     block_names = set(getattr(model, "_no_split_modules", None) or ())
     blocks = [m for m in model.modules() if type(m).__name__ in block_names]
     assert blocks, f"{type(model).__name__} declares no _no_split_modules; cannot find its decoder blocks"
+    full = model.state_dict() if mesh.size() > 1 and rank() == 0 else {}  # the unsharded tensors, to send
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp_policy)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=_reshard_root(frozen, mesh.size()))
+    if mesh.size() > 1:
+        _fill_from_rank0(model, full, _mesh_device(mesh))
     return model
+
+
+def _fill_from_rank0(model: nn.Module, full: dict[str, torch.Tensor], device: torch.device) -> None:
+    """Every rank's shards and buffers from rank 0's `full` state dict (empty on the other ranks)."""
+    if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
+        model.to_empty(device=device)
+    set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    # Non-persistent buffers (rotary frequencies) are not in a state dict; they are small.
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
+
+
+def _mesh_device(mesh: DeviceMesh) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
 
 
 def _reshard_root(frozen: bool, ranks: int) -> bool | None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from mdpo_ray.config import ModelConfig
 
@@ -25,15 +25,25 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_causal_lm(cfg: ModelConfig, *, trainable: bool) -> nn.Module:
+def load_causal_lm(cfg: ModelConfig, *, trainable: bool, weights: bool = True) -> nn.Module:
     """fp32 master weights on CPU; sharding moves them to the mesh device.
 
+    `weights=False` builds only the architecture, on the meta device (no memory, nothing read): ranks
+    other than 0 do that and sharding fills their shards from rank 0, so a node holds one full copy of
+    the model while loading, not one per GPU (torchtitan and torchtune load the same way).
     Dropout is switched off: with it the policy would differ from the reference at step 0, and DPO's
     implicit reward (the log-ratio) would be noise (the DPO reference code does the same).
     """
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.name_or_path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
-    )
+    if weights:
+        model = AutoModelForCausalLM.from_pretrained(
+            cfg.name_or_path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
+        )
+    else:
+        config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
+            )
     for module in model.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0

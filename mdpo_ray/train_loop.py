@@ -98,7 +98,7 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
     problems = evaluate.load_problems(cfg.data.generation_eval, cfg.eval.max_generation_problems) \
         if cfg.data.generation_eval else []
 
-    policy = distributed.shard_model(load_causal_lm(cfg.model, trainable=True), mesh, mp_policy)
+    policy = distributed.shard_model(load_causal_lm(cfg.model, trainable=True, weights=rank == 0), mesh, mp_policy)
     reference, eval_reference, cache_statuses = ref.build(cfg, (train_ds, eval_ds), tokenizer.pad_token_id, mesh,
                                                           mp_policy, device, say)
     if cache_statuses:

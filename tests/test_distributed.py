@@ -42,3 +42,79 @@ def test_a_run_outside_ray_makes_an_nccl_group_on_a_gpu(monkeypatch, tiny_run_ov
     cfg = load_config(None, [*tiny_run_overrides, "scaling.num_workers=1", f"scaling.use_gpu={use_gpu}"])
     with pytest.raises(Stop, match=backend):
         train_loop.train(cfg, train_loop.Worker())
+
+
+
+_LOAD_ON_RANK0 = r"""
+import sys
+
+import torch
+import torch.distributed as dist
+
+from mdpo_ray import distributed, model as model_lib, reference
+from mdpo_ray.config import ModelConfig
+
+rank, ranks, store, root = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+dist.init_process_group("gloo", store=dist.FileStore(store, ranks), rank=rank, world_size=ranks)
+reads = []
+original = model_lib.AutoModelForCausalLM.from_pretrained
+model_lib.AutoModelForCausalLM.from_pretrained = lambda *a, **k: reads.append(a) or original(*a, **k)
+cpu = torch.device("cpu")
+for case in sys.argv[5:]:  # e.g. untied-policy, tied-reference
+    reads.clear()
+    frozen = case.endswith("reference")
+    policy = distributed.mixed_precision("bf16" if frozen else "fp32", cpu)
+    model = model_lib.load_causal_lm(ModelConfig(name_or_path=f"{root}/{case.split('-')[0]}"),
+                                     trainable=not frozen, weights=rank == 0)
+    if frozen:
+        model = reference._in_compute_dtype(model, policy)
+    distributed.shard_model(model, distributed.make_mesh(cpu), policy, frozen=frozen)
+    with torch.no_grad():
+        logits = model(input_ids=torch.arange(12).reshape(2, 6) % 20).logits
+    torch.save({"reads": len(reads), "logits": logits, "buffers": dict(model.named_buffers()),
+                "full": distributed.full_state_dict(model)}, f"{root}/{case}-rank{rank}.pt")
+dist.destroy_process_group()
+"""
+
+
+def test_across_ranks_only_rank0_reads_the_weights_and_every_rank_gets_them(tmp_path):
+    """A node must not hold one full copy of the model per GPU while loading: the other ranks build the
+    bare architecture on the meta device and receive their shards and buffers from rank 0. Checked for
+    the fp32 policy and the bf16 frozen reference, with the head tied to the embeddings and not."""
+    import copy
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    saved = {}
+    for tied in ("untied", "tied"):
+        torch.manual_seed(0)
+        saved[tied] = LlamaForCausalLM(LlamaConfig(
+            vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, tie_word_embeddings=tied == "tied"))
+        saved[tied].save_pretrained(tmp_path / tied)
+    cases = ["untied-policy", "tied-policy", "untied-reference", "tied-reference"]
+    procs = [subprocess.Popen([sys.executable, "-c", _LOAD_ON_RANK0, str(r), "2", str(tmp_path / "store"),
+                               str(tmp_path), *cases], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for r in range(2)]
+    errs = [proc.communicate(timeout=180)[1] for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), [err[-2000:] for err in errs]
+    for case in cases:
+        rank0, rank1 = (torch.load(tmp_path / f"{case}-rank{r}.pt", weights_only=True) for r in range(2))
+        assert (rank0["reads"], rank1["reads"]) == (1, 0), case
+        model = saved[case.split("-")[0]]
+        dtype = torch.bfloat16 if case.endswith("reference") else torch.float32
+        expected = {k: v.to(dtype) for k, v in model.state_dict().items()}
+        assert rank0["full"].keys() == expected.keys(), case
+        for key, value in expected.items():
+            assert torch.equal(rank0["full"][key], value), (case, key)  # the shards together: the saved weights
+        for name, buffer in model.named_buffers():
+            assert torch.equal(rank1["buffers"][name], buffer), (case, name)  # rotary frequencies (no state dict)
+        assert torch.equal(rank0["logits"], rank1["logits"]), case
+        plain = copy.deepcopy(model)
+        for param in plain.parameters():
+            param.data = param.data.to(dtype)  # parameters only, as under FSDP2 (rotary frequencies stay fp32)
+        with torch.no_grad():
+            plain = plain(input_ids=torch.arange(12).reshape(2, 6) % 20).logits
+        torch.testing.assert_close(rank0["logits"].float(), plain.float(), msg=case)

@@ -153,8 +153,8 @@ def test_a_cached_reference_table_is_reused_without_loading_the_reference(tiny_r
     _run([*tiny_run_overrides, "reference=precompute", "name=first", "optim.max_steps=1"])
     loads = []
     original = train_loop.load_causal_lm
-    monkeypatch.setattr(train_loop, "load_causal_lm", lambda cfg, trainable: loads.append(trainable) or
-                        original(cfg, trainable=trainable))
+    monkeypatch.setattr(train_loop, "load_causal_lm", lambda cfg, trainable, **kw: loads.append(trainable) or
+                        original(cfg, trainable=trainable, **kw))
     _run([*tiny_run_overrides, "reference=precompute", "name=second", "optim.max_steps=1"])
     assert loads == [True], "only the policy is loaded when the reference table is cached"
 
@@ -166,8 +166,8 @@ def test_a_precomputed_reference_is_freed_before_training(tiny_run_overrides, mo
 
     frozen, alive_after_build = [], []
     load, build = reference.load_causal_lm, reference.build
-    monkeypatch.setattr(reference, "load_causal_lm", lambda cfg, trainable: frozen.append(
-        weakref.ref(model := load(cfg, trainable=trainable))) or model)
+    monkeypatch.setattr(reference, "load_causal_lm", lambda cfg, trainable, **kw: frozen.append(
+        weakref.ref(model := load(cfg, trainable=trainable, **kw))) or model)
 
     def checked_build(*args, **kwargs):
         out = build(*args, **kwargs)
