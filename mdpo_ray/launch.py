@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import ray.train.torch
 from ray.train.torch import TorchTrainer
 
 from mdpo_ray import sinks, tracking
-from mdpo_ray.config import BUILTIN, RunConfig, validate_config
+from mdpo_ray.config import BUILTIN, ConfigError, RunConfig, validate_config
 
 # Every ray.train.report waits on the controller's health-check poll (2 s by default): at 0.1 s a
 # 20-report run no longer spends most of its time blocked in report (measured, see STACK_NOTES).
@@ -177,6 +178,38 @@ def _will_start_instance() -> bool:
     return get_ray_address_from_environment(None, None) is None
 
 
+def _stale_start_address() -> str | None:
+    """The GCS address `ray start` recorded in /tmp/ray/ray_current_cluster, when nothing answers there.
+
+    A `ray start` that was killed, or a node that crashed, leaves the file behind without `ray stop`;
+    ray.init() then retries that address for good, printing GCS timeouts. RAY_ADDRESS is the user's
+    own choice and is not second-guessed."""
+    if os.environ.get("RAY_ADDRESS"):
+        return None
+    try:
+        from ray._private.services import find_bootstrap_address
+    except ImportError:  # moved in another Ray version: Ray's own behaviour
+        return None
+    address = find_bootstrap_address(None)
+    host, _, port = (address or "").rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+        return None
+    except OSError:
+        return address
+
+
+def _is_this_machine(host: str) -> bool:
+    try:  # only an address of one of this machine's interfaces can be bound
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host, 0))
+        return True
+    except OSError:
+        return False
+
+
 def init_ray() -> bool:
     """Joins the cluster inside `ray job submit` or on a node of one; otherwise starts a local instance.
     True when it started one (its resources are all there will be)."""
@@ -184,10 +217,21 @@ def init_ray() -> bool:
         os.environ.setdefault(key, value)
     if ray.is_initialized():
         return False
-    local = _will_start_instance()
+    address = None
+    if stale := _stale_start_address():
+        fix = "run `ray stop` (it removes the file), or set RAY_ADDRESS to the cluster to join"
+        if not _is_this_machine(stale.rpartition(":")[0]):
+            raise ConfigError(f"no Ray cluster answers at {stale}, the address `ray start` left in "
+                              f"/tmp/ray/ray_current_cluster: start that cluster's head, or {fix}")
+        # This machine's own head is gone: there is nothing to join, so do what a clean machine does.
+        print(f"mdpo-ray: nothing answers at {stale}, the address a `ray start` that is gone left in "
+              "/tmp/ray/ray_current_cluster; starting a local Ray instance (`ray stop` removes the file)", flush=True)
+        address = "local"
+    local = address == "local" or _will_start_instance()
     # The dashboard stays (0.03 of 2 cores at rest): it is Ray's State API and its UI, and on a cluster
     # Train's placement-group cleaner warns every second without it.
-    ray.init(runtime_env={"env_vars": RAY_ENV | (LOCAL_RAY_ENV if local else {})}, log_to_driver=True)
+    ray.init(address=address, runtime_env={"env_vars": RAY_ENV | (LOCAL_RAY_ENV if local else {})},
+             log_to_driver=True)
     return local
 
 
@@ -195,24 +239,25 @@ def train(cfg: RunConfig, *, tags: dict[str, str] | None = None, callbacks: list
     """One run. A sweep trial passes its MLflow tags and Tune's report callback."""
     cfg = resolve_builtin(cfg)
     run_id = _open_run(cfg, tags)
-    init_ray()
-    trainer = _trainer(
-        worker_entry,
-        train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id},
-        scaling_config=_scaling(cfg),
-        run_config=ray.train.RunConfig(
-            name=cfg.name,
-            storage_path=cfg.output_dir,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
-            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
-            callbacks=callbacks,
-        ),
-    )
-    # SIGTERM (ray job stop, a scheduler's kill) must still close the MLflow run.
+    # SIGTERM (ray job stop, a scheduler's kill) must still close the MLflow run; so must a Ray that
+    # cannot be reached.
     in_main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt) if in_main else None
     succeeded = False
     try:
+        init_ray()
+        trainer = _trainer(
+            worker_entry,
+            train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id},
+            scaling_config=_scaling(cfg),
+            run_config=ray.train.RunConfig(
+                name=cfg.name,
+                storage_path=cfg.output_dir,
+                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
+                failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+                callbacks=callbacks,
+            ),
+        )
         result = trainer.fit()
         succeeded = True
     finally:

@@ -1,5 +1,7 @@
 """Fast tier: how `launch.init_ray` starts or joins Ray (ray.init is replaced; nothing starts)."""
 
+import socket
+
 import pytest
 
 from mdpo_ray import launch
@@ -37,9 +39,61 @@ def test_a_cluster_that_ray_start_left_on_this_machine_is_joined_untouched(ray_i
     import ray
 
     monkeypatch.setattr(ray._private.services, "find_bootstrap_address", lambda temp_dir: "10.0.0.5:6379")
+    monkeypatch.setattr(launch.socket, "create_connection", lambda address, timeout: socket.socket())  # it answers
     assert launch.init_ray() is False
     (kwargs,) = ray_init_calls
+    assert kwargs["address"] is None  # ray.init's own lookup joins it
     assert kwargs["runtime_env"]["env_vars"] == launch.RAY_ENV
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def test_a_head_that_ray_start_left_here_and_is_gone_gives_a_local_instance(ray_init_calls, monkeypatch, capsys):
+    """A killed `ray start` leaves /tmp/ray/ray_current_cluster behind, and plain ray.init() then retries
+    that dead address for good. Nothing answers on this machine: start locally, and say why."""
+    import ray
+
+    stale = f"127.0.0.1:{_free_port()}"  # nothing listens there
+    monkeypatch.setattr(ray._private.services, "find_bootstrap_address", lambda temp_dir: stale)
+    assert launch.init_ray() is True
+    (kwargs,) = ray_init_calls
+    assert kwargs["address"] == "local"
+    assert kwargs["runtime_env"]["env_vars"] == launch.RAY_ENV | launch.LOCAL_RAY_ENV
+    out = capsys.readouterr().out
+    assert stale in out and "ray stop" in out
+
+
+def test_a_cluster_elsewhere_that_does_not_answer_is_an_error_naming_the_file(ray_init_calls, monkeypatch):
+    import ray
+
+    from mdpo_ray.config import ConfigError
+
+    def refused(address, timeout):
+        raise ConnectionRefusedError(address)
+
+    monkeypatch.setattr(ray._private.services, "find_bootstrap_address", lambda temp_dir: "10.0.0.5:6379")
+    monkeypatch.setattr(launch.socket, "create_connection", refused)
+    with pytest.raises(ConfigError, match=r"10\.0\.0\.5:6379.*ray_current_cluster.*ray stop"):
+        launch.init_ray()
+    assert ray_init_calls == []  # not left retrying it
+
+
+def test_a_run_whose_ray_cannot_be_reached_is_closed_failed_not_left_running(monkeypatch):
+    from mdpo_ray import tracking
+    from mdpo_ray.config import ConfigError, load_config
+
+    closed = []
+    monkeypatch.setattr(launch, "resolve_builtin", lambda cfg: cfg)
+    monkeypatch.setattr(launch, "_open_run", lambda cfg, tags: "run-1")
+    monkeypatch.setattr(tracking, "close_run", lambda cfg, run_id, succeeded: closed.append((run_id, succeeded)))
+    monkeypatch.setattr(launch, "init_ray", lambda: (_ for _ in ()).throw(ConfigError("no Ray cluster answers")))
+    with pytest.raises(ConfigError):
+        launch.train(load_config(None, []))
+    assert closed == [("run-1", False)]
 
 
 def _default_callbacks(monkeypatch, *, head: bool) -> set[str]:
