@@ -195,7 +195,7 @@ def _stale_start_address() -> str | None:
     if not host or not port.isdigit():
         return None
     try:
-        socket.create_connection((host, int(port)), timeout=5).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()  # [::1]:6379 too
         return None
     except OSError:
         return address
@@ -220,7 +220,7 @@ def init_ray() -> bool:
     address = None
     if stale := _stale_start_address():
         fix = "run `ray stop` (it removes the file), or set RAY_ADDRESS to the cluster to join"
-        if not _is_this_machine(stale.rpartition(":")[0]):
+        if not _is_this_machine(stale.rpartition(":")[0].strip("[]")):
             raise ConfigError(f"no Ray cluster answers at {stale}, the address `ray start` left in "
                               f"/tmp/ray/ray_current_cluster: start that cluster's head, or {fix}")
         # This machine's own head is gone: there is nothing to join, so do what a clean machine does.
