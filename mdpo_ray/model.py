@@ -6,7 +6,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
+                          PreTrainedTokenizerBase)
 
 from mdpo_ray.config import ModelConfig
 
@@ -55,14 +56,24 @@ def load_causal_lm(cfg: ModelConfig, *, trainable: bool, weights: bool = True) -
 def export_pretrained(
     state_dict: dict[str, torch.Tensor], cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, out_dir: Path
 ) -> Path:
-    """Write a full (unsharded) state dict as a Hugging Face model directory, with its tokenizer."""
-    model = AutoModelForCausalLM.from_pretrained(
-        cfg.name_or_path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
-    )
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    tied = {k for k in missing if k.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
-    assert not (set(missing) - tied) and not unexpected, (missing, unexpected)
+    """Write a full (unsharded) state dict as a Hugging Face model directory, with its tokenizer.
+
+    The model object only carries the architecture, config and generation settings (on the meta
+    device): the weights written are `state_dict`'s, so rank 0 holds one full copy of the model here,
+    not a second one read back from `cfg.name_or_path`. `state_dict` is emptied: save_pretrained lets
+    go of each tensor once it is written.
+    """
+    model = load_causal_lm(cfg, trainable=False, weights=False)
+    expected = set(model.state_dict())
+    tied = {k for k in expected if k.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
+    missing, unexpected = expected - set(state_dict) - tied, set(state_dict) - expected
+    assert not missing and not unexpected, (missing, unexpected)
+    try:  # the base model's own (stop tokens, sampling defaults), not ones derived from its config
+        model.generation_config = GenerationConfig.from_pretrained(cfg.name_or_path,
+                                                                   trust_remote_code=cfg.trust_remote_code)
+    except OSError:  # it has no generation_config.json
+        pass
     out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
+    model.save_pretrained(out_dir, state_dict=state_dict)
     tokenizer.save_pretrained(out_dir)
     return out_dir
