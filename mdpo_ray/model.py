@@ -6,8 +6,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
-                          PreTrainedTokenizerBase)
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
 from mdpo_ray.config import ModelConfig
 
