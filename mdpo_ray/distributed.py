@@ -82,22 +82,18 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPol
         fully_shard(block, mesh=mesh, mp_policy=mp_policy)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=_reshard_root(frozen, mesh.size()))
     if mesh.size() > 1:
-        _fill_from_rank0(model, full, _mesh_device(mesh))
+        _fill_from_rank0(model, full)
     return model
 
 
-def _fill_from_rank0(model: nn.Module, full: dict[str, torch.Tensor], device: torch.device) -> None:
+def _fill_from_rank0(model: nn.Module, full: dict[str, torch.Tensor]) -> None:
     """Every rank's shards and buffers from rank 0's `full` state dict (empty on the other ranks)."""
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-        model.to_empty(device=device)
+        model.to_empty(device=_comm_device())  # where the mesh computes and the broadcasts arrive
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     # Non-persistent buffers (rotary frequencies) are not in a state dict; they are small.
     for buffer in model.buffers():
         dist.broadcast(buffer, src=0)
-
-
-def _mesh_device(mesh: DeviceMesh) -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if mesh.device_type == "cuda" else torch.device("cpu")
 
 
 def _reshard_root(frozen: bool, ranks: int) -> bool | None:
