@@ -178,6 +178,11 @@ def _will_start_instance() -> bool:
     return get_ray_address_from_environment(None, None) is None
 
 
+def _host_port(address: str | None) -> tuple[str, int] | None:
+    host, _, port = (address or "").rpartition(":")
+    return (host.strip("[]"), int(port)) if host and port.isdigit() else None  # [::1]:6379 too
+
+
 def _stale_start_address() -> str | None:
     """The GCS address `ray start` recorded in /tmp/ray/ray_current_cluster, when nothing answers there.
 
@@ -191,17 +196,17 @@ def _stale_start_address() -> str | None:
     except ImportError:  # moved in another Ray version: Ray's own behaviour
         return None
     address = find_bootstrap_address(None)
-    host, _, port = (address or "").rpartition(":")
-    if not host or not port.isdigit():
+    if (host_port := _host_port(address)) is None:
         return None
     try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()  # [::1]:6379 too
+        socket.create_connection(host_port, timeout=5).close()
         return None
     except OSError:
         return address
 
 
-def _is_this_machine(host: str) -> bool:
+def _is_this_machine(address: str) -> bool:
+    host = _host_port(address)[0]
     try:  # only an address of one of this machine's interfaces can be bound
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
             probe.bind((host, 0))
@@ -220,7 +225,7 @@ def init_ray() -> bool:
     address = None
     if stale := _stale_start_address():
         fix = "run `ray stop` (it removes the file), or set RAY_ADDRESS to the cluster to join"
-        if not _is_this_machine(stale.rpartition(":")[0].strip("[]")):
+        if not _is_this_machine(stale):
             raise ConfigError(f"no Ray cluster answers at {stale}, the address `ray start` left in "
                               f"/tmp/ray/ray_current_cluster: start that cluster's head, or {fix}")
         # This machine's own head is gone: there is nothing to join, so do what a clean machine does.
