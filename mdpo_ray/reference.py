@@ -138,9 +138,11 @@ def build(cfg: RunConfig, datasets: tuple, pad_token_id: int, mesh, mp_policy, d
 
     A precomputed table is None for a missing set; statuses say "computed" or "reused" per table.
     """
-    load_frozen = lru_cache(maxsize=1)(lambda: distributed.shard_model(_in_compute_dtype(
-        load_causal_lm(cfg.model, trainable=False, weights=distributed.rank() == 0), mp_policy),
-        mesh, mp_policy, frozen=True))
+    @lru_cache(maxsize=1)
+    def load_frozen() -> nn.Module:
+        model = load_causal_lm(cfg.model, trainable=False, weights=distributed.rank() == 0)
+        return distributed.shard_model(_in_compute_dtype(model, mp_policy), mesh, mp_policy, frozen=True)
+
     average = cfg.loss.average_log_prob
     if cfg.reference == "resident":
         resident = ResidentReference(load_frozen(), pad_token_id=pad_token_id, average=average)
