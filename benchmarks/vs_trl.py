@@ -308,14 +308,14 @@ def run_ray(args, assets: dict, name: str, loss: str, reference: str) -> dict:
     import ray
     from mlflow.tracking import MlflowClient
 
-    from mdpo_ray import launch
+    from mdpo_ray import cluster, launch
 
     # The local Ray instance `mdpo-ray train` starts. Ray gives a worker OMP_NUM_THREADS = its CPUs
     # only when unset (ray/_private/utils.py set_omp_num_threads_if_unset): the worker inherits ours
     # (main() sets it for every child), the in-process thread count.
     assert os.environ["OMP_NUM_THREADS"] == str(args.threads)
     os.environ.pop("RAY_ADDRESS", None)
-    launch.init_ray()
+    cluster.init_ray()
     worker = {"rss": 0, "omp": None}
     snapshots: list[tuple[float, float, float, dict[int, float]]] = []  # (time, worker CPU s, Ray's other
     # processes' CPU s, CPU s of each worker thread)

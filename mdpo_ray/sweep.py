@@ -21,7 +21,7 @@ import yaml
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from mdpo_ray import launch, sinks, tracking
+from mdpo_ray import cluster, launch, sinks, tracking
 from mdpo_ray.config import ConfigError, RunConfig
 from mdpo_ray.report import SweepReport, write_report
 from mdpo_ray.sweep_config import SweepConfig, flat_overrides, trial_config
@@ -178,7 +178,7 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False)
     in_trial = _in_trial(sweep, first)
     tracking.require_reachable(first, "a sweep records its trials there and its report reads them back; nothing "
                                       "has started")
-    if launch.init_ray():
+    if cluster.init_ray():
         _check_fits_locally(first, in_trial)
     references = _reference_configs(sweep, base, shared)
     for cfg in references:  # every kind of built-in data the grid names, each built once, here

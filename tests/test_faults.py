@@ -48,8 +48,9 @@ def test_a_killed_worker_restarts_from_the_checkpoint_and_ends_like_an_uninterru
     from ray.cluster_utils import Cluster
 
     from mdpo_ray import launch
+    from mdpo_ray.cluster import RAY_ENV
 
-    for key, value in launch.RAY_ENV.items():
+    for key, value in RAY_ENV.items():
         monkeypatch.setenv(key, value)
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
     cluster.add_node(num_cpus=1)

@@ -1,10 +1,11 @@
-"""Fast tier: how `launch.init_ray` starts or joins Ray (ray.init is replaced; nothing starts)."""
+"""Fast tier: how `cluster.init_ray` starts or joins Ray (ray.init is replaced; nothing starts), and what
+a run does when it cannot."""
 
 import socket
 
 import pytest
 
-from mdpo_ray import launch
+from mdpo_ray import cluster, launch
 
 
 @pytest.fixture
@@ -15,22 +16,22 @@ def ray_init_calls(monkeypatch):
     monkeypatch.setattr(ray._private.services, "find_bootstrap_address", lambda temp_dir: None)  # no `ray start` here
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
-    for key in (*launch.RAY_ENV, *launch.LOCAL_RAY_ENV, "RAY_ADDRESS"):
+    for key in (*cluster.RAY_ENV, *cluster.LOCAL_RAY_ENV, "RAY_ADDRESS"):
         monkeypatch.delenv(key, raising=False)
     return calls
 
 
 def test_a_local_instance_gets_the_local_settings(ray_init_calls):
-    assert launch.init_ray() is True
+    assert cluster.init_ray() is True
     (kwargs,) = ray_init_calls
-    assert kwargs["runtime_env"]["env_vars"] == launch.RAY_ENV | launch.LOCAL_RAY_ENV
+    assert kwargs["runtime_env"]["env_vars"] == cluster.RAY_ENV | cluster.LOCAL_RAY_ENV
 
 
 def test_joining_a_cluster_keeps_its_settings(ray_init_calls, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
-    assert launch.init_ray() is False
+    assert cluster.init_ray() is False
     (kwargs,) = ray_init_calls
-    assert kwargs["runtime_env"]["env_vars"] == launch.RAY_ENV
+    assert kwargs["runtime_env"]["env_vars"] == cluster.RAY_ENV
 
 
 def test_a_cluster_that_ray_start_left_on_this_machine_is_joined_untouched(ray_init_calls, monkeypatch):
@@ -39,11 +40,11 @@ def test_a_cluster_that_ray_start_left_on_this_machine_is_joined_untouched(ray_i
     import ray
 
     monkeypatch.setattr(ray._private.services, "find_bootstrap_address", lambda temp_dir: "10.0.0.5:6379")
-    monkeypatch.setattr(launch.socket, "create_connection", lambda address, timeout: socket.socket())  # it answers
-    assert launch.init_ray() is False
+    monkeypatch.setattr(cluster.socket, "create_connection", lambda address, timeout: socket.socket())  # it answers
+    assert cluster.init_ray() is False
     (kwargs,) = ray_init_calls
     assert kwargs["address"] is None  # ray.init's own lookup joins it
-    assert kwargs["runtime_env"]["env_vars"] == launch.RAY_ENV
+    assert kwargs["runtime_env"]["env_vars"] == cluster.RAY_ENV
 
 
 def _free_port() -> int:
@@ -59,10 +60,10 @@ def test_a_head_that_ray_start_left_here_and_is_gone_gives_a_local_instance(ray_
 
     stale = f"127.0.0.1:{_free_port()}"  # nothing listens there
     monkeypatch.setattr(ray._private.services, "find_bootstrap_address", lambda temp_dir: stale)
-    assert launch.init_ray() is True
+    assert cluster.init_ray() is True
     (kwargs,) = ray_init_calls
     assert kwargs["address"] == "local"
-    assert kwargs["runtime_env"]["env_vars"] == launch.RAY_ENV | launch.LOCAL_RAY_ENV
+    assert kwargs["runtime_env"]["env_vars"] == cluster.RAY_ENV | cluster.LOCAL_RAY_ENV
     out = capsys.readouterr().out
     assert stale in out and "ray stop" in out
 
@@ -76,9 +77,9 @@ def test_a_cluster_elsewhere_that_does_not_answer_is_an_error_naming_the_file(ra
         raise ConnectionRefusedError(address)
 
     monkeypatch.setattr(ray._private.services, "find_bootstrap_address", lambda temp_dir: "10.0.0.5:6379")
-    monkeypatch.setattr(launch.socket, "create_connection", refused)
+    monkeypatch.setattr(cluster.socket, "create_connection", refused)
     with pytest.raises(ConfigError, match=r"10\.0\.0\.5:6379.*ray_current_cluster.*ray stop"):
-        launch.init_ray()
+        cluster.init_ray()
     assert ray_init_calls == []  # not left retrying it
 
 
@@ -90,7 +91,7 @@ def test_a_run_whose_ray_cannot_be_reached_is_closed_failed_not_left_running(mon
     monkeypatch.setattr(launch, "resolve_builtin", lambda cfg: cfg)
     monkeypatch.setattr(launch, "_open_run", lambda cfg, tags: "run-1")
     monkeypatch.setattr(tracking, "close_run", lambda cfg, run_id, succeeded: closed.append((run_id, succeeded)))
-    monkeypatch.setattr(launch, "init_ray", lambda: (_ for _ in ()).throw(ConfigError("no Ray cluster answers")))
+    monkeypatch.setattr(cluster, "init_ray", lambda: (_ for _ in ()).throw(ConfigError("no Ray cluster answers")))
     with pytest.raises(ConfigError):
         launch.train(load_config(None, []))
     assert closed == [("run-1", False)]
@@ -104,7 +105,7 @@ def _default_callbacks(monkeypatch, *, head: bool) -> set[str]:
 
     node = types.SimpleNamespace(is_head=lambda: head)
     monkeypatch.setattr(ray._private.worker, "_global_node", node, raising=False)
-    trainer = launch._trainer(lambda: None, scaling_config=ray.train.ScalingConfig(num_workers=1))
+    trainer = cluster.trainer(lambda: None, scaling_config=ray.train.ScalingConfig(num_workers=1))
     return {type(c).__name__ for c in trainer._create_default_callbacks()}
 
 

@@ -17,9 +17,9 @@ pytestmark = pytest.mark.slow
 def ray_local():
     import ray
 
-    from mdpo_ray import launch
+    from mdpo_ray import cluster
 
-    launch.init_ray()
+    cluster.init_ray()
     yield
     ray.shutdown()
 
@@ -89,15 +89,15 @@ def test_local_workers_run_at_niceness_zero_with_the_local_settings(ray_local):
 
     import ray
 
-    from mdpo_ray import launch
+    from mdpo_ray import cluster
 
     @ray.remote
     def probe():
-        return os.nice(0), {key: os.environ.get(key) for key in launch.LOCAL_RAY_ENV}
+        return os.nice(0), {key: os.environ.get(key) for key in cluster.LOCAL_RAY_ENV}
 
     niceness, env = ray.get(probe.remote())
     assert niceness == 0  # Ray's default for workers is 15
-    assert env == launch.LOCAL_RAY_ENV
+    assert env == cluster.LOCAL_RAY_ENV
 
 
 def test_failed_run_is_marked_failed_not_left_running(ray_local, tiny_run_overrides, tmp_path):

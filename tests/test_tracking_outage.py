@@ -185,10 +185,10 @@ def test_outage_warnings_never_show_user_info_in_the_uri(tmp_path, capsys, monke
 def test_a_sweep_or_report_with_mlflow_down_stops_before_ray_with_the_uri_and_the_fix(tmp_path, capsys, monkeypatch):
     """A single run trains without tracking; a sweep cannot (its trials and report live in MLflow): a clear
     error, exit 2, before Ray is asked for anything. No traceback, and no credentials in the message."""
-    from mdpo_ray import cli, launch
+    from mdpo_ray import cli, cluster
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setattr(launch, "init_ray", lambda: pytest.fail("Ray was started"))
+    monkeypatch.setattr(cluster, "init_ray", lambda: pytest.fail("Ray was started"))
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text("name: down\nspace:\n  loss.beta: {grid: [0.1, 0.5]}\nmetric: loss\nmode: min\n")
     uri = f"http://alice:s3cret@127.0.0.1:{_free_port()}"

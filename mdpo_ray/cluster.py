@@ -1,0 +1,146 @@
+"""Which Ray a run uses: the cluster it is submitted to or runs on, or a local instance set up for
+the cores that train (its settings, the Train actors it leaves out, a dead address left behind).
+
+Part of the Ray boundary with launch.py, which calls `init_ray` and `trainer` for each run.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import ray
+from ray.train.torch import TorchTrainer
+
+from mdpo_ray.config import ConfigError
+
+# Every ray.train.report waits on the controller's health-check poll (2 s by default): at 0.1 s a
+# 20-report run no longer spends most of its time blocked in report (measured, see STACK_NOTES).
+RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
+           # Train V2 routes print() through a logger and also tees it when stdout is wrapped: each
+           # line twice. Plain prints reach the driver once through Ray's log forwarding.
+           "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+           # Per-file progress bars from every worker drown the step lines; the step lines say it all.
+           "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+
+# A local instance runs on the cores that train: each of Ray's ~10 processes wakes every few ms, and a
+# 2-thread CPU step stalls whenever either thread is preempted (benchmarks/vs_trl.py; README,
+# Performance). Joining a cluster changes none of Ray's settings.
+LOCAL_RAY_ENV = {
+    # Ray starts workers at niceness 15 so a busy node cannot starve its own raylet/GCS; then every
+    # wake-up of those (niceness 0) preempts the training threads at once. Locally the control plane
+    # is nearly idle and still gets its share at equal niceness.
+    "RAY_worker_niceness": "0",
+    # Polls the GCS for node drains every 5 s in an actor process of its own; nothing drains a local machine.
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+}
+
+
+def _cluster_only_callbacks() -> tuple[type, ...]:
+    try:
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:  # moved in another Ray version: its defaults stay
+        return ()
+    return DatasetsCallback, PlacementGroupCleanerCallback
+
+
+def _started_here() -> bool:
+    """Whether ray.init in this process started the instance (a head node that ends with this process),
+    rather than joining one: RAY_ADDRESS unset is not enough, since ray.init also joins a cluster that
+    `ray start` left on this machine."""
+    try:
+        from ray._private import worker  # internal: where ray.init keeps the node it started or joined
+    except ImportError:
+        return False
+    node = getattr(worker, "_global_node", None)
+    return node is not None and node.is_head()
+
+
+class _LocalTrainer(TorchTrainer):
+    """A TorchTrainer for an instance this process started: without two helper actors that one machine
+    does not need. Each is a process whose main thread wakes every 10 ms (Ray's signal check, ~0.007
+    cores apiece), taken from the training threads of a CPU run. The placement-group cleaner frees a
+    run's resources when its controller dies on a cluster that outlives it; a local instance ends with
+    this process. The dataset manager serves Ray Datasets, and mdpo-ray passes none."""
+
+    def _create_default_callbacks(self):
+        drop = _cluster_only_callbacks() if not getattr(self, "datasets", None) else ()
+        return [c for c in super()._create_default_callbacks() if not isinstance(c, drop)]
+
+
+def trainer(*args, **kwargs) -> TorchTrainer:
+    return (_LocalTrainer if _started_here() else TorchTrainer)(*args, **kwargs)
+
+
+def _will_start_instance() -> bool:
+    """Whether ray.init() will start an instance rather than join one. It joins RAY_ADDRESS (set inside
+    `ray job submit`) and also, without it, the cluster that `ray start` left on this machine: on the
+    head node of cluster.yaml (`ray attach`), that is an autoscaling cluster."""
+    try:  # the lookup ray.init(address=None) makes: RAY_ADDRESS, else /tmp/ray/ray_current_cluster
+        from ray._private.services import get_ray_address_from_environment
+    except ImportError:  # moved in another Ray version
+        return "RAY_ADDRESS" not in os.environ
+    return get_ray_address_from_environment(None, None) is None
+
+
+def _host_port(address: str | None) -> tuple[str, int] | None:
+    host, _, port = (address or "").rpartition(":")
+    return (host.strip("[]"), int(port)) if host and port.isdigit() else None  # [::1]:6379 too
+
+
+def _stale_start_address() -> str | None:
+    """The GCS address `ray start` recorded in /tmp/ray/ray_current_cluster, when nothing answers there.
+
+    A `ray start` that was killed, or a node that crashed, leaves the file behind without `ray stop`;
+    ray.init() then retries that address for good, printing GCS timeouts. RAY_ADDRESS is the user's
+    own choice and is not second-guessed."""
+    if os.environ.get("RAY_ADDRESS"):
+        return None
+    try:
+        from ray._private.services import find_bootstrap_address
+    except ImportError:  # moved in another Ray version: Ray's own behaviour
+        return None
+    address = find_bootstrap_address(None)
+    if (host_port := _host_port(address)) is None:
+        return None
+    try:
+        socket.create_connection(host_port, timeout=5).close()
+        return None
+    except OSError:
+        return address
+
+
+def _is_this_machine(address: str) -> bool:
+    host = _host_port(address)[0]
+    try:  # only an address of one of this machine's interfaces can be bound
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.bind((host, 0))
+        return True
+    except OSError:
+        return False
+
+
+def init_ray() -> bool:
+    """Joins the cluster inside `ray job submit` or on a node of one; otherwise starts a local instance.
+    True when it started one (its resources are all there will be)."""
+    for key, value in RAY_ENV.items():  # also where Ray is up already (a Tune trial starting a trainer)
+        os.environ.setdefault(key, value)
+    if ray.is_initialized():
+        return False
+    address = None
+    if stale := _stale_start_address():
+        fix = "run `ray stop` (it removes the file), or set RAY_ADDRESS to the cluster to join"
+        if not _is_this_machine(stale):
+            raise ConfigError(f"no Ray cluster answers at {stale}, the address `ray start` left in "
+                              f"/tmp/ray/ray_current_cluster: start that cluster's head, or {fix}")
+        # This machine's own head is gone: there is nothing to join, so do what a clean machine does.
+        print(f"mdpo-ray: nothing answers at {stale}, the address a `ray start` that is gone left in "
+              "/tmp/ray/ray_current_cluster; starting a local Ray instance (`ray stop` removes the file)", flush=True)
+        address = "local"
+    local = address == "local" or _will_start_instance()
+    # The dashboard stays (0.03 of 2 cores at rest): it is Ray's State API and its UI, and on a cluster
+    # Train's placement-group cleaner warns every second without it.
+    ray.init(address=address, runtime_env={"env_vars": RAY_ENV | (LOCAL_RAY_ENV if local else {})},
+             log_to_driver=True)
+    return local
