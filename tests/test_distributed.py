@@ -50,6 +50,7 @@ import sys
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 
 from mdpo_ray import distributed, model as model_lib, reference
 from mdpo_ray.config import ModelConfig
@@ -71,7 +72,8 @@ for case in sys.argv[5:]:  # e.g. untied-policy, tied-reference
     distributed.shard_model(model, distributed.make_mesh(cpu), policy, frozen=frozen)
     with torch.no_grad():
         logits = model(input_ids=torch.arange(12).reshape(2, 6) % 20).logits
-    torch.save({"reads": len(reads), "logits": logits, "buffers": dict(model.named_buffers()),
+    gathered = [name for name, p in model.named_parameters() if not isinstance(p, DTensor)]  # after the forward
+    torch.save({"reads": len(reads), "logits": logits, "buffers": dict(model.named_buffers()), "gathered": gathered,
                 "full": distributed.full_state_dict(model)}, f"{root}/{case}-rank{rank}.pt")
 dist.destroy_process_group()
 """
@@ -80,7 +82,11 @@ dist.destroy_process_group()
 def test_across_ranks_only_rank0_reads_the_weights_and_every_rank_gets_them(tmp_path):
     """A node must not hold one full copy of the model per GPU while loading: the other ranks build the
     bare architecture on the meta device and receive their shards and buffers from rank 0. Checked for
-    the fp32 policy and the bf16 frozen reference, with the head tied to the embeddings and not."""
+    the fp32 policy and the bf16 frozen reference, with the head tied to the embeddings and not.
+
+    The same run checks where each keeps its root (embeddings, final norm, head) after a no-grad forward:
+    the policy keeps it gathered for the backward (FSDP2's default); a frozen reference has no backward
+    to reshard it, so across ranks it reshards after each forward."""
     import copy
     import subprocess
     import sys
@@ -112,6 +118,10 @@ def test_across_ranks_only_rank0_reads_the_weights_and_every_rank_gets_them(tmp_
         for name, buffer in model.named_buffers():
             assert torch.equal(rank1["buffers"][name], buffer), (case, name)  # rotary frequencies (no state dict)
         assert torch.equal(rank0["logits"], rank1["logits"]), case
+        head = [] if case.startswith("tied") else ["lm_head.weight"]  # a tied head is the embeddings
+        root = ["model.embed_tokens.weight", "model.norm.weight", *head]
+        gathered = [] if case.endswith("reference") else root
+        assert [rank0["gathered"], rank1["gathered"]] == [gathered, gathered], case
         plain = copy.deepcopy(model)
         for param in plain.parameters():
             param.data = param.data.to(dtype)  # parameters only, as under FSDP2 (rotary frequencies stay fp32)
