@@ -33,8 +33,8 @@ def claims(frame: pd.DataFrame) -> list[str]:
              for beta in sorted(frame[frame[LOSS] == "minor_dpo"][BETA].dropna().unique())]
     lrs = sorted(frame[LR].unique())
     lines = ["## What the runs say about the paper's claims", "",
-             "Each verdict is computed from the seed means in the tables below by the rule stated with it; "
-             "MinorDPO and DPO are compared at the same rejected kind, β and learning rate.", ""]
+             ("Each verdict is computed from the seed means in the tables below by the rule stated with it; "
+              "MinorDPO and DPO are compared at the same rejected kind, β and learning rate."), ""]
 
     cells = [(kind, beta, lr) for kind, beta in pairs for lr in lrs
              if (kind, f"minor_dpo β={beta:g}", lr) in acc.index and (kind, f"dpo β={beta:g}", lr) in acc.index]
@@ -56,9 +56,9 @@ def claims(frame: pd.DataFrame) -> list[str]:
     kept = [at(dw, c[0], "minor_dpo", c[1], c[2]) >= 0 for c in cells]
     dpo_down = [at(dw, c[0], "dpo", c[1], c[2]) < 0 for c in cells]
     higher = [at(dw, c[0], "minor_dpo", c[1], c[2]) > at(dw, c[0], "dpo", c[1], c[2]) for c in cells]
-    lines += [f"2. **The chosen answer's likelihood is not dragged down** — {_verdict(sum(kept), len(kept))}. "
-              f"Rule: MinorDPO's mean Δw ≥ 0. It is in {sum(kept)} of {len(kept)} settings (DPO's Δw < 0 in "
-              f"{sum(dpo_down)} of {len(dpo_down)}; MinorDPO's Δw above DPO's in {sum(higher)})."]
+    lines += [(f"2. **The chosen answer's likelihood is not dragged down** — {_verdict(sum(kept), len(kept))}. "
+               f"Rule: MinorDPO's mean Δw ≥ 0. It is in {sum(kept)} of {len(kept)} settings (DPO's Δw < 0 in "
+               f"{sum(dpo_down)} of {len(dpo_down)}; MinorDPO's Δw above DPO's in {sum(higher)}).")]
     # 3. Performance holds at learning rates where DPO degrades.
     degraded = [c for c in cells if at(acc, c[0], "dpo", c[1], c[2]) < reference[c[0]] - DEGRADED_POINTS]
     holds = [c for c in degraded if at(acc, c[0], "minor_dpo", c[1], c[2]) >= reference[c[0]] - HOLDS_POINTS]

@@ -12,7 +12,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -39,7 +39,7 @@ class Worker:
     gpu: int = 0  # the CUDA device index Ray Train gave this worker; read only with scaling.use_gpu
     report: Callable[[dict[str, float], Path | None, int], None] = lambda metrics, ckpt_dir, step: None
     restore_dir: Path | None = None  # latest checkpoint, when resuming
-    sink: MetricSink = NullSink()  # MLflow on rank 0, NullSink elsewhere
+    sink: MetricSink = field(default_factory=NullSink)  # MLflow on rank 0, NullSink elsewhere
 
 
 class NonFiniteError(RuntimeError):

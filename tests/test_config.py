@@ -99,7 +99,7 @@ def test_cli_exits_2_on_bad_config_before_ray():
         "import sys; from mdpo_ray.cli import main; rc = main(['train', '--set', 'loss.beta=-1']); "
         "print('ray imported' if 'ray' in sys.modules else 'ray not imported'); sys.exit(rc)"
     )
-    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=False)
     assert proc.returncode == 2
     assert "loss.beta: Input should be greater than 0" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -109,7 +109,7 @@ def test_cli_exits_2_on_bad_config_before_ray():
 def test_cli_config_prints_resolved_yaml():
     proc = subprocess.run(
         [sys.executable, "-m", "mdpo_ray", "config", "--set", "loss.name=dpo"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True, text=True, timeout=60, check=False,
     )
     assert proc.returncode == 0, proc.stderr
     assert "name: dpo" in proc.stdout

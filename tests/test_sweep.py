@@ -67,9 +67,10 @@ def test_interrupted_sweep_resumes_keeping_finished_trials(tiny_run_overrides, t
     finished_history = _loss_steps(cfg, finished)
 
     with (tmp_path / "resumed.log").open("w") as resumed_log:
-        resumed = subprocess.run([*command, "--resume"], stdout=resumed_log, stderr=subprocess.STDOUT, timeout=400)
+        resumed = subprocess.run([*command, "--resume"], stdout=resumed_log, stderr=subprocess.STDOUT, timeout=400,
+                                 check=False)
     assert resumed.returncode == 0, (tmp_path / "resumed.log").read_text()[-4000:]
-    client, children = _children(cfg, _parent_id(cfg, "resumable"))
+    _, children = _children(cfg, _parent_id(cfg, "resumable"))
     assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}  # no duplicate runs
     assert _loss_steps(cfg, finished) == finished_history  # the finished trial was not run again
     assert f"resumed from {second[0].parent}" in (tmp_path / "resumed.log").read_text()  # the cut one went on
@@ -100,7 +101,7 @@ def _wait_for_finished_child(cfg, timeout):
     while time.time() < deadline:
         try:
             _, children = _children(cfg, _parent_id(cfg, "resumable"))
-        except Exception:  # store or parent not there yet
+        except Exception:  # noqa: BLE001 - the store or the parent run is not there yet
             children = []
         done = [c.info.run_id for c in children if c.info.status == "FINISHED"]
         if done:
