@@ -16,7 +16,7 @@ from mdpo_ray import distributed
 from mdpo_ray.config import EvalConfig, LossConfig, RunConfig
 from mdpo_ray.data import collate_pairs
 from mdpo_ray.generation import greedy_answer_accuracy
-from mdpo_ray.logps import concatenated_logps
+from mdpo_ray.logps import concatenated_logps, device_batch
 from mdpo_ray.losses import LOSSES
 from mdpo_ray.metrics import pair_metrics
 from mdpo_ray.reference import batches, cache_key, load_or_compute, rank_shard, take
@@ -32,7 +32,7 @@ def eval_pairs(policy: nn.Module, reference, dataset, *, loss_cfg: LossConfig, e
     policy.eval()
     columns: list[torch.Tensor] = []
     for chunk in batches(mine, eval_cfg.batch_size):
-        batch = {k: v.to(device) for k, v in collate_pairs(take(dataset, chunk), pad_token_id).items()}
+        batch = device_batch(collate_pairs(take(dataset, chunk), pad_token_id), device)
         pc, pr = concatenated_logps(policy, batch, average=loss_cfg.average_log_prob)
         rc, rr = reference.logps(batch, chunk)
         columns.append(torch.stack([pc, pr, rc, rr], dim=1).float().cpu())

@@ -95,19 +95,40 @@ def sequence_logps(
     return summed / mask.sum(-1).clamp(min=1) if average else summed
 
 
-@contextmanager
-def _head_on_scored_rows(head: nn.Module | None, scored: torch.Tensor) -> Iterator[list[bool]]:
-    """While open, `head` sees only hidden[scored] as (1, n, H); yields a list that records each such call.
+def device_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    """A collate_pairs batch on `device`, plus `scored_index`: the flat (row-major) positions whose next
+    token is a completion token, the rows the LM head sees.
 
-    scored: (N, T) bool, True at the positions whose logits are used.
+    The positions are counted here, on the host that built the batch: counting them on a GPU (boolean
+    indexing) stopped the host until the device had caught up, three times a forward, and the device
+    then idled while the host queued the rest. The copies are pinned and non-blocking, so the host collates and
+    queues the next step while the device still runs this one's optimizer step.
     """
+    scored = torch.zeros_like(batch["loss_mask"])
+    scored[:, :-1] = batch["loss_mask"][:, 1:]  # position t scores token t+1
+    host = batch | {"scored_index": scored.flatten().nonzero().squeeze(1)}
+    return {key: to_device(value, device) for key, value in host.items()}
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on `device`; to a GPU from pinned memory without blocking (a copy from pageable
+    memory may wait for the device to finish its queued work)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+@contextmanager
+def _head_on_scored_rows(head: nn.Module | None, shape: torch.Size, index: torch.Tensor) -> Iterator[list[bool]]:
+    """While open, `head` sees only the rows `index` of the (N, T, H) hidden states as (1, n, H); yields
+    a list that records each such call. shape: (N, T)."""
     calls: list[bool] = []
 
     def select(module: nn.Module, args: tuple):
-        if len(args) != 1 or args[0].shape[:2] != scored.shape:
+        if len(args) != 1 or args[0].shape[:2] != shape:
             return None  # not the (N, T, H) call we expect: leave it alone, the caller falls back
         calls.append(True)
-        return (args[0][scored].unsqueeze(0),)
+        return (args[0].flatten(0, 1).index_select(0, index).unsqueeze(0),)
 
     handle = head.register_forward_pre_hook(select) if head is not None else None
     try:
@@ -120,25 +141,28 @@ def _head_on_scored_rows(head: nn.Module | None, scored: torch.Tensor) -> Iterat
 def concatenated_logps(
     model: nn.Module, batch: dict[str, torch.Tensor], *, average: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen_logps (B,), rejected_logps (B,)) from one forward over the (2B, T) batch, chosen rows first."""
-    input_ids, loss_mask = batch["input_ids"], batch["loss_mask"]
-    targets_mask = loss_mask[:, 1:]  # token t+1 is scored from position t
-    scored = torch.zeros_like(loss_mask)
-    scored[:, :-1] = targets_mask
+    """(chosen_logps (B,), rejected_logps (B,)) from one forward over the (2B, T) batch, chosen rows first.
+
+    batch: a collate_pairs batch through `device_batch`. Nothing here reads a value back to the host
+    beyond what the model's own forward does, so on a GPU the host queues the forward and backward
+    ahead of the device (tests/test_logps.py).
+    """
+    input_ids, index, loss_mask = batch["input_ids"], batch["scored_index"], batch["loss_mask"]
     get_head = getattr(model, "get_output_embeddings", None)
-    with _head_on_scored_rows(get_head() if get_head else None, scored) as calls:
+    with _head_on_scored_rows(get_head() if get_head else None, input_ids.shape, index) as calls:
         logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False).logits
     if not calls:  # no separable head (or an unusual one): score the full logits
         logps = sequence_logps(logits, input_ids, loss_mask, average=average)
     else:
-        assert len(calls) == 1 and logits.shape[:2] == (1, int(scored.sum())), (len(calls), logits.shape)
-        tokens = picked_logps(logits[0], input_ids[:, 1:][targets_mask])  # row-major, as hidden[scored]
+        assert len(calls) == 1 and logits.shape[:2] == (1, index.numel()), (len(calls), logits.shape)
+        # Flat position p scores token p + 1 of the same row (p is never a row's last position).
+        tokens = picked_logps(logits[0], input_ids.flatten()[index + 1])
         # Back in place and summed per row: a dense sum is deterministic on CUDA (index_add's atomics are
         # not), so the policy and a resident reference sum identical token log-probs to identical totals
         # and step 0's Δw, Δl are exactly 0 (MinorDPO's first step is then DPO's).
-        per_token = torch.zeros(targets_mask.shape, dtype=torch.float32, device=tokens.device)
-        logps = per_token.masked_scatter(targets_mask, tokens).sum(-1)
+        per_token = torch.zeros(input_ids.numel(), dtype=torch.float32, device=tokens.device)
+        logps = per_token.index_copy(0, index, tokens).view(input_ids.shape).sum(-1)
         if average:
-            logps = logps / targets_mask.sum(-1).clamp(min=1)
+            logps = logps / loss_mask[:, 1:].sum(-1).clamp(min=1)
     n_pairs = logps.shape[0] // 2
     return logps[:n_pairs], logps[n_pairs:]

@@ -24,7 +24,7 @@ from torch import nn
 from mdpo_ray import distributed
 from mdpo_ray.config import RunConfig
 from mdpo_ray.data import collate_pairs
-from mdpo_ray.logps import concatenated_logps
+from mdpo_ray.logps import concatenated_logps, device_batch, to_device
 from mdpo_ray.model import load_causal_lm
 
 
@@ -59,7 +59,7 @@ class PrecomputedReference:
         self.table = table  # (N, 2): reference chosen, rejected log-probs per dataset position
 
     def logps(self, batch: dict[str, torch.Tensor], indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = self.table[torch.tensor(indices)].to(batch["input_ids"].device)
+        rows = to_device(self.table[torch.tensor(indices)], batch["input_ids"].device)
         return rows[:, 0], rows[:, 1]
 
 
@@ -74,7 +74,7 @@ def compute_table(model: nn.Module, dataset, *, batch_size: int, pad_token_id: i
     mine.append(leftover[rank] if rank < len(leftover) else (mine[0] if mine else 0))
     values = []
     for chunk in batches(mine, batch_size):
-        batch = {k: v.to(device) for k, v in collate_pairs(take(dataset, chunk), pad_token_id).items()}
+        batch = device_batch(collate_pairs(take(dataset, chunk), pad_token_id), device)
         chosen, rejected = concatenated_logps(model, batch, average=average)
         values.append(torch.stack([chosen, rejected], dim=1).cpu())
     local = torch.cat(values)

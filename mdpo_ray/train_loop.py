@@ -22,7 +22,7 @@ from mdpo_ray import distributed, evaluate
 from mdpo_ray import reference as ref
 from mdpo_ray.config import OptimConfig, RunConfig
 from mdpo_ray.data import collate_pairs, load_train_eval
-from mdpo_ray.logps import concatenated_logps
+from mdpo_ray.logps import concatenated_logps, device_batch
 from mdpo_ray.losses import LOSSES
 from mdpo_ray.metrics import pair_metrics
 from mdpo_ray.model import export_pretrained, load_causal_lm, load_tokenizer
@@ -143,7 +143,8 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
             group["lr"] = lr
         indices = batch_indices(step, n=len(train_ds), batch_size=cfg.optim.batch_size, seed=cfg.seed,
                                 rank=rank, world=world)
-        batch = {k: v.to(device) for k, v in collate_pairs(ref.take(train_ds, indices), tokenizer.pad_token_id).items()}
+        host_batch = collate_pairs(ref.take(train_ds, indices), tokenizer.pad_token_id)
+        batch = device_batch(host_batch, device)
         policy_chosen, policy_rejected = concatenated_logps(policy, batch, average=average)
         ref_chosen, ref_rejected = reference.logps(batch, indices)
         out = loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, **knobs)
@@ -152,7 +153,13 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
         grad_norm = distributed.clip_grad_norm(policy, cfg.optim.grad_clip)
         # All ranks see the same global grad norm and summed loss, so they agree on skipping.
         global_loss = distributed.all_reduce_sum(loss.detach().float().reshape(1))
-        if torch.isfinite(grad_norm) and torch.isfinite(global_loss).all():
+        finite = bool(torch.isfinite(grad_norm) & torch.isfinite(global_loss).all())  # the step's one wait on the device
+        # Read out now, while the device is idle: after optimizer.step() these copies would queue behind it
+        # and the host could not prepare the next step while the device runs the update.
+        window.append(torch.stack([out.losses, policy_chosen, policy_rejected, ref_chosen, ref_rejected], 1)
+                      .detach().float().cpu())
+        step_stats["grad_norm"] += float(grad_norm)
+        if finite:
             optimizer.step()
             consecutive_nonfinite = 0
         else:
@@ -167,10 +174,7 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
                 )
         optimizer.zero_grad(set_to_none=True)
 
-        window.append(torch.stack([out.losses, policy_chosen, policy_rejected, ref_chosen, ref_rejected], 1)
-                      .detach().float().cpu())
-        step_stats["grad_norm"] += float(grad_norm)
-        step_stats["tokens"] += float(batch["attention_mask"].sum())
+        step_stats["tokens"] += float(host_batch["attention_mask"].sum())
         step_stats["seconds"] += time.perf_counter() - started
         step_stats["steps"] += 1
         is_last = step == cfg.optim.max_steps

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from mdpo_ray import logps
 
@@ -116,7 +117,8 @@ def _padded_pairs():
         input_ids[row, : prompt + completion] = torch.randint(1, 61, (prompt + completion,))
         attention_mask[row, : prompt + completion] = 1
         loss_mask[row, prompt : prompt + completion] = True
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+    return logps.device_batch(batch, torch.device("cpu"))
 
 
 def _naive_logps(model, batch, average):
@@ -246,3 +248,38 @@ def test_on_one_rank_a_frozen_model_keeps_its_root_gathered_after_a_forward(tmp_
     assert all(proc.returncode == 0 for proc in procs), [err[-2000:] for _, err in outs]
     root = ["model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"]
     assert [out.split() for out, _ in outs] == [root if gathered else []] * ranks
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts the ops that, on a GPU, make the host wait for the device: reading a value (`.item()`,
+    `int()`, `bool()`: `_local_scalar_dense`) and sizing a result by its data (`nonzero`, boolean indexing)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ("_local_scalar_dense", "nonzero", "masked_select") or (
+                name == "index" and any(i is not None and i.dtype == torch.bool for i in args[1])):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma2"])
+def test_log_probs_add_no_wait_on_the_device_to_the_models_own_forward(kind):
+    """A policy forward and backward reads nothing back beyond what the bare transformers forward does
+    (it looks at the padding mask to pick an attention kernel): on a GPU each read stalls the host
+    mid-step and leaves the device idle while the host queues the rest. The scored positions come
+    counted from the host (device_batch). Checked on CPU through the dispatcher, which sees the same ops."""
+    model, batch = _tiny_causal_lm(kind), _padded_pairs()
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "use_cache": False}
+    with _HostReads() as bare:
+        model(**inputs)
+    with _HostReads() as ours:
+        chosen, rejected = logps.concatenated_logps(model, batch, average=True)
+        (chosen.sum() - rejected.sum()).backward()
+    assert ours.seen == bare.seen, (ours.seen, bare.seen)
+    with _HostReads() as masked:  # the check can fail: a boolean index counts
+        model(**inputs).logits[batch["loss_mask"]]
+    assert masked.seen == [*bare.seen, "index"], masked.seen
