@@ -285,7 +285,7 @@ def run_ours(args, assets: dict, name: str, loss: str, reference: str, *, full_l
     from mdpo_ray.train_loop import Worker, train
 
     if full_logits:  # no hook on the head: it sees all (2B, T) positions, the log-softmax is still chunked fp32
-        logps._head_on_scored_rows = lambda head, scored: _no_hook()
+        logps._head_on_scored_rows = lambda *_: _no_hook()  # whatever the hook's signature
     clock = _LogClock()
     with _profiled(args):
         train(_run_config(args, assets, name, loss, reference), Worker(sink=clock))

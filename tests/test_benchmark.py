@@ -1,0 +1,30 @@
+"""The benchmark (benchmarks/vs_trl.py) still runs against the code it measures: its in-process path
+calls the training loop, and its head-on-every-position config reaches into mdpo_ray.logps, so a
+change there can break it with nothing else failing (as a change of the hook's signature once did).
+TRL is only in the `bench` extra, so TRL's configs are not run here."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--hidden", "32", "--layers", "1", "--heads", "2", "--intermediate", "64", "--vocab", "500", "--pairs", "16",
+        "--batch", "4", "--shots", "0", "--window", "1", "--warmup", "1", "--windows", "2", "--matmul-size", "256"]
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_the_in_process_step_with_the_head_on_every_position(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vs_trl.py"), "--configs", "minor_dpo_full_logits",
+                           *TINY, "--workdir", str(tmp_path / "work"), "--json", str(out)],
+                          capture_output=True, text=True, timeout=300, check=False,
+                          env=os.environ | {"PYTHONPATH": str(ROOT)})
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    results = json.loads(out.read_text())["results"]  # a config that fails is left out of the table, not fatal
+    assert "minor_dpo_full_logits" in results, (proc.stdout + proc.stderr)[-3000:]
+    result = results["minor_dpo_full_logits"]
+    assert len(result["windows"]) == 2 and all(w > 0 for w in result["windows"]), result
