@@ -91,6 +91,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=_positive, default=5, help="timed windows after the warm-up")
     p.add_argument("--rounds", type=_positive, default=1, help="run the configs this many times, interleaved; the Ray "
                    "target then compares each round's Ray and in-process runs, which ran minutes apart")
+    p.add_argument("--allocator", default="mdpo-ray", choices=["mdpo-ray", "glibc"],
+                   help="CPU: every process of both sides gets the glibc malloc settings a CPU-only local Ray "
+                        "instance gives its workers (mdpo-ray, the default; a GLIBC_TUNABLES of your own wins), "
+                        "or glibc's defaults (how the tables before 2026-12-02 ran)")
     p.add_argument("--matmul-size", type=int, default=None, help="n of the n x n matmul rate (2048 CPU, 8192 GPU)")
     p.add_argument("--workdir", type=Path, default=None, help="model, pairs and run outputs (default: a temp dir)")
     p.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of each config")
@@ -315,7 +319,7 @@ def run_ray(args, assets: dict, name: str, loss: str, reference: str) -> dict:
     # (main() sets it for every child), the in-process thread count.
     assert os.environ["OMP_NUM_THREADS"] == str(args.threads)
     os.environ.pop("RAY_ADDRESS", None)
-    cluster.init_ray()
+    cluster.init_ray(use_gpu=args.device == "cuda")
     worker = {"rss": 0, "omp": None}
     snapshots: list[tuple[float, float, float, dict[int, float]]] = []  # (time, worker CPU s, Ray's other
     # processes' CPU s, CPU s of each worker thread)
@@ -579,12 +583,28 @@ def main() -> None:
           "report_to=none, save_strategy=no, eval_strategy=no", flush=True)
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
                         "HF_HOME": str(args.workdir / "hf"), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    env |= _allocator_env(args)
+    args.glibc_tunables = env["GLIBC_TUNABLES"]
+    print(f"allocator, every process of both sides: GLIBC_TUNABLES={env['GLIBC_TUNABLES']!r}"
+          + (" (glibc's defaults)" if not env["GLIBC_TUNABLES"] else ""), flush=True)
     results = _run_configs(args, assets, env, rate)
     print()
     lines = _table(args, assets, results, rate, n_matmul, n_head) + ["targets:"] + _targets(results)
     print("\n".join(lines))
     if args.json:
         _write_json(args, assets, results, rate)
+
+
+def _allocator_env(args) -> dict[str, str]:
+    """The same glibc malloc settings for every child of both sides. It is set (empty: glibc's
+    defaults) even for the Ray config, whose local instance then leaves it as it is (cluster.init_ray)."""
+    if "GLIBC_TUNABLES" in os.environ:
+        return {}
+    if args.allocator == "glibc" or args.device == "cuda":  # a GPU run's local instance does not set it either
+        return {"GLIBC_TUNABLES": ""}
+    from mdpo_ray import cluster
+
+    return dict(cluster.CPU_ALLOCATOR_ENV)
 
 
 def _run_configs(args, assets: dict, env: dict, rate: float) -> dict[str, dict]:
@@ -616,7 +636,7 @@ def _run_configs(args, assets: dict, env: dict, rate: float) -> dict[str, dict]:
 
 def _write_json(args, assets: dict, results: dict, rate: float) -> None:
     args.json.write_text(json.dumps({"assets": assets, "matmul_flops": rate, "results": results,
-                                     "argv": sys.argv[1:]}, indent=1))
+                                     "argv": sys.argv[1:], "GLIBC_TUNABLES": args.glibc_tunables}, indent=1))
 
 
 if __name__ == "__main__":

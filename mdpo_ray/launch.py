@@ -116,7 +116,7 @@ def train(cfg: RunConfig, *, tags: dict[str, str] | None = None, callbacks: list
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt) if in_main else None
     succeeded = False
     try:
-        cluster.init_ray()
+        cluster.init_ray(use_gpu=cfg.scaling.use_gpu)
         trainer = cluster.trainer(
             worker_entry,
             train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id},

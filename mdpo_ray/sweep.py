@@ -178,7 +178,7 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False)
     in_trial = _in_trial(sweep, first)
     tracking.require_reachable(first, "a sweep records its trials there and its report reads them back; nothing "
                                       "has started")
-    if cluster.init_ray():
+    if cluster.init_ray(use_gpu=first.scaling.use_gpu):
         _check_fits_locally(first, in_trial)
     references = _reference_configs(sweep, base, shared)
     for cfg in references:  # every kind of built-in data the grid names, each built once, here

@@ -16,20 +16,33 @@ def ray_init_calls(monkeypatch):
     monkeypatch.setattr(ray._private.services, "find_bootstrap_address", lambda temp_dir: None)  # no `ray start` here
     monkeypatch.setattr(ray, "is_initialized", lambda: False)
     monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
-    for key in (*cluster.RAY_ENV, *cluster.LOCAL_RAY_ENV, "RAY_ADDRESS"):
+    for key in (*cluster.RAY_ENV, *cluster.LOCAL_RAY_ENV, *cluster.CPU_ALLOCATOR_ENV, "RAY_ADDRESS"):
         monkeypatch.delenv(key, raising=False)
     return calls
 
 
 def test_a_local_instance_gets_the_local_settings(ray_init_calls):
-    assert cluster.init_ray() is True
+    assert cluster.init_ray(use_gpu=True) is True
     (kwargs,) = ray_init_calls
     assert kwargs["runtime_env"]["env_vars"] == cluster.RAY_ENV | cluster.LOCAL_RAY_ENV
 
 
+def test_a_cpu_only_local_instance_keeps_freed_memory_in_its_workers(ray_init_calls):
+    assert cluster.init_ray(use_gpu=False) is True
+    (kwargs,) = ray_init_calls
+    assert kwargs["runtime_env"]["env_vars"] == cluster.RAY_ENV | cluster.LOCAL_RAY_ENV | cluster.CPU_ALLOCATOR_ENV
+
+
+def test_a_glibc_setting_of_the_users_own_is_left_alone(ray_init_calls, monkeypatch):
+    monkeypatch.setenv("GLIBC_TUNABLES", "")  # even empty: glibc's defaults, inherited by the workers
+    cluster.init_ray(use_gpu=False)
+    (kwargs,) = ray_init_calls
+    assert "GLIBC_TUNABLES" not in kwargs["runtime_env"]["env_vars"]
+
+
 def test_joining_a_cluster_keeps_its_settings(ray_init_calls, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "http://head:8265")
-    assert cluster.init_ray() is False
+    assert cluster.init_ray(use_gpu=False) is False
     (kwargs,) = ray_init_calls
     assert kwargs["runtime_env"]["env_vars"] == cluster.RAY_ENV
 
@@ -41,7 +54,7 @@ def test_a_cluster_that_ray_start_left_on_this_machine_is_joined_untouched(ray_i
 
     monkeypatch.setattr(ray._private.services, "find_bootstrap_address", lambda temp_dir: "10.0.0.5:6379")
     monkeypatch.setattr(cluster.socket, "create_connection", lambda address, timeout: socket.socket())  # it answers
-    assert cluster.init_ray() is False
+    assert cluster.init_ray(use_gpu=False) is False
     (kwargs,) = ray_init_calls
     assert kwargs["address"] is None  # ray.init's own lookup joins it
     assert kwargs["runtime_env"]["env_vars"] == cluster.RAY_ENV
@@ -60,10 +73,10 @@ def test_a_head_that_ray_start_left_here_and_is_gone_gives_a_local_instance(ray_
 
     stale = f"127.0.0.1:{_free_port()}"  # nothing listens there
     monkeypatch.setattr(ray._private.services, "find_bootstrap_address", lambda temp_dir: stale)
-    assert cluster.init_ray() is True
+    assert cluster.init_ray(use_gpu=False) is True
     (kwargs,) = ray_init_calls
     assert kwargs["address"] == "local"
-    assert kwargs["runtime_env"]["env_vars"] == cluster.RAY_ENV | cluster.LOCAL_RAY_ENV
+    assert kwargs["runtime_env"]["env_vars"] == cluster.RAY_ENV | cluster.LOCAL_RAY_ENV | cluster.CPU_ALLOCATOR_ENV
     out = capsys.readouterr().out
     assert stale in out and "ray stop" in out
 
@@ -79,7 +92,7 @@ def test_a_cluster_elsewhere_that_does_not_answer_is_an_error_naming_the_file(ra
     monkeypatch.setattr(ray._private.services, "find_bootstrap_address", lambda temp_dir: "10.0.0.5:6379")
     monkeypatch.setattr(cluster.socket, "create_connection", refused)
     with pytest.raises(ConfigError, match=r"10\.0\.0\.5:6379.*ray_current_cluster.*ray stop"):
-        cluster.init_ray()
+        cluster.init_ray(use_gpu=False)
     assert ray_init_calls == []  # not left retrying it
 
 
@@ -91,7 +104,7 @@ def test_a_run_whose_ray_cannot_be_reached_is_closed_failed_not_left_running(mon
     monkeypatch.setattr(launch, "resolve_builtin", lambda cfg: cfg)
     monkeypatch.setattr(launch, "_open_run", lambda cfg, tags: "run-1")
     monkeypatch.setattr(tracking, "close_run", lambda cfg, run_id, succeeded: closed.append((run_id, succeeded)))
-    monkeypatch.setattr(cluster, "init_ray", lambda: (_ for _ in ()).throw(ConfigError("no Ray cluster answers")))
+    monkeypatch.setattr(cluster, "init_ray", lambda **_: (_ for _ in ()).throw(ConfigError("no Ray cluster answers")))
     with pytest.raises(ConfigError):
         launch.train(load_config(None, []))
     assert closed == [("run-1", False)]

@@ -19,7 +19,9 @@ def ray_local():
 
     from mdpo_ray import cluster
 
-    cluster.init_ray()
+    with pytest.MonkeyPatch.context() as env:
+        env.delenv("GLIBC_TUNABLES", raising=False)  # a CPU-only instance's own allocator settings, tested below
+        cluster.init_ray(use_gpu=False)
     yield
     ray.shutdown()
 
@@ -98,6 +100,47 @@ def test_local_workers_run_at_niceness_zero_with_the_local_settings(ray_local):
     niceness, env = ray.get(probe.remote())
     assert niceness == 0  # Ray's default for workers is 15
     assert env == cluster.LOCAL_RAY_ENV
+
+
+def test_cpu_only_local_workers_keep_freed_memory(ray_local):
+    """The allocator settings reached glibc in the workers, which reads them only when a process starts:
+    a freed 100 MiB block is used again without faulting in its 25,600 pages."""
+    import ray
+
+    def faults_per_block(megabytes: int = 100) -> int:
+        """Minor page faults of a non-main thread (where Ray Train runs the loop) that allocates, fills and
+        frees the same large block again and again, as a CPU step does with its logits."""
+        import ctypes
+        import resource
+        import threading
+
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+        libc.free.argtypes, libc.memset.argtypes = [ctypes.c_void_p], [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+        faults = []
+
+        def block() -> None:
+            size = megabytes << 20
+            pointer = libc.malloc(size)
+            libc.memset(pointer, 1, size)
+            libc.free(pointer)
+
+        def loop() -> None:
+            block()  # the first time faults in any case
+            before = resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+            for _ in range(5):
+                block()
+            faults.append((resource.getrusage(resource.RUSAGE_THREAD).ru_minflt - before) // 5)
+
+        thread = threading.Thread(target=loop)
+        thread.start()
+        thread.join()
+        return faults[0]
+
+    tuned = ray.get(ray.remote(faults_per_block).remote())
+    defaults = ray.get(ray.remote(faults_per_block).options(runtime_env={"env_vars": {"GLIBC_TUNABLES": ""}}).remote())
+    assert defaults > 20_000  # glibc's defaults: mmap'd, unmapped on free, faulted in again
+    assert tuned < 1_000
 
 
 def test_failed_run_is_marked_failed_not_left_running(ray_local, tiny_run_overrides, tmp_path):

@@ -188,7 +188,7 @@ def test_a_sweep_or_report_with_mlflow_down_stops_before_ray_with_the_uri_and_th
     from mdpo_ray import cli, cluster
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    monkeypatch.setattr(cluster, "init_ray", lambda: pytest.fail("Ray was started"))
+    monkeypatch.setattr(cluster, "init_ray", lambda **_: pytest.fail("Ray was started"))
     sweep = tmp_path / "sweep.yaml"
     sweep.write_text("name: down\nspace:\n  loss.beta: {grid: [0.1, 0.5]}\nmetric: loss\nmode: min\n")
     uri = f"http://alice:s3cret@127.0.0.1:{_free_port()}"
