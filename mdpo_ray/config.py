@@ -20,14 +20,24 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class LoraConfig(_Strict):
+    """Low-rank adapters (peft) on the policy's linear layers; the reference is the same model with them off."""
+
+    r: int = Field(0, ge=0)  # adapter rank; 0: full fine-tuning (no adapters)
+    alpha: float = Field(16.0, gt=0)  # the adapter output is scaled by alpha / r
+    dropout: float = Field(0.0, ge=0, lt=1)  # on the adapter's input only
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"  # module names (suffixes), or every linear but the head
+
+
 class ModelConfig(_Strict):
     name_or_path: str = BUILTIN  # a hub id, a local save_pretrained dir, or builtin:arith
     tokenizer: str | None = None  # defaults to name_or_path
     trust_remote_code: bool = False
+    lora: LoraConfig = LoraConfig()
 
 
 class BuiltinTaskConfig(_Strict):
-    """The generated arithmetic preference task (see ../shared/BUILTIN_TASK_NOTES.md for the sizing)."""
+    """The generated arithmetic preference task."""
 
     # near_miss / wrong_final: synthetic edits of the right chain; on_policy: sampled from the SFT model, judged wrong
     rejected_kind: Literal["near_miss", "wrong_final", "on_policy"] = "near_miss"
@@ -96,6 +106,7 @@ class OptimConfig(_Strict):
     schedule: Literal["constant", "linear", "cosine"] = "constant"  # after warm-up
     max_steps: int = Field(100, ge=1)
     batch_size: int = Field(16, ge=1)  # pairs per optimizer step, summed over all workers
+    micro_batch_size: int | None = Field(None, ge=1)  # pairs per worker per forward; None: batch_size / num_workers
     grad_clip: float = Field(1.0, gt=0)
     max_consecutive_nonfinite: int = Field(5, ge=1)  # stability guard: fail after this many skipped steps in a row
 
@@ -107,11 +118,17 @@ class ScalingConfig(_Strict):
     gpus_per_worker: float = Field(1.0, gt=0)  # only read when use_gpu
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 params + fp32 reduce on GPUs with native bf16, else fp32
     max_failures: int = Field(0, ge=-1)  # worker-group restarts from the latest checkpoint (-1: unlimited)
+    activation_checkpointing: bool = False  # recompute each decoder block's activations in backward
+    cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: the policy's params, grads and AdamW state live in host memory
 
 
 class CheckpointConfig(_Strict):
     every_steps: int = Field(50, ge=1)
     num_to_keep: int = Field(2, ge=1)
+
+
+class ExportConfig(_Strict):
+    lora: Literal["merged", "adapter"] = "merged"  # with model.lora.r > 0: a plain model, or a peft adapter dir
 
 
 class TrackingConfig(_Strict):
@@ -147,6 +164,7 @@ class RunConfig(_Strict):
     optim: OptimConfig = OptimConfig()
     scaling: ScalingConfig = ScalingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
+    export: ExportConfig = ExportConfig()
     tracking: TrackingConfig = TrackingConfig()
     eval: EvalConfig = EvalConfig()
     stop: StopConfig = StopConfig()
@@ -157,6 +175,13 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"optim.batch_size ({self.optim.batch_size}) must be a multiple of scaling.num_workers "
                 f"({self.scaling.num_workers}): each worker takes an equal slice of every batch"
+            )
+        micro = self.optim.micro_batch_size
+        if micro is not None and self.per_worker_batch_size % micro:
+            raise ValueError(
+                f"optim.micro_batch_size ({micro}) must divide the per-worker batch, optim.batch_size "
+                f"({self.optim.batch_size}) / scaling.num_workers ({self.scaling.num_workers}) = "
+                f"{self.per_worker_batch_size}: each optimizer step accumulates whole micro-batches"
             )
         if self.scaling.mixed_precision == "bf16" and not self.scaling.use_gpu:
             raise ValueError("scaling.mixed_precision=bf16 needs scaling.use_gpu=true; use auto or fp32 on CPU")
@@ -180,6 +205,15 @@ class RunConfig(_Strict):
     @property
     def per_worker_batch_size(self) -> int:
         return self.optim.batch_size // self.scaling.num_workers
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.optim.micro_batch_size or self.per_worker_batch_size
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Forwards per worker per optimizer step."""
+        return self.per_worker_batch_size // self.micro_batch_size
 
     @property
     def run_dir(self) -> Path:
