@@ -107,6 +107,9 @@ class OptimConfig(_Strict):
     max_steps: int = Field(100, ge=1)
     batch_size: int = Field(16, ge=1)  # pairs per optimizer step, summed over all workers
     micro_batch_size: int | None = Field(None, ge=1)  # pairs per worker per forward; None: batch_size / num_workers
+    # Accumulating, reduce-scatter the gradients once per step (each rank holds an unsharded fp32 gradient
+    # meanwhile) or after every micro-batch (gradients stay sharded: more traffic, less memory).
+    sync_every_micro_batch: bool = False
     grad_clip: float = Field(1.0, gt=0)
     max_consecutive_nonfinite: int = Field(5, ge=1)  # stability guard: fail after this many skipped steps in a row
 

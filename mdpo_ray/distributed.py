@@ -19,8 +19,13 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_state_dict,
 )
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
+    CheckpointImpl,
+    apply_activation_checkpointing,
+    checkpoint_wrapper,
+)
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 
@@ -61,8 +66,16 @@ def mixed_precision(mode: str, device: torch.device) -> MixedPrecisionPolicy:
 
 
 def shard_model(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy, *,
-                frozen: bool = False) -> nn.Module:
+                frozen: bool = False, checkpoint: bool = False, offload: bool = False) -> nn.Module:
     """fully_shard each decoder block, then the root (embeddings, final norm, head).
+
+    `checkpoint` wraps each block in non-reentrant activation checkpointing before sharding (torchtitan's
+    order): backward recomputes the block's forward from its input, so a block keeps only its input
+    alive between forward and backward. Non-reentrant checkpointing is the one that takes keyword
+    arguments (HF blocks get the mask and rotary embeddings as such) and composes with FSDP2's hooks.
+    `offload` keeps the sharded parameters, their gradients and so the optimizer state in host memory
+    (FSDP2's CPUOffloadPolicy): each block is copied to the device for its forward and backward, and
+    AdamW steps on the CPU.
 
     Block classes come from the Hugging Face model's own `_no_split_modules`, so any HF causal LM
     (Llama, Qwen, Mistral, GPT-2, ...) is sharded per block without a per-architecture table.
@@ -78,18 +91,39 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPol
     blocks = [m for m in model.modules() if type(m).__name__ in block_names]
     assert blocks, f"{type(model).__name__} declares no _no_split_modules; cannot find its decoder blocks"
     full = model.state_dict() if mesh.size() > 1 and rank() == 0 else {}  # the unsharded tensors, to send
+    if checkpoint:
+        wrap = set(blocks)
+        apply_activation_checkpointing(
+            model, checkpoint_wrapper_fn=lambda m: checkpoint_wrapper(m, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
+            check_fn=lambda m: m in wrap)
+        # The wrappers take the blocks' places; their state-dict keys stay the blocks' (DCP strips the wrapper's
+        # prefix), so checkpoints load with and without checkpointing.
+        blocks = [m for m in model.modules() if getattr(m, "_checkpoint_wrapped_module", None) in wrap]
+        assert len(blocks) == len(wrap), (len(blocks), len(wrap))
+    # Pinned host memory lets the copies to a GPU overlap compute; a CPU-only run (tests) has nothing to pin for.
+    offload_policy = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if offload else OffloadPolicy()
     for block in blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp_policy)
-    fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=_reshard_root(frozen, mesh.size()))
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy, offload_policy=offload_policy)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy, offload_policy=offload_policy,
+                reshard_after_forward=_reshard_root(frozen, mesh.size()))
     if mesh.size() > 1:
-        _fill_from_rank0(model, full)
+        _fill_from_rank0(model, full, offload=offload)
     return model
 
 
-def _fill_from_rank0(model: nn.Module, full: dict[str, torch.Tensor]) -> None:
+def sync_gradients(model: nn.Module, enabled: bool) -> None:
+    """Whether the next backward reduce-scatters the gradients across ranks. Off for the non-final
+    micro-batches of an accumulated step: each rank then sums its gradients unsharded (in the reduce
+    dtype, fp32: a full gradient per rank) and reduces once, on the final micro-batch."""
+    assert isinstance(model, FSDPModule), type(model)
+    model.set_requires_gradient_sync(enabled)
+
+
+def _fill_from_rank0(model: nn.Module, full: dict[str, torch.Tensor], *, offload: bool = False) -> None:
     """Every rank's shards and buffers from rank 0's `full` state dict (empty on the other ranks)."""
     if any(t.is_meta for t in (*model.parameters(), *model.buffers())):
-        model.to_empty(device=_comm_device())  # where the mesh computes and the broadcasts arrive
+        # Where the mesh computes and the broadcasts arrive; offloaded shards live on the host.
+        model.to_empty(device=torch.device("cpu") if offload else _comm_device())
     set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
     # Non-persistent buffers (rotary frequencies) are not in a state dict; they are small.
     for buffer in model.buffers():

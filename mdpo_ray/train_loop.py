@@ -98,7 +98,9 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
     problems = evaluate.load_problems(cfg.data.generation_eval, cfg.eval.max_generation_problems) \
         if cfg.data.generation_eval else []
 
-    policy = distributed.shard_model(load_causal_lm(cfg.model, trainable=True, weights=rank == 0), mesh, mp_policy)
+    policy = distributed.shard_model(load_causal_lm(cfg.model, trainable=True, weights=rank == 0), mesh, mp_policy,
+                                     checkpoint=cfg.scaling.activation_checkpointing,
+                                     offload=cfg.scaling.cpu_offload)
     reference, eval_reference, cache_statuses = ref.build(cfg, (train_ds, eval_ds), tokenizer.pad_token_id, mesh,
                                                           mp_policy, device, say)
     if cache_statuses:
@@ -143,21 +145,31 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
             group["lr"] = lr
         indices = batch_indices(step, n=len(train_ds), batch_size=cfg.optim.batch_size, seed=cfg.seed,
                                 rank=rank, world=world)
-        host_batch = collate_pairs(ref.take(train_ds, indices), tokenizer.pad_token_id)
-        batch = device_batch(host_batch, device)
-        policy_chosen, policy_rejected = concatenated_logps(policy, batch, average=average)
-        ref_chosen, ref_rejected = reference.logps(batch, indices)
-        out = loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, **knobs)
-        loss = out.losses.mean()
-        loss.backward()
+        step_loss, columns = torch.zeros((), device=device), []  # columns: per-pair values of each micro-batch
+        for micro, micro_indices in enumerate(ref.batches(indices, cfg.micro_batch_size)):
+            last = micro == cfg.accumulation_steps - 1
+            distributed.sync_gradients(policy, last or cfg.optim.sync_every_micro_batch)
+            host_batch = collate_pairs(ref.take(train_ds, micro_indices), tokenizer.pad_token_id)
+            batch = device_batch(host_batch, device)
+            policy_chosen, policy_rejected = concatenated_logps(policy, batch, average=average)
+            ref_chosen, ref_rejected = reference.logps(batch, micro_indices)
+            out = loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, **knobs)
+            # Summed over the micro-batch and divided by the rank's whole slice, the accumulated gradient is
+            # that of the rank's mean loss; FSDP2 averages it over ranks: the global batch's mean, whatever
+            # the micro-batch size.
+            loss = out.losses.sum() / len(indices)
+            loss.backward()
+            step_loss += loss.detach()
+            columns.append(torch.stack([out.losses, policy_chosen, policy_rejected, ref_chosen, ref_rejected], 1)
+                           .detach().float())
+            step_stats["tokens"] += float(host_batch["attention_mask"].sum())
         grad_norm = distributed.clip_grad_norm(policy, cfg.optim.grad_clip)
         # All ranks see the same global grad norm and summed loss, so they agree on skipping.
-        global_loss = distributed.all_reduce_sum(loss.detach().float().reshape(1))
+        global_loss = distributed.all_reduce_sum(step_loss.float().reshape(1))
         finite = bool(torch.isfinite(grad_norm) & torch.isfinite(global_loss).all())  # the step's one wait on the device
         # Read out now, while the device is idle: after optimizer.step() these copies would queue behind it
         # and the host could not prepare the next step while the device runs the update.
-        window.append(torch.stack([out.losses, policy_chosen, policy_rejected, ref_chosen, ref_rejected], 1)
-                      .detach().float().cpu())
+        window.append(torch.cat(columns).cpu())
         step_stats["grad_norm"] += float(grad_norm)
         if finite:
             optimizer.step()
@@ -174,7 +186,6 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
                 )
         optimizer.zero_grad(set_to_none=True)
 
-        step_stats["tokens"] += float(host_batch["attention_mask"].sum())
         step_stats["seconds"] += time.perf_counter() - started
         step_stats["steps"] += 1
         is_last = step == cfg.optim.max_steps
