@@ -21,6 +21,8 @@ Configurations:
   dpo_precompute, ...          code a Ray worker runs), resident / precomputed reference
   minor_dpo_full_logits        the same with the LM head on every position (how mdpo-ray ran before)
   ray_minor_dpo                mdpo_ray.launch.train: Ray Train, 1 worker, MLflow tracking
+  trl_checkpointing,           both sides with activation checkpointing: TRL's default gradient_checkpointing
+  minor_dpo_checkpointing      (DPOConfig's own default) against scaling.activation_checkpointing
 
 Speed is steady state: the first --warmup windows of --window steps are warm-up; then --windows windows, each
 timed from the end of one window to the end of the next (TRL: a callback's on_step_end; mdpo-ray:
@@ -61,7 +63,10 @@ CONFIGS = {  # name: (side, loss, reference)
     "minor_dpo_precompute": ("ours", "minor_dpo", "precompute"),
     "minor_dpo_full_logits": ("ours_full_logits", "minor_dpo", "resident"),
     "ray_minor_dpo": ("ray", "minor_dpo", "resident"),
+    "trl_checkpointing": ("trl", "sigmoid", "resident"),
+    "minor_dpo_checkpointing": ("ours", "minor_dpo", "resident"),
 }
+CHECKPOINTED = {"trl_checkpointing", "minor_dpo_checkpointing"}  # recompute each decoder block in backward
 BETA, LR = 0.1, 1e-4
 
 
@@ -223,7 +228,7 @@ def run_trl(args, assets: dict, precompute: bool) -> dict:
         learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0,
         bf16=gpu, fp16=False, use_cpu=not gpu,  # DPOConfig defaults to bf16=True
-        gradient_checkpointing=False,  # DPOConfig defaults to True
+        gradient_checkpointing=args.one in CHECKPOINTED,  # DPOConfig defaults to True, with its default kwargs
         disable_dropout=True, loss_type=["sigmoid"], beta=BETA, max_length=args.max_length,
         precompute_ref_log_probs=precompute, precompute_ref_batch_size=args.batch,
         logging_strategy="no", report_to="none", save_strategy="no", eval_strategy="no", disable_tqdm=True,
@@ -275,7 +280,7 @@ def _run_config(args, assets: dict, name: str, loss: str, reference: str):
         "optim": {"lr": LR, "warmup_steps": 0, "max_steps": _total_steps(args), "batch_size": args.batch,
                   "grad_clip": 1.0},
         "scaling": {"num_workers": 1, "use_gpu": gpu, "cpus_per_worker": args.threads,
-                    "mixed_precision": "bf16" if gpu else "fp32"},
+                    "mixed_precision": "bf16" if gpu else "fp32", "activation_checkpointing": name in CHECKPOINTED},
         "checkpoint": {"every_steps": _total_steps(args), "num_to_keep": 1},
         "tracking": {"log_every_steps": args.window, "mlflow_uri": f"sqlite:///{args.workdir / name / 'mlflow.db'}"},
         "eval": {"batch_size": args.batch},  # the precompute batch, as TRL's precompute_ref_batch_size
@@ -435,20 +440,23 @@ def child(args) -> None:
 # ----------------------------------------------------------------------------------------------- parent
 
 
-def _executed_flops_per_pair(side: str, reference: str, assets: dict, n_body: int, n_head: int, gpu: bool) -> float:
-    """Matmul FLOPs a side actually runs per pair: the body on every token; the LM head on the completion
-    rows (mdpo-ray; TRL on Triton devices) or on every token (TRL on CPU, where it does not compact; the
-    full-logits variant), with TRL's chunked head recomputing its logits in backward (4 passes, not 3)."""
+def _executed_flops_per_pair(side: str, reference: str, assets: dict, n_body: int, n_head: int, gpu: bool,
+                             checkpointed: bool = False) -> float:
+    """Matmul FLOPs a side actually runs per pair: the body on every token (a second forward of it in
+    backward when checkpointed); the LM head on the completion rows (mdpo-ray; TRL on Triton devices) or
+    on every token (TRL on CPU, where it does not compact; the full-logits variant), with TRL's chunked
+    head recomputing its logits in backward (4 passes, not 3)."""
     tokens, completion = assets["tokens_per_pair"], assets["completion_tokens_per_pair"]
     rows = completion if side in ("ours", "ray") or (side == "trl" and gpu) else tokens
     head_passes = 4 if side == "trl" else 3
-    policy = 6 * n_body * tokens + 2 * head_passes * n_head * rows
+    policy = (8 if checkpointed else 6) * n_body * tokens + 2 * head_passes * n_head * rows
     return policy + (2 * (n_body * tokens + n_head * rows) if reference == "resident" else 0)
 
 
 def _table(args, assets: dict, results: dict, rate: float, n_matmul: int, n_head: int) -> list[str]:
     def pairing(name: str) -> str | None:
         base = "trl_precompute" if CONFIGS[name][2] == "precompute" else "trl"
+        base = "trl_checkpointing" if name in CHECKPOINTED else base
         return base if base in results and name != base else None
 
     header = (f"{'config':22s} {'pairs/s':>7s} {'tokens/s':>8s} {'vs TRL':>6s} {'peak mem':>9s} {'vs TRL':>6s} "
@@ -459,7 +467,7 @@ def _table(args, assets: dict, results: dict, rate: float, n_matmul: int, n_head
         pairs = statistics.median(r["windows"])
         model_flops = (8 if reference == "resident" else 6) * n_matmul * pairs * assets["tokens_per_pair"]
         executed = _executed_flops_per_pair(side, reference, assets, n_matmul - n_head, n_head,
-                                            args.device == "cuda") * pairs
+                                            args.device == "cuda", name in CHECKPOINTED) * pairs
         base = pairing(name)
         speed = f"{pairs / statistics.median(results[base]['windows']):5.2f}x" if base else ""
         mem = f"{r['peak_memory'] / 2**30:5.2f} GiB" if r["peak_memory"] else "n/a"
@@ -468,7 +476,8 @@ def _table(args, assets: dict, results: dict, rate: float, n_matmul: int, n_head
         cores = f"{r['cores']:.2f}" if r.get("cores") is not None else "n/a"
         cores += f"+{r['ray_cores']:.2f}" if r.get("ray_cores") is not None else ""
         what = {"trl": "TRL DPOTrainer", "ours": "mdpo-ray in-process", "ours_full_logits": "mdpo-ray, head on all",
-                "ray": "mdpo-ray Ray Train, 1 worker"}[side] + f", {loss}, {reference} reference"
+                "ray": "mdpo-ray Ray Train, 1 worker"}[side] + f", {loss}, {reference} reference" \
+            + (", activation checkpointing" if name in CHECKPOINTED else "")
         lines.append(f"{name:22s} {pairs:7.2f} {pairs * assets['tokens_per_pair']:8.0f} {speed:>6s} "
                      f"{mem:>9s} {mem_ratio:>6s} {model_flops / rate:6.1%} {executed / rate:5.0%} {cores:>9s}  {what}")
     lines += ["MFU: (6N + 2N with a resident reference) x tokens/s over the matmul rate, N the multiplying parameters",
@@ -488,7 +497,7 @@ def _targets(results: dict) -> list[str]:
 
     lines = []
     for ours, trl in (("dpo", "trl"), ("minor_dpo", "trl"), ("dpo_precompute", "trl_precompute"),
-                      ("minor_dpo_precompute", "trl_precompute")):
+                      ("minor_dpo_precompute", "trl_precompute"), ("minor_dpo_checkpointing", "trl_checkpointing")):
         if ours in results and trl in results:
             s = speed(ours) / speed(trl)
             m = results[ours]["peak_memory"] / results[trl]["peak_memory"]

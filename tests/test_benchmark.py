@@ -19,9 +19,10 @@ TINY = ["--hidden", "32", "--layers", "1", "--heads", "2", "--intermediate", "64
 
 
 @pytest.mark.slow
-def test_the_benchmark_runs_the_in_process_step_with_the_head_on_every_position(tmp_path):
+def test_the_benchmark_runs_the_in_process_step_with_the_head_on_every_position_and_checkpointed(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "vs_trl.py"), "--configs", "minor_dpo_full_logits",
+                           "minor_dpo_checkpointing",
                            *TINY, "--workdir", str(tmp_path / "work"), "--json", str(out)],
                           capture_output=True, text=True, timeout=300, check=False,
                           env={k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"} | {"PYTHONPATH": str(ROOT)})
@@ -30,6 +31,7 @@ def test_the_benchmark_runs_the_in_process_step_with_the_head_on_every_position(
     # Both sides run with the allocator settings mdpo-ray's CPU-only local instance gives its workers.
     assert written["GLIBC_TUNABLES"] == cluster.CPU_ALLOCATOR_ENV["GLIBC_TUNABLES"]
     results = written["results"]  # a config that fails is left out of the table, not fatal
-    assert "minor_dpo_full_logits" in results, (proc.stdout + proc.stderr)[-3000:]
-    result = results["minor_dpo_full_logits"]
-    assert len(result["windows"]) == 2 and all(w > 0 for w in result["windows"]), result
+    for name in ("minor_dpo_full_logits", "minor_dpo_checkpointing"):
+        assert name in results, (proc.stdout + proc.stderr)[-3000:]
+        result = results[name]
+        assert len(result["windows"]) == 2 and all(w > 0 for w in result["windows"]), result
