@@ -174,3 +174,31 @@ def test_cpu_offload_applies_fsdp2s_policy_and_changes_no_number(tiny_task, tiny
     assert set(policies[:shards]) == {CPUOffloadPolicy}  # the policy: every block and the root
     assert CPUOffloadPolicy not in policies[shards:]  # the frozen reference stays where it computes
     _assert_same_run(plain, off, _exported(cfg_plain), _exported(cfg_off), _exported(tiny_task["model"]))
+
+
+@pytest.mark.slow
+def test_a_run_resumes_with_checkpointing_and_accumulation_turned_on(tiny_run_overrides, tmp_path):
+    """The fix for a run that ran out of memory: turn on checkpointing and micro-batches, and resume it from
+    its last checkpoint. The wrapped blocks load the plain blocks' checkpoint, and the rest of the run is the
+    one it would have been."""
+    import shutil
+
+    base = [*_overrides(tiny_run_overrides, "straight"), "optim.max_steps=4", "checkpoint.every_steps=2"]
+    _, straight = _run_in_process(base)
+    kept = tmp_path / "kept"
+
+    class Keep(Recorder):
+        def report(self, metrics, checkpoint_dir, step):
+            if checkpoint_dir is not None and step == 2:
+                shutil.copytree(checkpoint_dir, kept)
+
+    first = Keep()
+    train(load_config(None, [*base, "name=interrupted", "optim.max_steps=2", "scaling.num_workers=1"]),
+          Worker(sink=first, report=first.report))
+    resumed = Recorder()
+    train(load_config(None, [*base, "name=interrupted", "scaling.num_workers=1", "optim.micro_batch_size=2",
+                             "scaling.activation_checkpointing=true"]), Worker(sink=resumed, restore_dir=kept))
+    assert sorted(resumed.logged) == [3, 4]
+    for step in (3, 4):
+        for key in ("loss", "rewards/margins", "grad_norm"):
+            assert resumed.logged[step][key] == pytest.approx(straight[step][key], rel=1e-5, abs=1e-6), (step, key)
