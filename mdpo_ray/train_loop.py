@@ -105,7 +105,8 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
         worker.sink.tag("mdpo.reference_cache", ",".join(cache_statuses))  # e.g. "reused,reused" in a sweep trial
     average = cfg.loss.average_log_prob
 
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
+    trainable = [p for p in policy.parameters() if p.requires_grad]  # LoRA: the adapters (no state for frozen weights)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   weight_decay=cfg.optim.weight_decay)
     state = {"step": 0, "nonfinite_steps": 0, "eval_start": {}}
     if worker.restore_dir is not None:
