@@ -17,7 +17,7 @@ import ray
 import ray.train
 import ray.train.torch
 
-from mdpo_ray import cluster, sinks, tracking
+from mdpo_ray import cluster, lora, sinks, tracking
 from mdpo_ray.config import BUILTIN, RunConfig, validate_config
 
 
@@ -31,8 +31,12 @@ class RunSummary:
 
 
 def resolve_builtin(cfg: RunConfig) -> RunConfig:
-    """Swap builtin:arith for the generated files and the cached SFT model (built on first use)."""
+    """Swap builtin:arith for the generated files and the cached SFT model (built on first use).
+
+    Then check what only the model's architecture tells (LoRA target names): a bad name fails here, in the
+    driver, not on every worker."""
     if cfg.data.train != BUILTIN:
+        lora.check_config(cfg.model)
         return cfg
     from mdpo_ray.builtin import prepare_builtin  # imports the task only when it is used
 
@@ -42,7 +46,9 @@ def resolve_builtin(cfg: RunConfig) -> RunConfig:
                     "generation_eval": str(assets.generation_eval_path)}
     if cfg.model.name_or_path == BUILTIN:
         raw["model"] |= {"name_or_path": str(assets.model_dir)}
-    return validate_config(raw, source="builtin task")
+    resolved = validate_config(raw, source="builtin task")
+    lora.check_config(resolved.model)
+    return resolved
 
 
 def worker_entry(payload: dict) -> None:
