@@ -195,8 +195,10 @@ def describe(summary: RunSummary) -> str:
         if f"eval/{key}" in m:
             lines.append(f"  {label:30s} {m.get('eval_start/' + key, float('nan')):10.4f} {m['eval/' + key]:10.4f}")
     run = f"run {summary.mlflow_run_id}" if summary.mlflow_run_id else "unreachable: this run was not tracked"
+    adapter = cfg.model.lora.r and cfg.export.lora == "adapter"
+    load = f"PeftModel.from_pretrained over {cfg.model.name_or_path}" if adapter else "AutoModelForCausalLM.from_pretrained"
     lines += [f"  MLflow store:   {sinks.shown_uri(cfg.mlflow_uri)} ({run})",
               f"  MLflow UI:      {tracking.ui_command(cfg)}",
               f"  checkpoints:    {summary.checkpoint or cfg.run_dir}",
-              f"  exported model: {summary.export_dir}  (AutoModelForCausalLM.from_pretrained)"]
+              f"  exported model: {summary.export_dir}  ({load})"]
     return "\n".join(lines)
