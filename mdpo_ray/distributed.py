@@ -25,7 +25,14 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    FSDPModule,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
 from torch.distributed.tensor import DTensor
 
 
@@ -108,6 +115,9 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPol
                 reshard_after_forward=_reshard_root(frozen, mesh.size()))
     if mesh.size() > 1:
         _fill_from_rank0(model, full, offload=offload)
+    # generate() must gather the root's shards as forward does: a peft model's generate() runs the inner
+    # transformers model's forward, past the root's hooks (a plain model's calls its own forward: no change).
+    register_fsdp_forward_method(model, "generate")
     return model
 
 
@@ -174,18 +184,33 @@ def save_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optim
 
     The directories may differ per rank (node-local temp dirs): Ray merges them into one checkpoint.
     """
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = _trained_state(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(directory))
 
 
 def load_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    model_sd, optim_sd = get_state_dict(model, optimizer)
+    model_sd, optim_sd = _trained_state(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(directory))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    dcp.load(state, checkpoint_id=str(directory))  # fails on any trained tensor the checkpoint lacks
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(strict=False))  # the frozen parameters are left out by design
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Unsharded CPU state dict on rank 0 (empty elsewhere). A collective: call it on every rank."""
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+def _trained_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(model, optimizer) state dicts of what trains: the parameters the optimizer updates (all of a fully
+    fine-tuned model, only a LoRA model's adapters) and its state for them. A LoRA model's frozen base is
+    read from model.name_or_path on resume, as at the start. (DCP's own ignore_frozen_params keeps a
+    frozen head that is tied to the embeddings, under the head's name.)"""
+    model_sd, optim_sd = get_state_dict(model, optimizer)
+    trained = {fqn for group in optim_sd["param_groups"] for fqn in group["params"]}
+    return {key: value for key, value in model_sd.items() if key in trained}, optim_sd
+
+
+def full_state_dict(model: nn.Module, *, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """Unsharded CPU state dict on rank 0 (empty elsewhere). A collective: call it on every rank.
+
+    `trainable_only`: leave the frozen parameters out (a LoRA model's base: its adapters remain), but for
+    a frozen head tied to the embeddings, which DCP keeps under the head's name.
+    """
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=trainable_only)
     return get_model_state_dict(model, options=options)

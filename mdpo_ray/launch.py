@@ -17,7 +17,7 @@ import ray
 import ray.train
 import ray.train.torch
 
-from mdpo_ray import cluster, sinks, tracking
+from mdpo_ray import cluster, lora, sinks, tracking
 from mdpo_ray.config import BUILTIN, RunConfig, validate_config
 
 
@@ -31,8 +31,12 @@ class RunSummary:
 
 
 def resolve_builtin(cfg: RunConfig) -> RunConfig:
-    """Swap builtin:arith for the generated files and the cached SFT model (built on first use)."""
+    """Swap builtin:arith for the generated files and the cached SFT model (built on first use).
+
+    Then check what only the model's architecture tells (LoRA target names): a bad name fails here, in the
+    driver, not on every worker."""
     if cfg.data.train != BUILTIN:
+        lora.check_config(cfg.model)
         return cfg
     from mdpo_ray.builtin import prepare_builtin  # imports the task only when it is used
 
@@ -42,7 +46,9 @@ def resolve_builtin(cfg: RunConfig) -> RunConfig:
                     "generation_eval": str(assets.generation_eval_path)}
     if cfg.model.name_or_path == BUILTIN:
         raw["model"] |= {"name_or_path": str(assets.model_dir)}
-    return validate_config(raw, source="builtin task")
+    resolved = validate_config(raw, source="builtin task")
+    lora.check_config(resolved.model)
+    return resolved
 
 
 def worker_entry(payload: dict) -> None:
@@ -189,8 +195,10 @@ def describe(summary: RunSummary) -> str:
         if f"eval/{key}" in m:
             lines.append(f"  {label:30s} {m.get('eval_start/' + key, float('nan')):10.4f} {m['eval/' + key]:10.4f}")
     run = f"run {summary.mlflow_run_id}" if summary.mlflow_run_id else "unreachable: this run was not tracked"
+    adapter = cfg.model.lora.r and cfg.export.lora == "adapter"
+    load = f"PeftModel.from_pretrained over {cfg.model.name_or_path}" if adapter else "AutoModelForCausalLM.from_pretrained"
     lines += [f"  MLflow store:   {sinks.shown_uri(cfg.mlflow_uri)} ({run})",
               f"  MLflow UI:      {tracking.ui_command(cfg)}",
               f"  checkpoints:    {summary.checkpoint or cfg.run_dir}",
-              f"  exported model: {summary.export_dir}  (AutoModelForCausalLM.from_pretrained)"]
+              f"  exported model: {summary.export_dir}  ({load})"]
     return "\n".join(lines)

@@ -15,13 +15,14 @@ import os
 import time
 import uuid
 from collections.abc import Callable
+from contextlib import nullcontext
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from mdpo_ray import distributed
+from mdpo_ray import distributed, lora
 from mdpo_ray.config import RunConfig
 from mdpo_ray.data import collate_pairs
 from mdpo_ray.logps import concatenated_logps, device_batch, to_device
@@ -46,12 +47,15 @@ def take(dataset, indices: list[int]) -> list[dict]:
 
 
 class ResidentReference:
-    def __init__(self, model: nn.Module, *, pad_token_id: int, average: bool) -> None:
-        self.model, self.pad_token_id, self.average = model, pad_token_id, average
+    """`adapters_off`: `model` is the LoRA policy itself, computing its base model with its adapters off."""
+
+    def __init__(self, model: nn.Module, *, pad_token_id: int, average: bool, adapters_off: bool = False) -> None:
+        self.model, self.pad_token_id, self.average, self.adapters_off = model, pad_token_id, average, adapters_off
 
     @torch.no_grad()
     def logps(self, batch: dict[str, torch.Tensor], indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        return concatenated_logps(self.model, batch, average=self.average)
+        with lora.adapters_off(self.model) if self.adapters_off else nullcontext():
+            return concatenated_logps(self.model, batch, average=self.average)
 
 
 class PrecomputedReference:
@@ -133,10 +137,12 @@ def _in_compute_dtype(model: nn.Module, mp_policy) -> nn.Module:
 
 
 def build(cfg: RunConfig, datasets: tuple, pad_token_id: int, mesh, mp_policy, device: torch.device,
-          say: Callable[[str], None]) -> tuple:
+          say: Callable[[str], None], policy: nn.Module | None = None) -> tuple:
     """(train reference, eval reference, cache statuses) for cfg.reference.
 
     A precomputed table is None for a missing set; statuses say "computed" or "reused" per table.
+    With LoRA a resident reference is `policy` with its adapters off; a table is computed from the base
+    model loaded alone, the same numbers (the adapters are all that differ), under the same cache key.
     """
     @lru_cache(maxsize=1)
     def load_frozen() -> nn.Module:
@@ -145,7 +151,10 @@ def build(cfg: RunConfig, datasets: tuple, pad_token_id: int, mesh, mp_policy, d
 
     average = cfg.loss.average_log_prob
     if cfg.reference == "resident":
-        resident = ResidentReference(load_frozen(), pad_token_id=pad_token_id, average=average)
+        use_policy = cfg.model.lora.r > 0
+        assert policy is not None or not use_policy, "a LoRA run's resident reference is its policy"
+        resident = ResidentReference(policy if use_policy else load_frozen(), pad_token_id=pad_token_id,
+                                     average=average, adapters_off=use_policy)
         return resident, resident, []
     # The frozen model is loaded only if a table is not cached, and freed before training.
     tables, statuses = [], []

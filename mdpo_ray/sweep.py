@@ -33,7 +33,9 @@ os.environ.setdefault("TUNE_DISABLE_STRICT_METRIC_CHECKING", "1")
 TRIAL_DRIVER_CPU = 0.01
 
 # Search keys that change the reference log-probs: with none of them swept, trials share one table.
+# LoRA's do not: the reference is the base model.
 _REFERENCE_KEYS = ("model.", "data.", "builtin.", "loss.average_log_prob", "seed")
+_NOT_REFERENCE_KEYS = ("model.lora.",)
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,8 @@ def _reference_configs(sweep: SweepConfig, base: dict[str, Any], shared: dict[st
     varying: dict[str, list[Any]] = {}
     for key, domain in sweep.space.items():
         values = domain.probe_values()
-        if any(k.startswith(_REFERENCE_KEYS) for v in values for k in flat_overrides({key: v})):
+        if any(k.startswith(_REFERENCE_KEYS) and not k.startswith(_NOT_REFERENCE_KEYS)
+               for v in values for k in flat_overrides({key: v})):
             if domain.grid is None and domain.choice is None:
                 return []
             varying[key] = values

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from mdpo_ray import distributed, evaluate
+from mdpo_ray import distributed, evaluate, lora
 from mdpo_ray import reference as ref
 from mdpo_ray.config import OptimConfig, RunConfig
 from mdpo_ray.data import collate_pairs, load_train_eval
@@ -98,16 +98,19 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
     problems = evaluate.load_problems(cfg.data.generation_eval, cfg.eval.max_generation_problems) \
         if cfg.data.generation_eval else []
 
-    policy = distributed.shard_model(load_causal_lm(cfg.model, trainable=True, weights=rank == 0), mesh, mp_policy,
-                                     checkpoint=cfg.scaling.activation_checkpointing,
+    policy = load_causal_lm(cfg.model, trainable=True, weights=rank == 0)
+    if cfg.model.lora.r:
+        policy = lora.wrap(policy, cfg.model.lora)  # before sharding, which gives every rank rank 0's adapters
+    policy = distributed.shard_model(policy, mesh, mp_policy, checkpoint=cfg.scaling.activation_checkpointing,
                                      offload=cfg.scaling.cpu_offload)
     reference, eval_reference, cache_statuses = ref.build(cfg, (train_ds, eval_ds), tokenizer.pad_token_id, mesh,
-                                                          mp_policy, device, say)
+                                                          mp_policy, device, say, policy=policy)
     if cache_statuses:
         worker.sink.tag("mdpo.reference_cache", ",".join(cache_statuses))  # e.g. "reused,reused" in a sweep trial
     average = cfg.loss.average_log_prob
 
-    optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas,
+    trainable = [p for p in policy.parameters() if p.requires_grad]  # LoRA: the adapters (no state for frozen weights)
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   weight_decay=cfg.optim.weight_decay)
     state = {"step": 0, "nonfinite_steps": 0, "eval_start": {}}
     if worker.restore_dir is not None:
@@ -214,9 +217,13 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
         if stop_reason is not None:
             break
 
-    full = distributed.full_state_dict(policy)
+    lora_on = cfg.model.lora.r > 0
+    # A LoRA adapter export needs only the adapters: rank 0 gathers those, not the whole model.
+    full = distributed.full_state_dict(policy, trainable_only=lora_on and cfg.export.lora == "adapter")
     if rank == 0:
-        export_dir = export_pretrained(full, cfg.model, tokenizer, cfg.run_dir / "export")
+        out_dir = cfg.run_dir / "export"
+        export_dir = (lora.export(full, cfg.model, cfg.export, tokenizer, out_dir) if lora_on
+                      else export_pretrained(full, cfg.model, tokenizer, out_dir))
         say(f"exported the policy to {export_dir}")
     distributed.barrier()
     return state["eval_start"]

@@ -138,6 +138,7 @@ def test_a_micro_batch_that_does_not_divide_the_worker_batch_exits_2_before_ray(
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_activation_checkpointing_gives_the_same_losses_and_gradients(tiny_task, tiny_run_overrides, monkeypatch):
     """Each decoder block is checkpointed (non-reentrant, under FSDP2), beside the head-on-completion hook
     and a frozen resident reference; recomputing a block's forward in backward changes no number."""
@@ -158,6 +159,7 @@ def test_activation_checkpointing_gives_the_same_losses_and_gradients(tiny_task,
     _assert_same_run(plain, ac, _exported(cfg_plain), _exported(cfg_ac), _exported(tiny_task["model"]))
 
 
+@pytest.mark.slow
 def test_cpu_offload_applies_fsdp2s_policy_and_changes_no_number(tiny_task, tiny_run_overrides, monkeypatch):
     from torch.distributed.fsdp import CPUOffloadPolicy
 

@@ -143,3 +143,15 @@ def test_the_evidence_experiment_loads_and_spans_what_it_claims():
         (name, beta) for name in ("minor_dpo", "dpo", "dpop") for beta in (0.1, 0.3)} | {("sft", None)}
     cfg = trial_config(base, {key: values[0] for key, values in grid.items()})
     assert cfg.scaling.num_workers == 1 and cfg.reference == "precompute"
+
+
+def test_a_sweep_over_the_lora_rank_shares_one_reference(tmp_path):
+    """model.lora.* are search keys like any other; the reference (the base model) is the same for every
+    rank, so its log-probs are computed once for the sweep."""
+    from mdpo_ray.sweep import _reference_configs, shared_run_keys
+
+    path = _write(tmp_path, "name: ranks\nspace:\n  model.lora.r: {grid: [0, 8]}\n  model.lora.alpha: {choice: [8.0, 16.0]}\n")
+    sweep, base = load_sweep(path)
+    cfg = trial_config(base, {"model.lora.r": 8, "model.lora.alpha": 16.0})
+    assert (cfg.model.lora.r, cfg.model.lora.alpha) == (8, 16.0)
+    assert len(_reference_configs(sweep, base, shared_run_keys(sweep, base))) == 1
