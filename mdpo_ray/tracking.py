@@ -28,6 +28,10 @@ MODE_TAG = "mdpo.mode"
 TRIAL_TAG = "mdpo.trial_id"
 STOP_REASON_TAG = "mdpo.stop_reason"
 OVERRIDE_PREFIX = "override."  # one tag per searched key on each trial run
+# The MLflow 3 UI opens an experiment by its kind: model development shows runs, metric charts and
+# params; an untagged experiment may open on the GenAI pages (traces, evaluations). Values as in the
+# UI's ExperimentKind enum (mlflow/server/js, "custom_model_development" is shown as "Machine learning").
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 # A key ending like a credential (hf_token, api_key, db_password) is never logged; max_new_tokens is.
 SECRET_KEY = re.compile(r"(token|secret|password|passwd|api_?key|access_?key|secret_?key|private_?key|credentials?)$",
                         re.IGNORECASE)
@@ -58,13 +62,16 @@ def _client(cfg: RunConfig) -> MlflowClient:
 def _experiment_id(client: MlflowClient, cfg: RunConfig) -> str:
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     if experiment is not None:
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # a kind the user chose is theirs to keep
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
     # A local sqlite store keeps artifacts beside its file, absolute, whatever the process cwd; a
     # tracking server decides for itself.
     uri = cfg.mlflow_uri
     location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri() \
         if uri.startswith("sqlite:///") else None
-    return client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    return client.create_experiment(cfg.tracking.experiment, artifact_location=location,
+                                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 def open_run(cfg: RunConfig, tags: dict[str, str] | None = None) -> tuple[str | None, bool]:
