@@ -131,7 +131,9 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
 
     if state["step"] == 0:
         state["eval_start"] = run_eval(start=True)
-        worker.sink.log(state["eval_start"] | _data_metrics(data_stats), step=0)
+        worker.sink.log(state["eval_start"], step=0)
+        for key, value in _data_tags(data_stats).items():
+            worker.sink.tag(key, value)
         say("before training: " + _describe(state["eval_start"]))
 
     loss_fn, knobs = LOSSES[cfg.loss.name], cfg.loss.knobs()
@@ -263,10 +265,10 @@ def _save_checkpoint(policy, optimizer, state: dict) -> Path:
     return directory
 
 
-def _data_metrics(data_stats) -> dict[str, float]:
-    out: dict[str, float] = {}
+def _data_tags(data_stats) -> dict[str, str]:
+    out: dict[str, str] = {}
     for stats, split in zip(data_stats, ("train", "eval"), strict=False):
-        out |= stats.as_metrics(split)
+        out |= stats.as_tags(split)
     return out
 
 
