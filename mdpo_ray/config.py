@@ -141,7 +141,7 @@ class TrackingConfig(_Strict):
 
 
 class EvalConfig(_Strict):
-    every_steps: int = Field(0, ge=0)  # 0: only before and after training
+    every_steps: int | None = Field(None, ge=0)  # None: about 5 evals a run (see RunConfig); 0: before and after only
     batch_size: int = Field(32, ge=1)  # pairs per eval forward, per worker
     max_new_tokens: int = Field(64, ge=1)
     generation_batch_size: int = Field(128, ge=1)
@@ -197,6 +197,12 @@ class RunConfig(_Strict):
                 "FSDP2 rank on one GPU, so to use more GPUs raise scaling.num_workers; a fraction (several "
                 "sweep trials on one GPU) fits only scaling.num_workers=1"
             )
+        every, log = self.eval.every_steps, self.tracking.log_every_steps
+        if every and every % log:
+            raise ValueError(
+                f"eval.every_steps ({every}) must be a multiple of tracking.log_every_steps ({log}): evals run "
+                f"at logging steps, so the others would be skipped; e.g. eval.every_steps={max(log, every // log * log)}"
+            )
         if self.model.name_or_path == BUILTIN and self.data.train != BUILTIN:
             raise ValueError(
                 "model.name_or_path=builtin:arith is the SFT model of the built-in task and only fits "
@@ -217,6 +223,15 @@ class RunConfig(_Strict):
     def accumulation_steps(self) -> int:
         """Forwards per worker per optimizer step."""
         return self.per_worker_batch_size // self.micro_batch_size
+
+    @property
+    def eval_every_steps(self) -> int:
+        """eval.every_steps; by default every fifth of the run at logging steps, so eval curves have 5 points
+        after the one before training (100 steps, logging every 10: every 20). 0: before and after only."""
+        if self.eval.every_steps is not None:
+            return self.eval.every_steps
+        log = self.tracking.log_every_steps
+        return max(log, self.optim.max_steps // 5 // log * log)
 
     @property
     def run_dir(self) -> Path:

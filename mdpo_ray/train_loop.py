@@ -190,6 +190,8 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
 
         step_stats["seconds"] += time.perf_counter() - started
         step_stats["steps"] += 1
+        if step == 1:  # the curves' step 0: the untrained policy, measured by this step's forward before its update
+            worker.sink.log(_pair_window_metrics(cfg, window[-1:]), step=0)
         is_last = step == cfg.optim.max_steps
         if step % cfg.tracking.log_every_steps and step % cfg.checkpoint.every_steps and not is_last:
             continue
@@ -199,7 +201,7 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
         step_stats = dict.fromkeys(step_stats, 0.0) | {"steps": 0}
         stop_reason = _stop_reason(cfg, metrics)  # identical on every rank: the metrics are gathered
         is_last = is_last or stop_reason is not None
-        if (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or is_last:
+        if (cfg.eval_every_steps and step % cfg.eval_every_steps == 0) or is_last:
             metrics |= run_eval()
         worker.sink.log(metrics, step=step)
         say(f"step {step}/{cfg.optim.max_steps} " + _describe(metrics))
@@ -241,14 +243,18 @@ def _stop_reason(cfg: RunConfig, metrics: dict[str, float]) -> str | None:
     return None
 
 
-def _window_metrics(cfg: RunConfig, window, step_stats, lr: float, nonfinite_steps: int) -> dict[str, float]:
+def _pair_window_metrics(cfg: RunConfig, window) -> dict[str, float]:
+    """pair_metrics over the window's pairs of every rank (a collective: every rank calls it)."""
     losses, pc, pr, rc, rr = distributed.gather_cat(torch.cat(window)).unbind(1)
+    return pair_metrics(losses=losses, policy_chosen_logps=pc, policy_rejected_logps=pr,
+                        reference_chosen_logps=rc, reference_rejected_logps=rr, beta=cfg.loss.beta,
+                        reject_threshold=cfg.loss.reject_threshold)
+
+
+def _window_metrics(cfg: RunConfig, window, step_stats, lr: float, nonfinite_steps: int) -> dict[str, float]:
     totals = distributed.all_reduce_sum(torch.tensor([step_stats["tokens"]], dtype=torch.float64))
     steps = max(step_stats["steps"], 1)
-    out = pair_metrics(losses=losses, policy_chosen_logps=pc, policy_rejected_logps=pr,
-                       reference_chosen_logps=rc, reference_rejected_logps=rr, beta=cfg.loss.beta,
-                       reject_threshold=cfg.loss.reject_threshold)
-    return out | {
+    return _pair_window_metrics(cfg, window) | {
         "grad_norm": step_stats["grad_norm"] / steps,
         "lr": lr,
         "perf/tokens_per_s": float(totals[0]) / max(step_stats["seconds"], 1e-9),

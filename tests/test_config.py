@@ -16,6 +16,12 @@ def test_defaults_are_the_builtin_minor_dpo_run():
     assert cfg.per_worker_batch_size == cfg.optim.batch_size // 2
 
 
+def test_eval_curves_have_five_points_after_the_first_by_default():
+    assert load_config().eval_every_steps == 20  # 100 steps, logging every 10: evals at 0, 20, ..., 100
+    assert load_config(None, ["optim.max_steps=30"]).eval_every_steps == 10  # never between logging steps
+    assert load_config(None, ["eval.every_steps=0"]).eval_every_steps == 0  # before and after only
+
+
 def test_yaml_then_overrides_revalidated(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("loss:\n  name: dpo\n  beta: 0.2\noptim:\n  lr: 3.0e-5\n")
@@ -36,6 +42,7 @@ def test_yaml_then_overrides_revalidated(tmp_path):
         ("name=bad/name", "name"),
         ("loss", "expected key=value"),
         ("loss.beta.x=1", "loss.beta: Input should be a valid number"),
+        ("eval.every_steps=25", "eval.every_steps (25) must be a multiple of tracking.log_every_steps (10)"),
     ],
 )
 def test_bad_values_name_the_key(override, needle):

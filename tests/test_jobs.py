@@ -78,6 +78,6 @@ def test_job_submit_stop_and_resubmit_resumes(head, tiny_run_overrides, tmp_path
     final = client.get_run(run.info.run_id)
     assert final.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
-    assert set(steps) == set(range(10, 121, 10)) and steps[-1] == 120
+    assert set(steps) == {0, *range(10, 121, 10)} and steps[-1] == 120
     assert len(client.search_runs([final.info.experiment_id], "tags.`mdpo.run_name` = 'job-run'")) == 1
     shutil.rmtree(work, ignore_errors=True)

@@ -59,7 +59,7 @@ def test_two_worker_run_tracks_checkpoints_resumes_and_exports(ray_local, tiny_r
                 "grad_norm", "lr", "perf/tokens_per_s", "eval/answer_accuracy"):
         assert key in run.data.metrics, key
     assert run.data.tags["data/train_kept"].isdigit() and not any(k.startswith("data/") for k in run.data.metrics)
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 1, 2, 3, 4]
 
     checkpoint = Path(first.checkpoint)
     assert checkpoint.name == "checkpoint_000004"
@@ -70,14 +70,14 @@ def test_two_worker_run_tracks_checkpoints_resumes_and_exports(ray_local, tiny_r
     train(load_config(None, [*tiny_run_overrides, "optim.max_steps=4", "scaling.num_workers=1", "name=single"]),
           Worker(sink=single))
     history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
-    for step in (1, 2, 3, 4):
+    for step in (0, 1, 2, 3, 4):
         assert history[step] == pytest.approx(single.logged[step]["loss"], rel=1e-4)
 
     # Same run name, more steps: resumes from checkpoint 4 and continues the same MLflow run.
     longer = launch.train(load_config(None, [*tiny_run_overrides, "optim.max_steps=6", "scaling.num_workers=2"]))
     assert longer.mlflow_run_id == first.mlflow_run_id
     assert client.get_run(longer.mlflow_run_id).info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 1, 2, 3, 4, 5, 6]
     assert Path(longer.checkpoint).name == "checkpoint_000006"
 
     model = AutoModelForCausalLM.from_pretrained(longer.export_dir)

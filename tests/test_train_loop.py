@@ -65,8 +65,11 @@ def test_step_zero_is_ln2_and_every_policy_tensor_changes_but_no_reference_tenso
     cfg, rec = _run(tiny_run_overrides)
 
     # Policy == reference at step 1: Δw = Δl = 0, so every pair's loss is ln 2 (MinorDPO == DPO there).
-    assert rec.logged[1]["loss"] == pytest.approx(math.log(2), abs=1e-5)
-    assert rec.logged[1]["rewards/margins"] == pytest.approx(0, abs=1e-6)
+    # The curves' step-0 point is that forward (before the first update), beside the step-0 eval.
+    for step in (0, 1):
+        assert rec.logged[step]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+        assert rec.logged[step]["rewards/margins"] == pytest.approx(0, abs=1e-6)
+    assert rec.logged[0]["delta_chosen/p90"] == pytest.approx(0, abs=1e-6) and "grad_norm" not in rec.logged[0]
     assert set(rec.logged) == {0, 1, 2, 3, 4}
     for key in ("eval/answer_accuracy", "eval/rewards/accuracies"):
         assert key in rec.logged[0]
