@@ -138,6 +138,8 @@ class TrackingConfig(_Strict):
     mlflow_uri: str | None = None  # None: sqlite:///<output_dir>/mlflow.db
     experiment: str = "mdpo-ray"
     log_every_steps: int = Field(10, ge=1)
+    # CPU, memory, disk, network (and GPU, with nvidia-ml-py) of rank 0's node, every 10 s, as MLflow's system/* metrics
+    system_metrics: bool = True
 
 
 class EvalConfig(_Strict):

@@ -2,12 +2,13 @@
 costs seconds: MLflow migrates its schema); no Ray, no training."""
 
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mdpo_ray import labels, tracking
+from mdpo_ray import labels, sinks, tracking
 from mdpo_ray.config import load_config
 
 
@@ -75,3 +76,17 @@ def test_a_trial_name_given_as_a_tag_renames_the_run(store):
     run_id, _ = tracking.open_run(cfg, {"mlflow.runName": "minor_dpo b=0.1 tau=-1"})
     assert client.get_run(run_id).info.run_name == "minor_dpo b=0.1 tau=-1"
     assert tracking.open_run(cfg, {"mlflow.runName": "minor_dpo b=0.1 tau=-1"})[0] == run_id  # found by mdpo.run_name
+
+
+def test_system_metrics_attach_to_the_run_from_the_workers_sink_and_stop_with_it(store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
+    cfg = _cfg(store, "tracking.experiment=system", "name=monitored")
+    run_id, _ = tracking.open_run(cfg)
+    sink = sinks.sink_for(cfg, run_id, rank0=True)  # as rank 0 of a Ray Train worker group makes it
+    time.sleep(0.5)
+    sink.close()
+    metrics = MlflowClient(cfg.mlflow_uri).get_run(run_id).data.metrics
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics)
+    off = sinks.sink_for(load_config(None, [f"output_dir={store}", "tracking.system_metrics=false"]), run_id,
+                         rank0=True)
+    assert off._monitor is None
