@@ -27,7 +27,7 @@ from mdpo_ray.losses import LOSSES
 from mdpo_ray.metrics import pair_metrics
 from mdpo_ray.model import export_pretrained, load_causal_lm, load_tokenizer
 from mdpo_ray.sinks import MetricSink, NullSink
-from mdpo_ray.tracking import STOP_REASON_TAG
+from mdpo_ray.tracking import EXPORT_PATH_TAG, EXPORT_URI_TAG, STOP_REASON_TAG
 
 STATE_FILE = "trainer_state.json"
 
@@ -222,6 +222,8 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
     if rank == 0:
         export_dir = export_pretrained(full, cfg.model, tokenizer, cfg.run_dir / "export")
         say(f"exported the policy to {export_dir}")
+        worker.sink.tag(EXPORT_PATH_TAG, str(export_dir))
+        worker.sink.tag(EXPORT_URI_TAG, Path(export_dir).resolve().as_uri())
     distributed.barrier()
     return state["eval_start"]
 

@@ -80,6 +80,8 @@ def test_step_zero_is_ln2_and_every_policy_tensor_changes_but_no_reference_tenso
     logged_names = {k for step in rec.logged.values() for k in step}
     assert logged_names <= METRIC_NAMES, logged_names - METRIC_NAMES  # the names sweeps may optimise
 
+    assert rec.tags["mdpo.export_path"] == str(cfg.run_dir / "export")  # the model, from the run
+    assert rec.tags["mdpo.export_uri"] == (cfg.run_dir / "export").resolve().as_uri()
     after = _params(cfg.run_dir / "export")
     assert before.keys() == after.keys()
     unchanged = [k for k in before if torch.equal(before[k], after[k])]
