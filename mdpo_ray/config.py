@@ -14,6 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 BUILTIN = "builtin:arith"  # the generated arithmetic task and its SFT-warmed tiny model
+# Where Ray unpacks a job's --working-dir (ray_constants.DEFAULT_RUNTIME_ENV_DIR_NAME, under the session dir).
+RAY_RUNTIME_RESOURCES = "runtime_resources"
 
 
 class _Strict(BaseModel):
@@ -270,6 +272,35 @@ def _absolute(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         builtin["cache_dir"] = str(Path(os.path.expanduser(builtin.get("cache_dir", "~/.cache/mdpo-ray"))).resolve())
         out["builtin"] = builtin
     return out
+
+
+def check_storage_outlives_job(cfg: RunConfig) -> None:
+    """A ConfigError if checkpoints, the export or the MLflow store would be written inside Ray's copy of a
+    job's --working-dir (a relative output_dir under `ray job submit`): Ray deletes that copy with its
+    cache, and a re-submitted job gets a new one, so nothing would be found again to resume or compare.
+    Refused rather than moved somewhere: only the user knows which storage every node reaches."""
+    inside = [f"output_dir ({cfg.output_dir})"] if RAY_RUNTIME_RESOURCES in Path(cfg.output_dir).parts else []
+    store = _local_store(cfg.mlflow_uri)
+    if store is not None and RAY_RUNTIME_RESOURCES in (Path.cwd() / store).parts:
+        default = " (the default store, in output_dir)" if cfg.tracking.mlflow_uri is None else ""
+        inside.append(f"tracking.mlflow_uri ({cfg.mlflow_uri}{default})")
+    if inside:
+        raise ConfigError(
+            f"{' and '.join(inside)} would be inside Ray's copy of this job's working directory "
+            f"({RAY_RUNTIME_RESOURCES}/...), which Ray deletes; a re-submitted job would not find the checkpoints, "
+            "the export or the runs. Nothing has started. Set output_dir to an absolute path every node can reach "
+            "(--set output_dir=/mnt/shared/mdpo_runs) and tracking.mlflow_uri to an MLflow server "
+            "(--set tracking.mlflow_uri=http://<head>:5000)")
+
+
+def _local_store(uri: str) -> str | None:
+    """The path of a local MLflow store (sqlite:///<path>, file:<path>, a bare path; relative to the process
+    cwd), None for a server."""
+    if uri.startswith("sqlite:///"):
+        return uri.removeprefix("sqlite:///")
+    if uri.startswith("file:"):
+        return uri.removeprefix("file://").removeprefix("file:")
+    return None if "://" in uri or uri.split(":")[0] in ("databricks", "databricks-uc", "uc") else uri
 
 
 def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:

@@ -132,3 +132,21 @@ def test_checked_in_run_and_sweep_configs_validate():
     for path in sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml")):
         # raises ConfigError naming the file and key if one rots
         load_sweep(path) if "space" in yaml.safe_load(path.read_text()) else load_config(path)
+
+
+def test_a_relative_output_dir_inside_a_ray_jobs_working_dir_copy_exits_2_naming_the_fix(tmp_path, monkeypatch,
+                                                                                           capsys):
+    from mdpo_ray.cli import main
+    from mdpo_ray.config import check_storage_outlives_job
+
+    copy = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_1"  # as Ray unpacks it
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    assert main(["train", "--set", "optim.max_steps=1"]) == 2
+    message = capsys.readouterr().err
+    assert f"output_dir ({copy / 'mdpo_runs'}) and tracking.mlflow_uri" in message and "(the default store" in message
+    assert "--set output_dir=/mnt/shared/mdpo_runs" in message and "--set tracking.mlflow_uri=http://" in message
+    shared = [f"output_dir={tmp_path / 'shared'}"]
+    check_storage_outlives_job(load_config(None, shared))  # an absolute output_dir: its default store is fine too
+    with pytest.raises(ConfigError, match=r"^tracking.mlflow_uri \(sqlite:///.*runtime_resources"):
+        check_storage_outlives_job(load_config(None, [*shared, "tracking.mlflow_uri=sqlite:///mlflow.db"]))
