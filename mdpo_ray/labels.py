@@ -92,7 +92,9 @@ def best_trial_note(note: str, best_name: str, best_url: str, metric: str, value
 def source_tags(argv: list[str], cwd: Path | None = None) -> dict[str, str]:
     """mlflow.source.* of the command that runs: its command line (`argv` as sys.argv, redacted by the
     caller) and the git commit of the working directory when it is a git checkout (else no commit tag)."""
-    tags = {SOURCE_NAME_TAG: " ".join([Path(argv[0]).name, *argv[1:]])[:500], SOURCE_TYPE_TAG: "LOCAL"}
+    program = Path(argv[0]).name
+    program = "mdpo-ray" if program == "__main__.py" else program  # python -m mdpo_ray: the same command
+    tags = {SOURCE_NAME_TAG: " ".join([program, *argv[1:]])[:500], SOURCE_TYPE_TAG: "LOCAL"}
     commit = git_commit(cwd or Path.cwd())
     if commit:
         tags[GIT_COMMIT_TAG] = commit

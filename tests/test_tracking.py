@@ -60,7 +60,8 @@ def test_the_git_commit_is_the_checkouts_head_and_absent_outside_one(tmp_path):
     subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], check=True)
     head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
     assert labels.git_commit(tmp_path) == head
-    assert labels.source_tags(["mdpo-ray", "sweep", "s.yaml"], tmp_path)["mlflow.source.git.commit"] == head
+    tags = labels.source_tags(["/x/mdpo_ray/__main__.py", "sweep", "s.yaml"], tmp_path)
+    assert tags["mlflow.source.git.commit"] == head and tags["mlflow.source.name"] == "mdpo-ray sweep s.yaml"
 
 
 def test_a_trial_is_named_by_its_overrides_within_mlflows_limit():
