@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from mdpo_ray.config import ConfigError, load_config, to_yaml
+from mdpo_ray.config import ConfigError, check_storage_outlives_job, load_config, to_yaml
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -49,6 +49,7 @@ def _run_command(args: argparse.Namespace) -> int:
     if args.command == "config":
         print(to_yaml(cfg), end="")
         return 0
+    check_storage_outlives_job(cfg)  # under `ray job submit`, a relative output_dir would be lost
     from mdpo_ray import launch  # imports Ray; only after the config is known to be good
 
     print(launch.describe(launch.train(cfg)))
@@ -64,6 +65,7 @@ def _sweep_command(args: argparse.Namespace) -> int:
 
     shared = sweeps.shared_run_keys(sweep, base)
     cfg = trial_config(base, shared | {"name": "probe"})
+    check_storage_outlives_job(cfg)
     if args.command == "report":
         from mdpo_ray.report import write_report
         from mdpo_ray.trials import find_sweep_parent

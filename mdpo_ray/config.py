@@ -14,6 +14,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 BUILTIN = "builtin:arith"  # the generated arithmetic task and its SFT-warmed tiny model
+# Where Ray unpacks a job's --working-dir (ray_constants.DEFAULT_RUNTIME_ENV_DIR_NAME, under the session dir).
+RAY_RUNTIME_RESOURCES = "runtime_resources"
 
 
 class _Strict(BaseModel):
@@ -138,10 +140,12 @@ class TrackingConfig(_Strict):
     mlflow_uri: str | None = None  # None: sqlite:///<output_dir>/mlflow.db
     experiment: str = "mdpo-ray"
     log_every_steps: int = Field(10, ge=1)
+    # CPU, memory, disk, network (and GPU, with nvidia-ml-py) of rank 0's node, every 10 s, as MLflow's system/* metrics
+    system_metrics: bool = True
 
 
 class EvalConfig(_Strict):
-    every_steps: int = Field(0, ge=0)  # 0: only before and after training
+    every_steps: int | None = Field(None, ge=0)  # None: about 5 evals a run (see RunConfig); 0: before and after only
     batch_size: int = Field(32, ge=1)  # pairs per eval forward, per worker
     max_new_tokens: int = Field(64, ge=1)
     generation_batch_size: int = Field(128, ge=1)
@@ -197,6 +201,12 @@ class RunConfig(_Strict):
                 "FSDP2 rank on one GPU, so to use more GPUs raise scaling.num_workers; a fraction (several "
                 "sweep trials on one GPU) fits only scaling.num_workers=1"
             )
+        every, log = self.eval.every_steps, self.tracking.log_every_steps
+        if every and every % log:
+            raise ValueError(
+                f"eval.every_steps ({every}) must be a multiple of tracking.log_every_steps ({log}): evals run "
+                f"at logging steps, so the others would be skipped; e.g. eval.every_steps={max(log, every // log * log)}"
+            )
         if self.model.name_or_path == BUILTIN and self.data.train != BUILTIN:
             raise ValueError(
                 "model.name_or_path=builtin:arith is the SFT model of the built-in task and only fits "
@@ -217,6 +227,15 @@ class RunConfig(_Strict):
     def accumulation_steps(self) -> int:
         """Forwards per worker per optimizer step."""
         return self.per_worker_batch_size // self.micro_batch_size
+
+    @property
+    def eval_every_steps(self) -> int:
+        """eval.every_steps; by default every fifth of the run at logging steps, so eval curves have 5 points
+        after the one before training (100 steps, logging every 10: every 20). 0: before and after only."""
+        if self.eval.every_steps is not None:
+            return self.eval.every_steps
+        log = self.tracking.log_every_steps
+        return max(log, self.optim.max_steps // 5 // log * log)
 
     @property
     def run_dir(self) -> Path:
@@ -253,6 +272,35 @@ def _absolute(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         builtin["cache_dir"] = str(Path(os.path.expanduser(builtin.get("cache_dir", "~/.cache/mdpo-ray"))).resolve())
         out["builtin"] = builtin
     return out
+
+
+def check_storage_outlives_job(cfg: RunConfig) -> None:
+    """A ConfigError if checkpoints, the export or the MLflow store would be written inside Ray's copy of a
+    job's --working-dir (a relative output_dir under `ray job submit`): Ray deletes that copy with its
+    cache, and a re-submitted job gets a new one, so nothing would be found again to resume or compare.
+    Refused rather than moved somewhere: only the user knows which storage every node reaches."""
+    inside = [f"output_dir ({cfg.output_dir})"] if RAY_RUNTIME_RESOURCES in Path(cfg.output_dir).parts else []
+    store = _local_store(cfg.mlflow_uri)
+    if store is not None and RAY_RUNTIME_RESOURCES in (Path.cwd() / store).parts:
+        default = " (the default store, in output_dir)" if cfg.tracking.mlflow_uri is None else ""
+        inside.append(f"tracking.mlflow_uri ({cfg.mlflow_uri}{default})")
+    if inside:
+        raise ConfigError(
+            f"{' and '.join(inside)} would be inside Ray's copy of this job's working directory "
+            f"({RAY_RUNTIME_RESOURCES}/...), which Ray deletes; a re-submitted job would not find the checkpoints, "
+            "the export or the runs. Nothing has started. Set output_dir to an absolute path every node can reach "
+            "(--set output_dir=/mnt/shared/mdpo_runs) and tracking.mlflow_uri to an MLflow server "
+            "(--set tracking.mlflow_uri=http://<head>:5000)")
+
+
+def _local_store(uri: str) -> str | None:
+    """The path of a local MLflow store (sqlite:///<path>, file:<path>, a bare path; relative to the process
+    cwd), None for a server."""
+    if uri.startswith("sqlite:///"):
+        return uri.removeprefix("sqlite:///")
+    if uri.startswith("file:"):
+        return uri.removeprefix("file://").removeprefix("file:")
+    return None if "://" in uri or uri.split(":")[0] in ("databricks", "databricks-uc", "uc") else uri
 
 
 def set_dotted(raw: dict[str, Any], dotted: str, value: Any) -> None:

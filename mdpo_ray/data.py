@@ -57,13 +57,14 @@ class DataStats:
             line += f"; {self.n_truncated} pairs had completions truncated to fit max_length={self.max_length}"
         return line
 
-    def as_metrics(self, prefix: str) -> dict[str, float]:
+    def as_tags(self, prefix: str) -> dict[str, str]:
+        """Counts as MLflow run tags: one number per run is a column of the runs table, not a chart."""
         return {
-            f"data/{prefix}_rows": float(self.n_rows),
-            f"data/{prefix}_kept": float(self.n_kept),
-            f"data/{prefix}_bad_rows": float(self.n_bad()),
-            f"data/{prefix}_prompt_too_long": float(self.n_prompt_too_long),
-            f"data/{prefix}_truncated": float(self.n_truncated),
+            f"data/{prefix}_rows": str(self.n_rows),
+            f"data/{prefix}_kept": str(self.n_kept),
+            f"data/{prefix}_bad_rows": str(self.n_bad()),
+            f"data/{prefix}_prompt_too_long": str(self.n_prompt_too_long),
+            f"data/{prefix}_truncated": str(self.n_truncated),
         }
 
 

@@ -8,6 +8,7 @@ exactly while DPO's answers collapse (README, "Metrics glossary"), so a cell is 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,9 +17,11 @@ import pandas as pd
 from matplotlib import colormaps
 from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure  # no pyplot: no global backend, PNGs are rendered by Agg
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 
-from mdpo_ray.tracking import METRIC_TAG, MODE_TAG, SEARCH_KEYS_TAG, SWEEP_TAG
+from mdpo_ray import labels
+from mdpo_ray.tracking import BEST_TRIAL_TAG, METRIC_TAG, MODE_TAG, SEARCH_KEYS_TAG, SWEEP_TAG
 from mdpo_ray.trials import TABLE_METRICS, cell_means, trial_frame, trial_runs
 
 # (file, title, metrics tried in order, colormap, centred on 0). Eval numbers first: they are over
@@ -40,12 +43,14 @@ class SweepReport:
     markdown_path: Path
     plots: list[Path]
     best_trial_id: str | None  # best FINISHED trial by the final value of the sweep metric, else None
+    best_run_id: str | None  # its MLflow run
     best_value: float | None
     n_trials: int
 
 
 def write_report(tracking_uri: str, parent_run_id: str, out_dir: Path, *, attach: bool = True) -> SweepReport:
-    """Write trials.csv, trials.md and the PNGs into out_dir; with attach, log them to the parent under report/."""
+    """Write trials.csv, trials.md and the PNGs into out_dir; with attach, log them to the parent under report/
+    and give the parent the best trial's final metrics and a link to it (tag mdpo.best_trial, its description)."""
     client = MlflowClient(tracking_uri=tracking_uri)
     parent = client.get_run(parent_run_id)
     tags = parent.data.tags
@@ -75,9 +80,25 @@ def write_report(tracking_uri: str, parent_run_id: str, out_dir: Path, *, attach
     markdown_path.write_text(_markdown(sweep_name, parent_run_id, metric, mode, keys, frame[columns], best, plots))
     if attach:
         client.log_artifacts(parent_run_id, str(out_dir), "report")
+        if best is not None:
+            _record_best(client, parent, best, metric)
     return SweepReport(out_dir=out_dir, csv_path=csv_path, markdown_path=markdown_path, plots=plots,
                        best_trial_id=None if best is None else str(best["trial_id"]),
+                       best_run_id=None if best is None else str(best["run_id"]),
                        best_value=None if best is None else float(best[metric]), n_trials=len(frame))
+
+
+def _record_best(client: MlflowClient, parent, best, metric: str) -> None:
+    """The parent run shows the sweep's outcome in the runs table: the best trial's final metrics (system
+    metrics aside) at its final step, its run id as tag mdpo.best_trial, and a link in the description."""
+    run = client.get_run(best["run_id"])
+    now, step = int(time.time() * 1000), int(best[f"{metric} step"])
+    metrics = [Metric(key, value, now, step) for key, value in run.data.metrics.items() if not key.startswith("system/")]
+    url = f"#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    note = labels.best_trial_note(parent.data.tags.get(labels.NOTE_TAG, ""), run.info.run_name, url, metric,
+                                  float(best[metric]))
+    client.log_batch(parent.info.run_id, metrics=metrics[:1000],
+                     tags=[RunTag(BEST_TRIAL_TAG, run.info.run_id), RunTag(labels.NOTE_TAG, note)])
 
 
 def _fmt(value) -> str:

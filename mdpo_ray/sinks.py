@@ -65,7 +65,7 @@ class MlflowSink:
     """
 
     def __init__(self, tracking_uri: str, run_id: str, *, unlogged_path: Path | None = None,
-                 max_buffered: int = 100_000, retry_every_s: float = 30.0) -> None:
+                 max_buffered: int = 100_000, retry_every_s: float = 30.0, system_metrics: bool = False) -> None:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.uri, self.run_id, self.unlogged_path = tracking_uri, run_id, unlogged_path
         self.retry_every_s = retry_every_s
@@ -74,6 +74,7 @@ class MlflowSink:
         self._dropped = 0  # while MLflow is down, points pushed out of the full buffer
         self._outage: str | None = None  # the error, while MLflow is unreachable
         self._wait, self._next_try = retry_every_s, 0.0
+        self._monitor = _system_metrics_monitor(tracking_uri, run_id) if system_metrics else None
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
@@ -84,6 +85,9 @@ class MlflowSink:
 
     def close(self) -> None:
         """A last flush; then say what could not be logged and write it to `unlogged_path`."""
+        if self._monitor is not None:
+            self._monitor.finish()  # its last samples, logged by MLflow's own logger
+            self._monitor = None
         self._flush(force=True)
         unlogged = [*self._buffer, *self._rejected]
         if unlogged or self._dropped:
@@ -144,6 +148,22 @@ class MlflowSink:
         return f"they are in {self.unlogged_path} (JSON lines: run_id, key, value, timestamp, step)"
 
 
+def _system_metrics_monitor(tracking_uri: str, run_id: str):
+    """MLflow's own system metrics (mlflow.system_metrics), attached to the run by id from this process:
+    a thread sampling every 10 s (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL), logged as system/* at steps
+    that go on across a resume, stopping by itself once the run is no longer RUNNING. None (said) if it
+    cannot start: training never waits on it."""
+    try:
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor  # needs psutil
+
+        monitor = SystemMetricsMonitor(run_id, tracking_uri=tracking_uri, resume_logging=True)
+        monitor.start()
+        return monitor
+    except Exception as error:  # noqa: BLE001  (nothing from tracking may stop training)
+        warn(f"system metrics are off for run {run_id} ({error}); set tracking.system_metrics=false to silence this")
+        return None
+
+
 def shown_uri(text: str) -> str:
     """A URI, or any text holding some, fit to print or log: `https://user:token@host` loses its user info."""
     return _USER_INFO.sub(rf"\1{REDACTED}@", text)
@@ -167,4 +187,5 @@ def sink_for(cfg: RunConfig, run_id: str | None, *, rank0: bool) -> MlflowSink |
     and when MLflow was unreachable as the run opened (run_id None)."""
     if not rank0 or run_id is None:
         return NullSink()
-    return MlflowSink(cfg.mlflow_uri, run_id, unlogged_path=cfg.run_dir / UNLOGGED_FILE)
+    return MlflowSink(cfg.mlflow_uri, run_id, unlogged_path=cfg.run_dir / UNLOGGED_FILE,
+                      system_metrics=cfg.tracking.system_metrics)

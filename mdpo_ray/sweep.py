@@ -21,7 +21,7 @@ import yaml
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from mdpo_ray import cluster, launch, sinks, tracking
+from mdpo_ray import cluster, labels, launch, sinks, tracking
 from mdpo_ray.config import ConfigError, RunConfig
 from mdpo_ray.report import SweepReport, write_report
 from mdpo_ray.sweep_config import SweepConfig, flat_overrides, trial_config
@@ -70,12 +70,14 @@ def shared_run_keys(sweep: SweepConfig, base: dict[str, Any]) -> dict[str, Any]:
 
 
 def _trial(config: dict[str, Any], *, sweep: SweepConfig, base: dict[str, Any], shared: dict[str, Any],
-           parent_run_id: str, in_trial: bool) -> None:
+           parent_run_id: str, source: dict[str, str], in_trial: bool) -> None:
     trial_id = tune.get_context().get_trial_id()
     overrides = flat_overrides({key: config[key] for key in sweep.space})
     cfg = trial_config(base, overrides | shared | {"name": f"{sweep.name}-{trial_id}"},
                        source=f"sweep {sweep.name} trial {trial_id}")
-    tags = {"mlflow.parentRunId": parent_run_id, tracking.SWEEP_TAG: sweep.name, tracking.TRIAL_TAG: trial_id}
+    # The sweep driver's command and commit: this process is a Ray worker's.
+    tags = source | {"mlflow.parentRunId": parent_run_id, tracking.SWEEP_TAG: sweep.name, tracking.TRIAL_TAG: trial_id,
+                     labels.RUN_NAME_TAG: labels.trial_run_name(cfg.loss.name, overrides)}
     tags |= {f"{tracking.OVERRIDE_PREFIX}{key}": str(value) for key, value in overrides.items()}
     if not in_trial:
         launch.train(cfg, tags=tags, callbacks=[TuneReportCallback()])
@@ -187,10 +189,12 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False)
     for cfg in references:  # every kind of built-in data the grid names, each built once, here
         launch.resolve_builtin(cfg)
     first = launch.resolve_builtin(first)
-    parent_run_id = tracking.open_sweep_run(first, sweep.name, tags={
+    source = tracking.source_tags()
+    parent_run_id = tracking.open_sweep_run(first, sweep.name, tags=source | {
         tracking.SEARCH_KEYS_TAG: ",".join(sweep.search_keys()), tracking.METRIC_TAG: sweep.metric,
-        tracking.MODE_TAG: sweep.mode},
-        sweep_yaml=yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False))
+        tracking.MODE_TAG: sweep.mode,
+        labels.NOTE_TAG: labels.sweep_description(sweep.name, sweep.search_keys(), sweep.metric, sweep.mode)},
+        params=sweep.space_params(), sweep_yaml=yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False))
     if first.reference == "precompute":
         for cfg in references:
             launch.precompute_reference(launch.resolve_builtin(cfg))
@@ -199,7 +203,7 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False)
     # A restore must be given the same resources, or the restored trials ask for a whole CPU each.
     trainable = tune.with_resources(
         tune.with_parameters(_trial, sweep=sweep, base=base, shared=shared, parent_run_id=parent_run_id,
-                             in_trial=in_trial),
+                             source=source, in_trial=in_trial),
         {"CPU": _trial_cpus(first, in_trial)})
     if resume:
         tuner = tune.Tuner.restore(str(tune_dir / sweep.name), trainable=trainable, resume_unfinished=True,
@@ -250,7 +254,7 @@ def _report(cfg: RunConfig, parent_run_id: str) -> SweepReport | None:
 
 def describe(summary: SweepSummary, cfg_ui: str) -> str:
     report = summary.report
-    best = (f"{summary.best_trial} ({summary.sweep.metric} = {summary.best_value:.4g})"
+    best = (f"{summary.best_trial} ({summary.sweep.metric} = {summary.best_value:.4g}; run {report.best_run_id})"
             if summary.best_trial else "none (no FINISHED trial reported the metric)")
     interrupted = (f"  INTERRUPTED: {summary.unfinished} trial(s) unfinished; continue with: "
                    f"mdpo-ray sweep <this file> --resume\n" if summary.unfinished else "")

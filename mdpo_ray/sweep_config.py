@@ -91,6 +91,15 @@ class SweepConfig(_Strict):
                 keys.update(dict.fromkeys(flat_overrides({key: value})))
         return list(keys)
 
+    def space_params(self) -> dict[str, str]:
+        """The search space as MLflow params of the sweep's parent run: `space.loss.beta` = `{grid: [0.1, 0.3]}`,
+        and how it is searched."""
+        params = {f"space.{key}": yaml.safe_dump(domain.model_dump(exclude_none=True), default_flow_style=True,
+                                                 width=10_000).strip() for key, domain in self.space.items()}
+        return params | {"metric": self.metric, "mode": self.mode, "num_samples": str(self.num_samples),
+                         "search": self.search.algorithm if self.search else "none",
+                         "scheduler": "asha" if self.scheduler else "none"}
+
     @model_validator(mode="after")
     def _checks(self) -> SweepConfig:
         if self.metric not in METRIC_NAMES:

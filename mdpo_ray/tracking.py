@@ -9,12 +9,14 @@ the start disables tracking for the run; the run trains either way.
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import yaml
-from mlflow.entities import Param
+from mlflow.entities import Param, RunTag
 from mlflow.tracking import MlflowClient
 
+from mdpo_ray import labels
 from mdpo_ray.config import ConfigError, RunConfig, flatten
 from mdpo_ray.sinks import REDACTED, is_outage, shown_uri, warn
 
@@ -27,7 +29,13 @@ METRIC_TAG = "mdpo.metric"
 MODE_TAG = "mdpo.mode"
 TRIAL_TAG = "mdpo.trial_id"
 STOP_REASON_TAG = "mdpo.stop_reason"
+BEST_TRIAL_TAG = "mdpo.best_trial"  # on a sweep's parent run: the best trial's run id
+EXPORT_PATH_TAG, EXPORT_URI_TAG = "mdpo.export_path", "mdpo.export_uri"  # the final export, on rank 0's node
 OVERRIDE_PREFIX = "override."  # one tag per searched key on each trial run
+# The MLflow 3 UI opens an experiment by its kind: model development shows runs, metric charts and
+# params; an untagged experiment may open on the GenAI pages (traces, evaluations). Values as in the
+# UI's ExperimentKind enum (mlflow/server/js, "custom_model_development" is shown as "Machine learning").
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 # A key ending like a credential (hf_token, api_key, db_password) is never logged; max_new_tokens is.
 SECRET_KEY = re.compile(r"(token|secret|password|passwd|api_?key|access_?key|secret_?key|private_?key|credentials?)$",
                         re.IGNORECASE)
@@ -39,6 +47,20 @@ def redacted_params(flat: dict[str, str]) -> dict[str, str]:
     user info in URIs removed."""
     return {key: REDACTED if SECRET_KEY.search(key.rsplit(".", 1)[-1]) else shown_uri(value)
             for key, value in flat.items()}
+
+
+def redacted_argv(argv: list[str]) -> list[str]:
+    """A command line fit to log: `--set model.hf_token=...` loses its value, URIs their user info."""
+    out = []
+    for arg in argv:
+        key, sep, _ = arg.partition("=")
+        out.append(f"{key}={REDACTED}" if sep and SECRET_KEY.search(key.rsplit(".", 1)[-1]) else shown_uri(arg))
+    return out
+
+
+def source_tags() -> dict[str, str]:
+    """mlflow.source.* of this process's command (and its working directory's git commit, if any)."""
+    return labels.source_tags(redacted_argv(sys.argv))
 
 
 def redacted_tree(node):
@@ -58,25 +80,30 @@ def _client(cfg: RunConfig) -> MlflowClient:
 def _experiment_id(client: MlflowClient, cfg: RunConfig) -> str:
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     if experiment is not None:
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # a kind the user chose is theirs to keep
+            client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
         return experiment.experiment_id
     # A local sqlite store keeps artifacts beside its file, absolute, whatever the process cwd; a
     # tracking server decides for itself.
     uri = cfg.mlflow_uri
     location = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri() \
         if uri.startswith("sqlite:///") else None
-    return client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    return client.create_experiment(cfg.tracking.experiment, artifact_location=location,
+                                    tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
 
 
 def open_run(cfg: RunConfig, tags: dict[str, str] | None = None) -> tuple[str | None, bool]:
     """(run_id, resumed): the existing run with this run name, reopened, or a new one.
 
-    `tags` (e.g. a sweep's `mlflow.parentRunId` and trial id) are set on the run either way. With
-    MLflow unreachable: a warning and (None, False), and the run trains without tracking.
+    The run's description (`mlflow.note.content`) and source tags are set on it either way, and so are
+    `tags` (e.g. a sweep's `mlflow.parentRunId`, trial id, run name and source), which win. With MLflow
+    unreachable: a warning and (None, False), and the run trains without tracking.
     """
     client, run_id, logged = _client(cfg), None, None
+    tags = {labels.NOTE_TAG: labels.run_description(cfg)} | source_tags() | (tags or {})
     try:
         run_id, logged = _find_or_create_run(client, _experiment_id(client, cfg), cfg.name, {RUN_NAME_TAG: cfg.name})
-        _log_run_config(client, run_id, cfg, tags or {}, logged or {})
+        _log_run_config(client, run_id, cfg, tags, logged or {})
     except Exception as error:
         if not is_outage(error):
             raise _refused(cfg, error) from error
@@ -121,17 +148,19 @@ def _find_or_create_run(client: MlflowClient, experiment_id: str, run_name: str,
 
 def _log_run_config(client: MlflowClient, run_id: str, cfg: RunConfig, tags: dict[str, str],
                     logged: dict[str, str]) -> None:
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
-    params = redacted_params(flatten(cfg))
-    # MLflow params are immutable: a re-run logs keys it lacks and records what changed in a tag.
+    client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+    _log_params(client, run_id, redacted_params(flatten(cfg)), logged)
+    client.log_text(run_id, yaml.safe_dump(redacted_tree(cfg.model_dump(mode="json")), sort_keys=False), "config.yaml")
+
+
+def _log_params(client: MlflowClient, run_id: str, params: dict[str, str], logged: dict[str, str]) -> None:
+    """MLflow params are immutable: a re-run logs keys it lacks and records what changed in a tag."""
     fresh = [Param(k, v[:6000]) for k, v in params.items() if k not in logged]
     for start in range(0, len(fresh), _BATCH):
         client.log_batch(run_id, params=fresh[start : start + _BATCH])
     changed = sorted(k for k, v in params.items() if k in logged and logged[k] != v[:6000])
     if changed:
         client.set_tag(run_id, "mdpo.changed_on_resume", ",".join(changed)[:5000])
-    client.log_text(run_id, yaml.safe_dump(redacted_tree(cfg.model_dump(mode="json")), sort_keys=False), "config.yaml")
 
 
 def close_run(cfg: RunConfig, run_id: str | None, *, succeeded: bool = False, status: str | None = None) -> None:
@@ -147,13 +176,15 @@ def close_run(cfg: RunConfig, run_id: str | None, *, succeeded: bool = False, st
              f"there; the run itself ended {status}")
 
 
-def open_sweep_run(cfg: RunConfig, sweep_name: str, *, tags: dict[str, str], sweep_yaml: str) -> str:
-    """The sweep's parent run (reopened on --resume); trials attach to it with mlflow.parentRunId."""
+def open_sweep_run(cfg: RunConfig, sweep_name: str, *, tags: dict[str, str], params: dict[str, str],
+                   sweep_yaml: str) -> str:
+    """The sweep's parent run (reopened on --resume); trials attach to it with mlflow.parentRunId.
+    `params`: the search space, which the runs table shows beside the trials' params."""
     client = _client(cfg)
-    run_id, _ = _find_or_create_run(client, _experiment_id(client, cfg), sweep_name,
-                                    {SWEEP_TAG: sweep_name, ROLE_TAG: "sweep"})
-    for key, value in tags.items():
-        client.set_tag(run_id, key, value)
+    run_id, logged = _find_or_create_run(client, _experiment_id(client, cfg), sweep_name,
+                                         {SWEEP_TAG: sweep_name, ROLE_TAG: "sweep"})
+    client.log_batch(run_id, tags=[RunTag(key, value) for key, value in tags.items()])
+    _log_params(client, run_id, {key: shown_uri(value) for key, value in params.items()}, logged or {})
     client.log_text(run_id, sweep_yaml, "sweep.yaml")
     return run_id
 

@@ -27,7 +27,7 @@ from mdpo_ray.losses import LOSSES
 from mdpo_ray.metrics import pair_metrics
 from mdpo_ray.model import export_pretrained, load_causal_lm, load_tokenizer
 from mdpo_ray.sinks import MetricSink, NullSink
-from mdpo_ray.tracking import STOP_REASON_TAG
+from mdpo_ray.tracking import EXPORT_PATH_TAG, EXPORT_URI_TAG, STOP_REASON_TAG
 
 STATE_FILE = "trainer_state.json"
 
@@ -134,7 +134,9 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
 
     if state["step"] == 0:
         state["eval_start"] = run_eval(start=True)
-        worker.sink.log(state["eval_start"] | _data_metrics(data_stats), step=0)
+        worker.sink.log(state["eval_start"], step=0)
+        for key, value in _data_tags(data_stats).items():
+            worker.sink.tag(key, value)
         say("before training: " + _describe(state["eval_start"]))
 
     loss_fn, knobs = LOSSES[cfg.loss.name], cfg.loss.knobs()
@@ -191,6 +193,8 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
 
         step_stats["seconds"] += time.perf_counter() - started
         step_stats["steps"] += 1
+        if step == 1:  # the curves' step 0: the untrained policy, measured by this step's forward before its update
+            worker.sink.log(_pair_window_metrics(cfg, window[-1:]), step=0)
         is_last = step == cfg.optim.max_steps
         if step % cfg.tracking.log_every_steps and step % cfg.checkpoint.every_steps and not is_last:
             continue
@@ -200,7 +204,7 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
         step_stats = dict.fromkeys(step_stats, 0.0) | {"steps": 0}
         stop_reason = _stop_reason(cfg, metrics)  # identical on every rank: the metrics are gathered
         is_last = is_last or stop_reason is not None
-        if (cfg.eval.every_steps and step % cfg.eval.every_steps == 0) or is_last:
+        if (cfg.eval_every_steps and step % cfg.eval_every_steps == 0) or is_last:
             metrics |= run_eval()
         worker.sink.log(metrics, step=step)
         say(f"step {step}/{cfg.optim.max_steps} " + _describe(metrics))
@@ -225,6 +229,8 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
         export_dir = (lora.export(full, cfg.model, cfg.export, tokenizer, out_dir) if lora_on
                       else export_pretrained(full, cfg.model, tokenizer, out_dir))
         say(f"exported the policy to {export_dir}")
+        worker.sink.tag(EXPORT_PATH_TAG, str(export_dir))
+        worker.sink.tag(EXPORT_URI_TAG, Path(export_dir).resolve().as_uri())
     distributed.barrier()
     return state["eval_start"]
 
@@ -246,14 +252,18 @@ def _stop_reason(cfg: RunConfig, metrics: dict[str, float]) -> str | None:
     return None
 
 
-def _window_metrics(cfg: RunConfig, window, step_stats, lr: float, nonfinite_steps: int) -> dict[str, float]:
+def _pair_window_metrics(cfg: RunConfig, window) -> dict[str, float]:
+    """pair_metrics over the window's pairs of every rank (a collective: every rank calls it)."""
     losses, pc, pr, rc, rr = distributed.gather_cat(torch.cat(window)).unbind(1)
+    return pair_metrics(losses=losses, policy_chosen_logps=pc, policy_rejected_logps=pr,
+                        reference_chosen_logps=rc, reference_rejected_logps=rr, beta=cfg.loss.beta,
+                        reject_threshold=cfg.loss.reject_threshold)
+
+
+def _window_metrics(cfg: RunConfig, window, step_stats, lr: float, nonfinite_steps: int) -> dict[str, float]:
     totals = distributed.all_reduce_sum(torch.tensor([step_stats["tokens"]], dtype=torch.float64))
     steps = max(step_stats["steps"], 1)
-    out = pair_metrics(losses=losses, policy_chosen_logps=pc, policy_rejected_logps=pr,
-                       reference_chosen_logps=rc, reference_rejected_logps=rr, beta=cfg.loss.beta,
-                       reject_threshold=cfg.loss.reject_threshold)
-    return out | {
+    return _pair_window_metrics(cfg, window) | {
         "grad_norm": step_stats["grad_norm"] / steps,
         "lr": lr,
         "perf/tokens_per_s": float(totals[0]) / max(step_stats["seconds"], 1e-9),
@@ -270,10 +280,10 @@ def _save_checkpoint(policy, optimizer, state: dict) -> Path:
     return directory
 
 
-def _data_metrics(data_stats) -> dict[str, float]:
-    out: dict[str, float] = {}
+def _data_tags(data_stats) -> dict[str, str]:
+    out: dict[str, str] = {}
     for stats, split in zip(data_stats, ("train", "eval"), strict=False):
-        out |= stats.as_metrics(split)
+        out |= stats.as_tags(split)
     return out
 
 

@@ -69,6 +69,7 @@ def tiny_run_overrides(tiny_task, tmp_path) -> list[str]:
         "optim.warmup_steps=0",
         "tracking.log_every_steps=1",
         "checkpoint.every_steps=2",
+        "eval.every_steps=0",  # before and after only; the default (every fifth of the run) would eval each step
         "eval.max_new_tokens=8",
         "eval.batch_size=8",
     ]

@@ -16,6 +16,12 @@ def test_defaults_are_the_builtin_minor_dpo_run():
     assert cfg.per_worker_batch_size == cfg.optim.batch_size // 2
 
 
+def test_eval_curves_have_five_points_after_the_first_by_default():
+    assert load_config().eval_every_steps == 20  # 100 steps, logging every 10: evals at 0, 20, ..., 100
+    assert load_config(None, ["optim.max_steps=30"]).eval_every_steps == 10  # never between logging steps
+    assert load_config(None, ["eval.every_steps=0"]).eval_every_steps == 0  # before and after only
+
+
 def test_yaml_then_overrides_revalidated(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("loss:\n  name: dpo\n  beta: 0.2\noptim:\n  lr: 3.0e-5\n")
@@ -36,6 +42,7 @@ def test_yaml_then_overrides_revalidated(tmp_path):
         ("name=bad/name", "name"),
         ("loss", "expected key=value"),
         ("loss.beta.x=1", "loss.beta: Input should be a valid number"),
+        ("eval.every_steps=25", "eval.every_steps (25) must be a multiple of tracking.log_every_steps (10)"),
     ],
 )
 def test_bad_values_name_the_key(override, needle):
@@ -125,3 +132,21 @@ def test_checked_in_run_and_sweep_configs_validate():
     for path in sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml")):
         # raises ConfigError naming the file and key if one rots
         load_sweep(path) if "space" in yaml.safe_load(path.read_text()) else load_config(path)
+
+
+def test_a_relative_output_dir_inside_a_ray_jobs_working_dir_copy_exits_2_naming_the_fix(tmp_path, monkeypatch,
+                                                                                           capsys):
+    from mdpo_ray.cli import main
+    from mdpo_ray.config import check_storage_outlives_job
+
+    copy = tmp_path / "session_x" / "runtime_resources" / "working_dir_files" / "_ray_pkg_1"  # as Ray unpacks it
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    assert main(["train", "--set", "optim.max_steps=1"]) == 2
+    message = capsys.readouterr().err
+    assert f"output_dir ({copy / 'mdpo_runs'}) and tracking.mlflow_uri" in message and "(the default store" in message
+    assert "--set output_dir=/mnt/shared/mdpo_runs" in message and "--set tracking.mlflow_uri=http://" in message
+    shared = [f"output_dir={tmp_path / 'shared'}"]
+    check_storage_outlives_job(load_config(None, shared))  # an absolute output_dir: its default store is fine too
+    with pytest.raises(ConfigError, match=r"^tracking.mlflow_uri \(sqlite:///.*runtime_resources"):
+        check_storage_outlives_job(load_config(None, [*shared, "tracking.mlflow_uri=sqlite:///mlflow.db"]))

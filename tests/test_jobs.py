@@ -1,5 +1,6 @@
 """System tier, jobs: a real local head with the dashboard and job server; `ray job submit` of
-`mdpo-ray train`, `ray job stop` mid-run, and the same command re-submitted resumes to the end."""
+`mdpo-ray train`, `ray job stop` mid-run, and the same command re-submitted resumes to the end; a
+relative output_dir, which would be written into Ray's copy of the working dir, is refused first."""
 
 import json
 import os
@@ -52,6 +53,12 @@ def test_job_submit_stop_and_resubmit_resumes(head, tiny_run_overrides, tmp_path
     job_id = f"mdpo-test-{os.getpid()}"
     command = ["--working-dir", str(work), "--", "mdpo-ray", "train", "run.yaml"]
 
+    lost = _job(head, "submit", "--submission-id", f"{job_id}-relative", *command, "--set", "output_dir=runs",
+                timeout=180)
+    assert lost.returncode == 1, lost.stdout[-3000:]  # the job FAILED (exit 2), before Ray Train started
+    assert "would be inside Ray's copy of this job's working directory (runtime_resources/...)" in lost.stdout
+    assert "--set output_dir=/mnt/shared/mdpo_runs" in lost.stdout and "MLflow run" not in lost.stdout
+
     submitted = _job(head, "submit", "--no-wait", "--submission-id", job_id, *command)
     assert submitted.returncode == 0, submitted.stderr
     first_checkpoint = cfg.run_dir / "checkpoint_000020"
@@ -78,6 +85,6 @@ def test_job_submit_stop_and_resubmit_resumes(head, tiny_run_overrides, tmp_path
     final = client.get_run(run.info.run_id)
     assert final.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
-    assert set(steps) == set(range(10, 121, 10)) and steps[-1] == 120
+    assert set(steps) == {0, *range(10, 121, 10)} and steps[-1] == 120
     assert len(client.search_runs([final.info.experiment_id], "tags.`mdpo.run_name` = 'job-run'")) == 1
     shutil.rmtree(work, ignore_errors=True)

@@ -33,6 +33,9 @@ class _Sink:
     def log(self, metrics, step):
         self.logged.setdefault(step, {}).update(metrics)
 
+    def tag(self, key, value):
+        pass
+
 
 def test_two_worker_run_tracks_checkpoints_resumes_and_exports(ray_local, tiny_run_overrides):
     from mdpo_ray import launch
@@ -53,9 +56,10 @@ def test_two_worker_run_tracks_checkpoints_resumes_and_exports(ray_local, tiny_r
     assert run.data.params["loss.name"] == "minor_dpo" and run.data.params["scaling.num_workers"] == "2"
     assert [a.path for a in client.list_artifacts(run.info.run_id)] == ["config.yaml"]
     for key in ("loss", "rewards/margins", "logps/rejected", "delta_rejected/p50", "stability/penalty_off_frac",
-                "grad_norm", "lr", "perf/tokens_per_s", "eval/answer_accuracy", "data/train_kept"):
+                "grad_norm", "lr", "perf/tokens_per_s", "eval/answer_accuracy"):
         assert key in run.data.metrics, key
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4]
+    assert run.data.tags["data/train_kept"].isdigit() and not any(k.startswith("data/") for k in run.data.metrics)
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 1, 2, 3, 4]
 
     checkpoint = Path(first.checkpoint)
     assert checkpoint.name == "checkpoint_000004"
@@ -66,14 +70,14 @@ def test_two_worker_run_tracks_checkpoints_resumes_and_exports(ray_local, tiny_r
     train(load_config(None, [*tiny_run_overrides, "optim.max_steps=4", "scaling.num_workers=1", "name=single"]),
           Worker(sink=single))
     history = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}
-    for step in (1, 2, 3, 4):
+    for step in (0, 1, 2, 3, 4):
         assert history[step] == pytest.approx(single.logged[step]["loss"], rel=1e-4)
 
     # Same run name, more steps: resumes from checkpoint 4 and continues the same MLflow run.
     longer = launch.train(load_config(None, [*tiny_run_overrides, "optim.max_steps=6", "scaling.num_workers=2"]))
     assert longer.mlflow_run_id == first.mlflow_run_id
     assert client.get_run(longer.mlflow_run_id).info.status == "FINISHED"
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [1, 2, 3, 4, 5, 6]
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [0, 1, 2, 3, 4, 5, 6]
     assert Path(longer.checkpoint).name == "checkpoint_000006"
 
     model = AutoModelForCausalLM.from_pretrained(longer.export_dir)

@@ -106,6 +106,17 @@ def test_best_trial_and_markdown(max_report):
     assert text.count("\n| t_0000") == 5
 
 
+def test_the_parent_run_shows_the_best_trial(store, max_report):
+    _, client, parents = store
+    parent = client.get_run(parents["max"])
+    best = client.get_run(max_report.best_run_id)
+    assert best.data.tags["mdpo.trial_id"] == "t_00002" and parent.data.tags["mdpo.best_trial"] == best.info.run_id
+    assert parent.data.metrics == best.data.metrics  # its final metrics, as the parent's own
+    assert {m.step for m in client.get_metric_history(parent.info.run_id, "eval/answer_accuracy")} == {STEPS[-1]}
+    assert f"[{best.info.run_name}](#/experiments/{best.info.experiment_id}/runs/{best.info.run_id})" in \
+        parent.data.tags["mlflow.note.content"]
+
+
 def test_mode_min_picks_the_other_end(store, tmp_path):
     uri, _, parents = store
     report = write_report(uri, parents["min"], tmp_path, attach=False)

@@ -76,8 +76,8 @@ def test_interrupted_sweep_resumes_keeping_finished_trials(tiny_run_overrides, t
     assert f"resumed from {second[0].parent}" in (tmp_path / "resumed.log").read_text()  # the cut one went on
     for child in children:  # every trial reached the end; an interrupted one rewound only to its checkpoint
         logged = _loss_steps(cfg, child.info.run_id)
-        assert logged[-1] == steps and set(logged) == set(range(1, steps + 1)), logged
-        assert logged.count(1) == 1, logged  # not restarted from scratch: steps before the checkpoint ran once
+        assert logged[-1] == steps and set(logged) == set(range(steps + 1)), logged  # 0: the untrained policy
+        assert logged.count(1) == 1 and logged.count(0) == 1, logged  # not restarted from scratch: steps before the checkpoint ran once
 
 
 def _parent_id(cfg, name):

@@ -33,6 +33,10 @@ space:
     assert (cfg.loss.beta, cfg.loss.reject_threshold, cfg.optim.warmup_steps) == (0.3, -1.0, 5)
     assert (cfg.optim.max_steps, cfg.optim.lr, cfg.optim.batch_size) == (7, 3e-5, 8)  # base, run, --set
     assert base["optim"]["max_steps"] == 7  # trial overrides never leak into the shared base
+    assert sweep.space_params() == {  # the parent run's params
+        "space.loss.beta": "{grid: [0.1, 0.3]}", "space.loss.reject_threshold": "{choice: [0.0, -1.0]}",
+        "space.optim.warmup_steps": "{grid: [0, 5]}", "metric": "eval/answer_accuracy", "mode": "max",
+        "num_samples": "1", "search": "none", "scheduler": "none"}
 
 
 GOOD_SPACE = "space:\n  loss.beta: {grid: [0.1]}\n"

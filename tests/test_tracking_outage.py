@@ -129,7 +129,7 @@ def test_training_completes_and_exports_with_tracking_down(tiny_run_overrides, t
     train(cfg, Worker(sink=sink))
     sink.close()  # as launch.worker_entry does after train returns or raises
     assert (cfg.run_dir / "export" / "config.json").is_file()
-    assert {r["step"] for r in _rows(cfg.run_dir / sinks.UNLOGGED_FILE) if r["key"] == "loss"} == {1, 2, 3, 4}
+    assert {r["step"] for r in _rows(cfg.run_dir / sinks.UNLOGGED_FILE) if r["key"] == "loss"} == {0, 1, 2, 3, 4}
     assert capsys.readouterr().err.count("unreachable (") == 1
 
 

@@ -65,17 +65,23 @@ def test_step_zero_is_ln2_and_every_policy_tensor_changes_but_no_reference_tenso
     cfg, rec = _run(tiny_run_overrides)
 
     # Policy == reference at step 1: Δw = Δl = 0, so every pair's loss is ln 2 (MinorDPO == DPO there).
-    assert rec.logged[1]["loss"] == pytest.approx(math.log(2), abs=1e-5)
-    assert rec.logged[1]["rewards/margins"] == pytest.approx(0, abs=1e-6)
+    # The curves' step-0 point is that forward (before the first update), beside the step-0 eval.
+    for step in (0, 1):
+        assert rec.logged[step]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+        assert rec.logged[step]["rewards/margins"] == pytest.approx(0, abs=1e-6)
+    assert rec.logged[0]["delta_chosen/p90"] == pytest.approx(0, abs=1e-6) and "grad_norm" not in rec.logged[0]
     assert set(rec.logged) == {0, 1, 2, 3, 4}
-    for key in ("eval/answer_accuracy", "eval/rewards/accuracies", "data/train_rows"):
+    for key in ("eval/answer_accuracy", "eval/rewards/accuracies"):
         assert key in rec.logged[0]
+    assert rec.tags["data/train_rows"].isdigit()  # data counts are run tags: one number is not a curve
     assert "eval/answer_accuracy" in rec.logged[4]
     from mdpo_ray.metrics import METRIC_NAMES
 
-    logged_names = {k for step in rec.logged.values() for k in step if not k.startswith("data/")}
+    logged_names = {k for step in rec.logged.values() for k in step}
     assert logged_names <= METRIC_NAMES, logged_names - METRIC_NAMES  # the names sweeps may optimise
 
+    assert rec.tags["mdpo.export_path"] == str(cfg.run_dir / "export")  # the model, from the run
+    assert rec.tags["mdpo.export_uri"] == (cfg.run_dir / "export").resolve().as_uri()
     after = _params(cfg.run_dir / "export")
     assert before.keys() == after.keys()
     unchanged = [k for k in before if torch.equal(before[k], after[k])]

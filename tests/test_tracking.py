@@ -1,0 +1,93 @@
+"""What the driver writes to MLflow for the UI: against one real sqlite store per module (creating one
+costs seconds: MLflow migrates its schema); no Ray, no training."""
+
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from mdpo_ray import labels, sinks, tracking
+from mdpo_ray.config import load_config
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return tmp_path_factory.mktemp("store")
+
+
+def _cfg(store, *overrides):
+    return load_config(None, [f"output_dir={store}", *overrides])
+
+
+def test_a_new_experiment_opens_as_model_development(store):
+    cfg = _cfg(store, "tracking.experiment=new", "name=kind")
+    run_id, _ = tracking.open_run(cfg)
+    client = MlflowClient(cfg.mlflow_uri)
+    experiment = client.get_experiment(client.get_run(run_id).info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_an_existing_experiment_is_tagged_unless_it_has_a_kind_of_its_own(store):
+    client = MlflowClient(_cfg(store).mlflow_uri)
+    untagged = client.create_experiment("untagged")
+    chosen = client.create_experiment("genai", tags={"mlflow.experimentKind": "genai_development"})
+    for experiment in ("untagged", "genai"):
+        tracking.open_run(_cfg(store, f"tracking.experiment={experiment}", "name=kind"))
+    assert client.get_experiment(untagged).tags["mlflow.experimentKind"] == "custom_model_development"
+    assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
+
+
+def test_a_run_says_what_it_is_where_it_came_from_and_its_commit(store, monkeypatch):
+    monkeypatch.setattr("sys.argv", ["/venv/bin/mdpo-ray", "train", "--set", "model.hf_token=hf_secret",
+                                     "--set", "tracking.mlflow_uri=https://alice:pw@mlflow.example"])
+    cfg = _cfg(store, "tracking.experiment=labels", "name=labelled", "loss.beta=0.3")
+    tags = MlflowClient(cfg.mlflow_uri).get_run(tracking.open_run(cfg)[0]).data.tags
+    assert tags["mlflow.note.content"] == (
+        "minor_dpo β=0.3 τ=0 w=1 · lr 0.0001 (constant, warm-up 10) · model builtin:arith · data builtin:arith "
+        "(near_miss rejected) · 100 steps × 16 pairs · 2 CPU workers · seed 0")
+    assert tags["mlflow.source.name"] == ("mdpo-ray train --set model.hf_token=***REDACTED*** --set "
+                                          "tracking.mlflow_uri=https://***REDACTED***@mlflow.example")
+    assert tags["mlflow.source.git.commit"] == labels.git_commit(Path.cwd()) or "mlflow.source.git.commit" not in tags
+
+
+def test_the_git_commit_is_the_checkouts_head_and_absent_outside_one(tmp_path):
+    assert labels.git_commit(tmp_path) is None
+    assert "mlflow.source.git.commit" not in labels.source_tags(["mdpo-ray"], tmp_path)
+    git = ["git", "-C", str(tmp_path), "-c", "user.name=t", "-c", "user.email=t@t"]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "commit", "-q", "--allow-empty", "-m", "x"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    assert labels.git_commit(tmp_path) == head
+    tags = labels.source_tags(["/x/mdpo_ray/__main__.py", "sweep", "s.yaml"], tmp_path)
+    assert tags["mlflow.source.git.commit"] == head and tags["mlflow.source.name"] == "mdpo-ray sweep s.yaml"
+
+
+def test_a_trial_is_named_by_its_overrides_within_mlflows_limit():
+    name = labels.trial_run_name("minor_dpo", {"loss.beta": 0.1, "loss.reject_threshold": -1.0, "optim.lr": 3e-5})
+    assert name == "minor_dpo b=0.1 tau=-1 lr=3e-5"
+    assert labels.trial_run_name("minor_dpo", {"loss.name": "sft", "seed": 2}) == "sft seed=2"
+    assert len(labels.trial_run_name("dpo", {f"k.x{i}": "v" * 20 for i in range(20)})) == 250
+
+
+def test_a_trial_name_given_as_a_tag_renames_the_run(store):
+    cfg = _cfg(store, "tracking.experiment=labels", "name=sweep-t_00001")
+    client = MlflowClient(cfg.mlflow_uri)
+    run_id, _ = tracking.open_run(cfg, {"mlflow.runName": "minor_dpo b=0.1 tau=-1"})
+    assert client.get_run(run_id).info.run_name == "minor_dpo b=0.1 tau=-1"
+    assert tracking.open_run(cfg, {"mlflow.runName": "minor_dpo b=0.1 tau=-1"})[0] == run_id  # found by mdpo.run_name
+
+
+def test_system_metrics_attach_to_the_run_from_the_workers_sink_and_stop_with_it(store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
+    cfg = _cfg(store, "tracking.experiment=system", "name=monitored")
+    run_id, _ = tracking.open_run(cfg)
+    sink = sinks.sink_for(cfg, run_id, rank0=True)  # as rank 0 of a Ray Train worker group makes it
+    time.sleep(0.5)
+    sink.close()
+    metrics = MlflowClient(cfg.mlflow_uri).get_run(run_id).data.metrics
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(metrics)
+    off = sinks.sink_for(load_config(None, [f"output_dir={store}", "tracking.system_metrics=false"]), run_id,
+                         rank0=True)
+    assert off._monitor is None
