@@ -181,14 +181,14 @@ def step_settings(cfg: RunConfig, completion_fraction: float) -> StepSettings:
         eval_batch=cfg.eval.batch_size if has_eval else None)
 
 
-def preflight(cfg: RunConfig) -> str:
+def preflight(cfg: RunConfig, label: str = "plan") -> str:
     """The one-line verdict train and sweep print before Ray starts. Never raises: it is advice, and a
     run must not fail on it (a hub id offline, an architecture the planner cannot build on meta)."""
     try:
         p = plan(cfg)
     except Exception as exc:  # noqa: BLE001 (whatever it is, the run goes on without a plan)
-        return f"plan: skipped ({_reason(exc)})"
-    line = one_line(p)
+        return f"{label}: skipped ({_reason(exc)})"
+    line = label + one_line(p).removeprefix("plan")
     return line if p.fits else f"WARNING {line}; running anyway (mdpo-ray plan shows the table)"
 
 

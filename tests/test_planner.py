@@ -1,14 +1,18 @@
 """The memory planner: exact parameter counts from a meta-device build, the rows' invariants (sharding,
-LoRA, checkpointing) and the suggestion path.
+LoRA, checkpointing), the suggestion path, and the CLI (`mdpo-ray plan`, the verdict line of train).
 
 The planned bytes themselves are checked against measured peaks by benchmarks/memory.py (minutes);
 here only what must hold whatever the calibration."""
+
+import sys
+import types
 
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mdpo_ray import footprint, logps, planner
+import mdpo_ray
+from mdpo_ray import cli, footprint, logps, planner
 from mdpo_ray.config import ConfigError, load_config
 
 LLAMA_70B = dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
@@ -125,3 +129,47 @@ def test_plan_for_a_batch_the_gpus_do_not_divide_is_a_config_error(tiny_task):
                              "optim.batch_size=4"])
     with pytest.raises(ConfigError, match="--gpus 3"):
         planner.plan(cfg, gpus=3)
+
+
+def test_cli_plan_prints_the_table_and_verdict_and_exits_0(tiny_task, capsys):
+    argv = ["plan", "--set", f"model.name_or_path={tiny_task['model']}", "--set", f"data.train={tiny_task['train']}"]
+    assert cli.main([*argv, "--set", "scaling.use_gpu=true", "--gpus", "2", "--gpu-memory-gib", "0.5"]) == 0
+    out = capsys.readouterr().out
+    for text in ("parameters, fp32 shards", "activations, no checkpointing", "logits, kept for backward",
+                 "overhead", "total", "plan: does not fit"):  # 1 GiB of CUDA context alone exceeds 0.5 GiB
+        assert text in out, out
+    assert cli.main(argv) == 0
+    assert "plan: CPU run, peak ~" in capsys.readouterr().out
+
+
+def test_cli_plan_refuses_a_bad_key_with_exit_2(capsys):
+    assert cli.main(["plan", "--set", "optim.no_such_key=1"]) == 2
+    assert "optim.no_such_key: unknown key" in capsys.readouterr().err
+
+
+@pytest.fixture
+def fake_launch(monkeypatch, capsys):
+    """`mdpo_ray.launch` without Ray: records what train had printed before it was called."""
+    seen = {}
+
+    def train(cfg):
+        seen["printed_before_launch"] = capsys.readouterr().out
+        return "summary"
+
+    fake = types.SimpleNamespace(train=train, describe=lambda summary: "launched")
+    monkeypatch.setitem(sys.modules, "mdpo_ray.launch", fake)
+    monkeypatch.setattr(mdpo_ray, "launch", fake, raising=False)
+    return seen
+
+
+def test_train_prints_the_plan_line_before_ray_starts(tiny_task, fake_launch, capsys):
+    argv = ["train", "--set", f"model.name_or_path={tiny_task['model']}", "--set", f"data.train={tiny_task['train']}"]
+    assert cli.main([*argv, "--set", "scaling.use_gpu=true", "--set", "scaling.num_workers=1"]) == 0
+    assert fake_launch["printed_before_launch"].startswith("plan: fits, ~")
+    assert capsys.readouterr().out.strip() == "launched"
+
+
+def test_train_goes_on_when_the_plan_cannot_read_the_model(tmp_path, fake_launch):
+    missing = tmp_path / "not-a-model"  # not a directory: read as a hub id, and the hub is offline in tests
+    assert cli.main(["train", "--set", f"model.name_or_path={missing.name}", "--set", "data.train=x.jsonl"]) == 0
+    assert fake_launch["printed_before_launch"].startswith("plan: skipped (")
