@@ -70,18 +70,19 @@ def suggest(p: Plan) -> list[tuple[dict[str, object], Plan]]:
 
     The first is the cheapest, trying in order (each keeping the ones before): a smaller micro-batch
     (more accumulation), activation checkpointing, LoRA, CPU offload; the largest micro-batch that fits
-    wins at each stage. When that needs LoRA or offload (or nothing fits), the second keeps full
-    fine-tuning: the fewest GPUs (multiples of the current count) that fit with checkpointing.
+    wins at each stage. When that needs LoRA or offload (or nothing fits), the second keeps the run's
+    method: the fewest GPUs (the current count doubled, and again) that fit with checkpointing.
     """
     if p.fits:
         return []
     cfg, found = p.config, []
     stages, changes = [{}], {}
-    for key, value in (("scaling.activation_checkpointing", True), ("model.lora.r", LORA_RANK),
-                       ("scaling.cpu_offload", True)):
-        if _get(cfg, key) != value and not (key == "model.lora.r" and cfg.model.lora.r):
+    for key, value, already in (("scaling.activation_checkpointing", True, cfg.scaling.activation_checkpointing),
+                                ("model.lora.r", LORA_RANK, cfg.model.lora.r > 0),
+                                ("scaling.cpu_offload", True, cfg.scaling.cpu_offload)):
+        if not already:
             changes = changes | {key: value}
-            stages.append(dict(changes))
+            stages.append(changes)
     for stage in stages:
         found = _first_fit(p, stage, cfg.scaling.num_workers)
         if found:
@@ -151,7 +152,7 @@ def one_line(p: Plan) -> str:
         return f"plan: fits, {head}"
     options = [f"{_overrides(change)} (~{q.total_bytes / GIB:.1f} GiB)" for change, q in suggest(p)]
     return f"plan: does not fit, {head}; " + ("; or ".join(options) if options else
-                                              "no single change found: fewer tokens (data.max_length) or more memory")
+                                              "nothing tried fits: shorter data.max_length or larger GPUs")
 
 
 def _overrides(change: dict[str, object]) -> str:
@@ -159,13 +160,6 @@ def _overrides(change: dict[str, object]) -> str:
     keys = " ".join(f"--set {k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in change.items()
                     if k != "scaling.num_workers")
     return f"{gpus} GPUs with {keys}" if gpus else keys
-
-
-def _get(cfg: RunConfig, dotted: str) -> object:
-    node: object = cfg
-    for part in dotted.split("."):
-        node = getattr(node, part)
-    return node
 
 
 def step_settings(cfg: RunConfig, completion_fraction: float) -> StepSettings:
@@ -189,7 +183,9 @@ def preflight(cfg: RunConfig, label: str = "plan") -> str:
     except Exception as exc:  # noqa: BLE001 (whatever it is, the run goes on without a plan)
         return f"{label}: skipped ({_reason(exc)})"
     line = label + one_line(p).removeprefix("plan")
-    return line if p.fits else f"WARNING {line}; running anyway (mdpo-ray plan shows the table)"
+    if p.gpu_memory_gib is not None:  # the driver does not touch a GPU to find its size (a CUDA context costs one)
+        line += f" ({p.gpu_memory_gib:g} GiB assumed; mdpo-ray plan --gpu-memory-gib G shows the table)"
+    return line if p.fits else f"WARNING {line}; running anyway"
 
 
 def _with(cfg: RunConfig, changes: dict[str, object], source: str) -> RunConfig:
