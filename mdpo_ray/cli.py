@@ -1,4 +1,5 @@
-"""argv -> config -> launch. No logic: a bad config exits 2 here, before Ray is asked for anything."""
+"""argv -> config -> launch. No logic: a bad config exits 2 here, before Ray is asked for anything; train
+and sweep print the memory plan's one-line verdict first (mdpo_ray.planner)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from mdpo_ray import planner
 from mdpo_ray.config import ConfigError, check_storage_outlives_job, load_config, to_yaml
+from mdpo_ray.planner import DEFAULT_COMPLETION_FRACTION, DEFAULT_GPU_MEMORY_GIB
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -17,6 +20,14 @@ def _parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=text, description=text)
         sub.add_argument("config", nargs="?", help="run YAML (see sweeps/ and README.md); default: built-in")
         _add_overrides(sub)
+    text = "per-GPU peak memory of a run and whether it fits (reads the model's config only; no Ray)"
+    sub = commands.add_parser("plan", help=text, description=text)
+    sub.add_argument("config", nargs="?", help="run YAML; default: built-in")
+    _add_overrides(sub)
+    sub.add_argument("--gpus", type=int, help="ranks to plan for (default: scaling.num_workers)")
+    sub.add_argument("--gpu-memory-gib", type=float, default=DEFAULT_GPU_MEMORY_GIB, help="memory of one GPU")
+    sub.add_argument("--completion-fraction", type=float, default=DEFAULT_COMPLETION_FRACTION,
+                     help="share of each sequence's tokens that are completion (scored) tokens")
     sub = commands.add_parser("sweep", help="run a Ray Tune sweep from a sweep YAML")
     sub.add_argument("sweep", help="sweep YAML, e.g. sweeps/smoke.yaml")
     sub.add_argument("--resume", action="store_true", help="continue an interrupted sweep of the same name")
@@ -49,7 +60,12 @@ def _run_command(args: argparse.Namespace) -> int:
     if args.command == "config":
         print(to_yaml(cfg), end="")
         return 0
+    if args.command == "plan":  # advice: exit 0 whether it fits or not
+        print(planner.report(planner.plan(cfg, gpus=args.gpus, gpu_memory_gib=args.gpu_memory_gib,
+                                          completion_fraction=args.completion_fraction)))
+        return 0
     check_storage_outlives_job(cfg)  # under `ray job submit`, a relative output_dir would be lost
+    print(planner.preflight(cfg), flush=True)
     from mdpo_ray import launch  # imports Ray; only after the config is known to be good
 
     print(launch.describe(launch.train(cfg)))
@@ -91,6 +107,7 @@ def _sweep_command(args: argparse.Namespace) -> int:
             print(f"results: {results.markdown_path} ({results.n_finished} of {results.n_trials} trials finished; "
                   f"per-trial figures in {results.csv_path})")
         return 0
+    print(planner.preflight(cfg, "plan (a trial with the sweep's shared keys)"), flush=True)
     summary = sweeps.run_sweep(sweep, base, resume=args.resume)
     print(sweeps.describe(summary, tracking.ui_command(cfg)))
     return 130 if summary.unfinished else 0  # 130: interrupted, as a shell reports Ctrl-C
