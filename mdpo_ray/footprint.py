@@ -74,6 +74,7 @@ class StepSettings:
     seq: int  # data.max_length: every sequence is counted at full length
     completion_fraction: float  # share of the tokens whose log-prob is scored (the LM head's rows)
     accumulation: int  # micro-batches per optimizer step
+    sync_every_micro_batch: bool  # optim.sync_every_micro_batch: gradients reduce-scattered after each micro-batch
     checkpointing: bool
     offload: bool  # params, grads and AdamW state in host memory
     reference: str  # "resident", "precompute" or "adapters" (LoRA: the policy with adapters off)
@@ -185,9 +186,12 @@ def _nograd_forward(m: ModelShape, s: StepSettings, tokens: float, scored: float
 def _sharded_rows(m: ModelShape, s: StepSettings) -> list[Row]:
     """FSDP2's shards of the policy; with CPU offload they live in host memory and cost the GPU nothing."""
     g = s.ranks
+    # Accumulating without a reduce-scatter per micro-batch, FSDP2 sums each rank's whole gradient
+    # unsharded, in fp32 (the reduce dtype), until the last micro-batch (distributed.sync_gradients).
+    unsharded = s.accumulation > 1 and not s.sync_every_micro_batch and g > 1
     parts = (("parameters, fp32 shards", FP32 * m.params / g, (ALWAYS,), f"{fmt_count(m.params)} params / {g}"),
              ("gradients, fp32 shards", FP32 * m.trainable / g,
-              (STEP, UPDATE) if s.accumulation > 1 else (UPDATE,),  # accumulated across micro-batches
+              (STEP, UPDATE) if s.accumulation > 1 and not unsharded else (UPDATE,),  # accumulated across micro-batches
               f"{fmt_count(m.trainable)} trainable / {g}"),
              ("AdamW state, fp32 shards", 2 * FP32 * m.trainable / g, (ALWAYS,), "exp_avg + exp_avg_sq"))
     out = []
@@ -195,6 +199,10 @@ def _sharded_rows(m: ModelShape, s: StepSettings) -> list[Row]:
         for when in whens:
             out.append(Row(name, 0.0, when, f"{_gib(value)} GiB in host memory") if s.offload
                        else Row(name, value, when, note))
+    if unsharded:  # on the device, offload or not: FSDP2 offloads only the reduced shards
+        out.append(Row("gradients, unsharded fp32, accumulating", FP32 * m.trainable, STEP,
+                       f"{fmt_count(m.trainable)} trainable, whole on each rank between micro-batches "
+                       "(optim.sync_every_micro_batch=false)"))
     return out
 
 

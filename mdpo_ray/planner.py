@@ -110,10 +110,16 @@ def _first_fit(p: Plan, changes: dict[str, object], gpus: int) -> list[tuple[dic
             change["optim.micro_batch_size"] = size
         if not change:
             continue
-        candidate = plan(_with(p.config, change, "suggestion"), gpu_memory_gib=p.gpu_memory_gib or 0,
-                         completion_fraction=p.settings.completion_fraction)
-        if candidate.fits:
-            return [(change, candidate)]
+        # Accumulating across ranks, each rank holds a whole fp32 gradient between micro-batches unless it
+        # reduce-scatters after each one: try without, then with, the extra traffic.
+        syncs = [False, True] if size < per_worker and gpus > 1 and not p.config.optim.sync_every_micro_batch \
+            else [False]
+        for sync in syncs:
+            tried = change | ({"optim.sync_every_micro_batch": True} if sync else {})
+            candidate = plan(_with(p.config, tried, "suggestion"), gpu_memory_gib=p.gpu_memory_gib or 0,
+                             completion_fraction=p.settings.completion_fraction)
+            if candidate.fits:
+                return [(tried, candidate)]
     return []
 
 
@@ -169,7 +175,8 @@ def step_settings(cfg: RunConfig, completion_fraction: float) -> StepSettings:
     return StepSettings(
         ranks=cfg.scaling.num_workers, on_gpu=cfg.scaling.use_gpu, compute_bytes=2 if bf16 else 4,
         micro_batch=cfg.micro_batch_size, seq=cfg.data.max_length, completion_fraction=completion_fraction,
-        accumulation=cfg.accumulation_steps, checkpointing=cfg.scaling.activation_checkpointing,
+        accumulation=cfg.accumulation_steps, sync_every_micro_batch=cfg.optim.sync_every_micro_batch,
+        checkpointing=cfg.scaling.activation_checkpointing,
         offload=cfg.scaling.cpu_offload,
         reference="adapters" if cfg.model.lora.r and cfg.reference == "resident" else cfg.reference,
         eval_batch=cfg.eval.batch_size if has_eval else None)

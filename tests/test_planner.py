@@ -173,3 +173,18 @@ def test_train_goes_on_when_the_plan_cannot_read_the_model(tmp_path, fake_launch
     missing = tmp_path / "not-a-model"  # not a directory: read as a hub id, and the hub is offline in tests
     assert cli.main(["train", "--set", f"model.name_or_path={missing.name}", "--set", "data.train=x.jsonl"]) == 0
     assert fake_launch["printed_before_launch"].startswith("plan: skipped (")
+
+
+def test_accumulating_across_ranks_holds_a_whole_fp32_gradient_unless_it_syncs_every_micro_batch(tmp_path):
+    """FSDP2 without a reduce-scatter per micro-batch sums each rank's full gradient, unsharded, in fp32."""
+    model_dir = _model_dir(tmp_path, **TINY)
+    base = ["scaling.num_workers=4", "optim.batch_size=16"]
+    name = "gradients, unsharded fp32, accumulating"
+    no_sync = planner.plan(_cfg(model_dir, *base, "optim.micro_batch_size=2"), gpu_memory_gib=80)
+    assert _row(no_sync, name) == 4 * no_sync.shape.trainable
+    for overrides in (["optim.micro_batch_size=2", "optim.sync_every_micro_batch=true"],  # reduce-scattered
+                      []):  # one micro-batch: nothing to accumulate
+        assert not [r for r in planner.plan(_cfg(model_dir, *base, *overrides), gpu_memory_gib=80).rows
+                    if r.name == name]
+    one_rank = planner.plan(_cfg(model_dir, "scaling.num_workers=1", "optim.micro_batch_size=2"), gpu_memory_gib=80)
+    assert not [r for r in one_rank.rows if r.name == name]  # one rank: its gradient is whole anyway
