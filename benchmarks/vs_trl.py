@@ -586,7 +586,8 @@ def main() -> None:
           f"({assets['completion_tokens_per_pair'] / 2:.0f} of them completion); batch {args.batch} pairs")
     print(f"measured {size}x{size} matmul rate: {rate / 1e9:.1f} GFLOP/s; timing: {args.warmup * args.window}-step "
           f"warm-up, median of {args.windows} windows of {args.window} steps")
-    print("set equal on both sides: precision as above, no gradient checkpointing (TRL default: on), dropout 0, "
+    print("set equal on both sides: precision as above, gradient checkpointing only in the *_checkpointing pair "
+          "(TRL default: on), dropout 0, "
           f"torch AdamW lr {LR:g} (TRL optim=adamw_torch), constant LR, no warm-up, grad clip 1.0, beta {BETA}, "
           f"max_length {args.max_length}, precompute batch = train batch, sdpa attention; TRL logging_strategy=no, "
           "report_to=none, save_strategy=no, eval_strategy=no", flush=True)
