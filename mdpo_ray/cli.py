@@ -93,7 +93,8 @@ def _sweep_command(args: argparse.Namespace) -> int:
         except ValueError as exc:  # no such sweep in this store, or no trials yet
             print(f"mdpo-ray: {exc}", file=sys.stderr)
             return 1
-        print(f"report: {report.markdown_path} (+ {report.csv_path.name}, {len(report.plots)} plots); "
+        print(f"report: {report.markdown_path} (+ {report.html_path.name}, {report.csv_path.name}, "
+              f"{len(report.plots)} plots); "
               f"best trial {report.best_trial_id}")
         if args.results:
             from mdpo_ray.results import write_results

@@ -7,6 +7,7 @@ exactly while DPO's answers collapse (README, "Metrics glossary"), so a cell is 
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass
@@ -19,8 +20,10 @@ from matplotlib.colors import Normalize, TwoSlopeNorm
 from matplotlib.figure import Figure  # no pyplot: no global backend, PNGs are rendered by Agg
 from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 
 from mdpo_ray import labels
+from mdpo_ray.report_html import write_html
 from mdpo_ray.tracking import BEST_TRIAL_TAG, METRIC_TAG, MODE_TAG, SEARCH_KEYS_TAG, SWEEP_TAG
 from mdpo_ray.trials import TABLE_METRICS, cell_means, trial_frame, trial_runs
 
@@ -41,6 +44,8 @@ class SweepReport:
     out_dir: Path
     csv_path: Path
     markdown_path: Path
+    html_path: Path  # the same report as one self-contained page: what to open in the MLflow UI
+    table_path: Path  # trials.csv as an MLflow table (JSON), shown by the UI's artifact view as a table
     plots: list[Path]
     best_trial_id: str | None  # best FINISHED trial by the final value of the sweep metric, else None
     best_run_id: str | None  # its MLflow run
@@ -49,8 +54,8 @@ class SweepReport:
 
 
 def write_report(tracking_uri: str, parent_run_id: str, out_dir: Path, *, attach: bool = True) -> SweepReport:
-    """Write trials.csv, trials.md and the PNGs into out_dir; with attach, log them to the parent under report/
-    and give the parent the best trial's final metrics and a link to it (tag mdpo.best_trial, its description)."""
+    """Write trials.csv, trials.json, trials.md, trials.html and the PNGs into out_dir; with attach, log them to
+    the parent under report/, mark trials.json as an MLflow table, and give the parent the best trial's final metrics and a link to it (tag mdpo.best_trial, its description)."""
     client = MlflowClient(tracking_uri=tracking_uri)
     parent = client.get_run(parent_run_id)
     tags = parent.data.tags
@@ -73,19 +78,36 @@ def write_report(tracking_uri: str, parent_run_id: str, out_dir: Path, *, attach
                *[m for m in TABLE_METRICS if m != metric]]
     csv_path = out_dir / "trials.csv"
     frame[columns].to_csv(csv_path, index=False)
+    table_path = out_dir / "trials.json"
+    # The layout MlflowClient.log_table writes. Not log_table itself: it appends to an existing file,
+    # so `mdpo-ray report` after the sweep's own report would list every trial twice.
+    frame[columns].to_json(table_path, orient="split", index=False, date_format="iso")
     plots = [p for p in (_heatmap(frame, keys, spec, out_dir) for spec in HEATMAPS) if p is not None]
     curves = _logps_curves(client, frame, keys, None if best is None else best["trial_id"], out_dir)
     plots += [curves] if curves is not None else []
     markdown_path = out_dir / "trials.md"
     markdown_path.write_text(_markdown(sweep_name, parent_run_id, metric, mode, keys, frame[columns], best, plots))
+    html_path = write_html(out_dir / "trials.html", sweep_name, parent_run_id, metric, mode, keys, frame[columns],
+                           best, plots, _fmt)
     if attach:
         client.log_artifacts(parent_run_id, str(out_dir), "report")
+        _mark_table(client, parent, "report/trials.json")
         if best is not None:
             _record_best(client, parent, best, metric)
-    return SweepReport(out_dir=out_dir, csv_path=csv_path, markdown_path=markdown_path, plots=plots,
+    return SweepReport(out_dir=out_dir, csv_path=csv_path, markdown_path=markdown_path, html_path=html_path,
+                       table_path=table_path, plots=plots,
                        best_trial_id=None if best is None else str(best["trial_id"]),
                        best_run_id=None if best is None else str(best["run_id"]),
                        best_value=None if best is None else float(best[metric]), n_trials=len(frame))
+
+
+def _mark_table(client: MlflowClient, parent, artifact: str) -> None:
+    """Tag the artifact as a table the way log_table does: the artifact view then offers "view as table"
+    (sortable, paged) and MlflowClient.load_table finds it."""
+    logged = json.loads(parent.data.tags.get(MLFLOW_LOGGED_ARTIFACTS, "[]"))
+    entry = {"path": artifact, "type": "table"}
+    if entry not in logged:
+        client.set_tag(parent.info.run_id, MLFLOW_LOGGED_ARTIFACTS, json.dumps(logged + [entry]))
 
 
 def _record_best(client: MlflowClient, parent, best, metric: str) -> None:
@@ -106,7 +128,7 @@ def _fmt(value) -> str:
         return ""
     if isinstance(value, (float, int, np.floating, np.integer)) and not isinstance(value, bool):
         return f"{value:.4g}"
-    return str(value).replace("|", "\\|")
+    return str(value)
 
 
 def _heatmap(frame: pd.DataFrame, keys: list[str], spec: tuple, out_dir: Path) -> Path | None:
@@ -214,6 +236,6 @@ def _markdown(sweep_name: str, parent_run_id: str, metric: str, mode: str, keys:
                      f" with {overrides}.")
     lines += ["", "Rows are sorted by the final value of the metric, best first; empty cells were not logged.", "",
               "| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
-    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in table.itertuples(index=False)]
+    lines += ["| " + " | ".join(_fmt(v).replace("|", "\\|") for v in row) + " |" for row in table.itertuples(index=False)]
     lines += [""] + [f"![{p.stem}]({p.name})" for p in plots]
     return "\n".join(lines) + "\n"

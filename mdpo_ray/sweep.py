@@ -258,7 +258,8 @@ def describe(summary: SweepSummary, cfg_ui: str) -> str:
             if summary.best_trial else "none (no FINISHED trial reported the metric)")
     interrupted = (f"  INTERRUPTED: {summary.unfinished} trial(s) unfinished; continue with: "
                    f"mdpo-ray sweep <this file> --resume\n" if summary.unfinished else "")
-    written = (f"{report.markdown_path} (+ {report.csv_path.name}, {len(report.plots)} plots)" if report else
+    written = (f"{report.markdown_path} (+ {report.html_path.name}, {report.csv_path.name}, "
+               f"{len(report.plots)} plots)" if report else
                "not written (MLflow was unreachable at the end): mdpo-ray report <this file>, once it is back")
     return interrupted + "\n".join([
         f"\nsweep {summary.sweep.name!r}: {summary.n_trials} trials",

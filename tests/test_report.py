@@ -7,6 +7,8 @@ every trial starts at 0.50 at step 0, so the 0.40 trial's best-over-history is 0
 not its final value. A fifth trial FAILED at start and logged nothing.
 """
 
+import base64
+import json
 import math
 
 import numpy as np
@@ -134,7 +136,33 @@ def test_plots_are_pngs_and_attached(store, max_report):
     for path in max_report.plots:
         assert path.read_bytes()[:4] == b"\x89PNG" and path.stat().st_size > 5000
     attached = {a.path for a in client.list_artifacts(parents["max"], "report")}
-    assert attached == {f"report/{name}" for name in names | {"trials.csv", "trials.md"}}
+    assert attached == {f"report/{name}" for name in names | {"trials.csv", "trials.json", "trials.md", "trials.html"}}
+
+
+def test_html_report_is_self_contained(max_report):
+    """The page MLflow previews: every plot inside it as a data URI, every trial a row, no outside links."""
+    text = max_report.html_path.read_text()
+    for path in max_report.plots:
+        encoded = base64.b64encode(path.read_bytes()).decode()
+        assert f'src="data:image/png;base64,{encoded}"' in text
+    assert ".png\"" not in text and "<script" not in text and "http" not in text
+    assert "Best trial: <code>t_00002</code>" in text and "<code>loss.beta=0.3</code>" in text
+    # One row per trial, best first, each starting with its trial id and run name.
+    rows = [text.index(f"<td>{trial}</td>\n      <td>grid-max-{trial}</td>")
+            for trial in ("t_00002", "t_00003", "t_00001", "t_00000", "t_00004")]
+    assert rows == sorted(rows) and text.count("<tr>") == len(rows)  # body rows; the header row has a style
+
+
+def test_trials_table_is_an_mlflow_table(store, max_report, monkeypatch, tmp_path):
+    uri, client, parents = store
+    write_report(uri, parents["max"], tmp_path)  # a second report (mdpo-ray report) replaces the table
+    parent = client.get_run(parents["max"])
+    assert json.loads(parent.data.tags["mlflow.loggedArtifacts"]) == [{"path": "report/trials.json", "type": "table"}]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # load_table searches runs through the global client
+    loaded = client.load_table(parent.info.experiment_id, "report/trials.json", run_ids=[parent.info.run_id])
+    table = pd.read_csv(max_report.csv_path)  # the same rows and columns as trials.csv
+    assert list(loaded.columns) == list(table.columns) and list(loaded["trial_id"]) == list(table["trial_id"])
+    np.testing.assert_allclose(loaded["eval/answer_accuracy"], table["eval/answer_accuracy"])
 
 
 def test_cell_means_average_shared_cells():
