@@ -94,9 +94,7 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPol
     on the meta device (`load_causal_lm(weights=False)`) and get their shards from rank 0, one tensor
     at a time, so only rank 0 ever holds the whole model.
     """
-    block_names = set(getattr(model, "_no_split_modules", None) or ())
-    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
-    assert blocks, f"{type(model).__name__} declares no _no_split_modules; cannot find its decoder blocks"
+    blocks = decoder_blocks(model)
     full = model.state_dict() if mesh.size() > 1 and rank() == 0 else {}  # the unsharded tensors, to send
     if checkpoint:
         wrap = set(blocks)
@@ -119,6 +117,15 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPol
     # transformers model's forward, past the root's hooks (a plain model's calls its own forward: no change).
     register_fsdp_forward_method(model, "generate")
     return model
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The model's decoder blocks, FSDP2's units: the classes its own `_no_split_modules` names (a peft
+    model passes the attribute through from the transformers model)."""
+    block_names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    assert blocks, f"{type(model).__name__} declares no _no_split_modules; cannot find its decoder blocks"
+    return blocks
 
 
 def sync_gradients(model: nn.Module, enabled: bool) -> None:

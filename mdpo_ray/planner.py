@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 
-from mdpo_ray.config import BUILTIN, ConfigError, RunConfig
+from mdpo_ray.config import BUILTIN, ConfigError, RunConfig, set_dotted
 from mdpo_ray.footprint import GIB, ModelShape, Row, StepSettings, fmt_count, peak, rows
 from mdpo_ray.shape import model_shape
 
@@ -199,11 +199,7 @@ def _with(cfg: RunConfig, changes: dict[str, object], source: str) -> RunConfig:
     """`cfg` with dotted keys changed, validated again (model_copy would skip the cross-field checks)."""
     raw = cfg.model_dump(mode="json")
     for dotted, value in changes.items():
-        *parents, leaf = dotted.split(".")
-        node = raw
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
+        set_dotted(raw, dotted, value)
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as exc:

@@ -7,11 +7,10 @@ adapters as peft makes them. A 70B model builds in about a second.
 
 from __future__ import annotations
 
-import json
 import warnings
 from functools import lru_cache
 
-from mdpo_ray.config import BUILTIN, ConfigError, RunConfig
+from mdpo_ray.config import BUILTIN, ConfigError, LoraConfig, RunConfig
 from mdpo_ray.footprint import ModelShape
 
 _ATTENTION_INPUTS, _MLP_INPUTS = {"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}
@@ -19,14 +18,13 @@ _LLAMA_LINEARS = _ATTENTION_INPUTS | _MLP_INPUTS | {"o_proj", "down_proj"}
 
 
 def model_shape(cfg: RunConfig) -> ModelShape:
-    lora = cfg.model.lora
     builtin = cfg.builtin.model_dump_json() if cfg.model.name_or_path == BUILTIN else None
-    return _shape(cfg.model.name_or_path, cfg.model.trust_remote_code, builtin,
-                  json.dumps([lora.r, lora.alpha, lora.target_modules]))
+    lora = cfg.model.lora.model_dump_json() if cfg.model.lora.r else None
+    return _shape(cfg.model.name_or_path, cfg.model.trust_remote_code, builtin, lora)
 
 
 @lru_cache(maxsize=16)
-def _shape(name: str, trust_remote_code: bool, builtin: str | None, lora: str) -> ModelShape:
+def _shape(name: str, trust_remote_code: bool, builtin: str | None, lora: str | None) -> ModelShape:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -41,22 +39,22 @@ def _shape(name: str, trust_remote_code: bool, builtin: str | None, lora: str) -
         except (OSError, ValueError) as exc:
             reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
             raise ConfigError(f"model.name_or_path={name}: cannot read its config ({reason})") from None
-    rank, alpha, targets = json.loads(lora)
+    lora_cfg = LoraConfig.model_validate_json(lora) if lora else None
     with torch.device("meta"), warnings.catch_warnings():  # no memory; a library's deprecation notes are not ours
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
-        if rank:
-            import peft
+        if lora_cfg:
+            from mdpo_ray import lora as adapters
 
-            model = peft.get_peft_model(model, peft.LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets))
-    return _count(model, config.get_text_config(), rank)
+            model = adapters.wrap(model, lora_cfg)  # as the loop wraps the policy, target names checked
+    return _count(model, config.get_text_config(), lora_cfg.r if lora_cfg else 0)
 
 
 def _count(model, config, lora_rank: int) -> ModelShape:
     """Parameter counts per FSDP2 unit, found as distributed.shard_model finds them."""
-    names = set(getattr(model, "_no_split_modules", None) or getattr(model.get_base_model(), "_no_split_modules", ()))
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    assert blocks, f"{type(model).__name__} declares no _no_split_modules; cannot find its decoder blocks"
+    from mdpo_ray.distributed import decoder_blocks  # torch is loaded by now; the CLI's import stays light
+
+    blocks = decoder_blocks(model)
     params = list(model.parameters())  # each tensor once: a tied head is the embedding
     sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
     largest = blocks[sizes.index(max(sizes))]
