@@ -5,7 +5,7 @@ A problem is 2-3 steps of + / - on operands 0-99 with every intermediate result 
     prompt    "Q: 97-53-5-33= A:"
     chosen    " 97-53=44; 44-5=39; 39-33=6. #### 6"      (<= 44 characters; data code appends EOS)
 
-Rejected answers come in two kinds (see ../shared/BUILTIN_TASK_NOTES.md):
+Rejected answers come in two kinds:
   near_miss    one digit of one non-final intermediate result is changed where the step states it, nothing
                else: the chain is inconsistent, the final answer is still right, the edit distance is 1
                (the "Smaug" failure case, where DPO lowers the chosen log-prob: arXiv:2402.13228);
