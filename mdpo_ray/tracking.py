@@ -45,8 +45,12 @@ _BATCH = 100  # MLflow's log_batch limit on params per call (1000 on metrics)
 def redacted_params(flat: dict[str, str]) -> dict[str, str]:
     """Dotted params whose last segment looks like a credential, with the value replaced by REDACTED;
     user info in URIs removed."""
-    return {key: REDACTED if SECRET_KEY.search(key.rsplit(".", 1)[-1]) else shown_uri(value)
+    return {key: REDACTED if _is_secret(key) else shown_uri(value)
             for key, value in flat.items()}
+
+
+def _is_secret(dotted_key: str) -> bool:
+    return bool(SECRET_KEY.search(dotted_key.rsplit(".", 1)[-1]))
 
 
 def redacted_argv(argv: list[str]) -> list[str]:
@@ -54,7 +58,7 @@ def redacted_argv(argv: list[str]) -> list[str]:
     out = []
     for arg in argv:
         key, sep, _ = arg.partition("=")
-        out.append(f"{key}={REDACTED}" if sep and SECRET_KEY.search(key.rsplit(".", 1)[-1]) else shown_uri(arg))
+        out.append(f"{key}={REDACTED}" if sep and _is_secret(key) else shown_uri(arg))
     return out
 
 
