@@ -1,4 +1,4 @@
-"""Peak memory of per-sequence log-probs: a full fp32 log-softmax vs mdpo_ray.logps (chunked fp32).
+"""Peak memory of per-sequence log-probs: a full fp32 log-softmax vs mdpo_ray.training.logps (chunked fp32).
 
 Each variant runs in a fresh subprocess that first allocates the (2B, T, V) logits in the model dtype
 (which a causal LM forward produces either way), then computes the completion log-probs, as the
@@ -22,7 +22,7 @@ import sys
 def _measure(variant: str, vocab: int, seq: int, rows: int, dtype: str, backward: bool) -> dict:
     import torch
 
-    from mdpo_ray.logps import sequence_logps
+    from mdpo_ray.training.logps import sequence_logps
 
     torch.manual_seed(0)
     logits = torch.randn(rows, seq, vocab, dtype=getattr(torch, dtype)).requires_grad_(backward)
@@ -53,7 +53,7 @@ def main() -> None:
         print(json.dumps(_measure(variant, int(vocab), args.seq, args.rows, args.dtype, passes == "backward")))
         return
     print(f"(2B, T) = ({args.rows}, {args.seq}), logits in {args.dtype}; extra peak RSS beyond the logits")
-    print(f"{'vocab':>8}  {'pass':>16}  {'logits MiB':>10}  {'full fp32 log-softmax':>22}  {'mdpo_ray.logps':>15}  "
+    print(f"{'vocab':>8}  {'pass':>16}  {'logits MiB':>10}  {'full fp32 log-softmax':>22}  {'mdpo_ray.training.logps':>15}  "
           f"{'ratio':>6}")
     for vocab in args.vocab:
         for passes in ("forward", "backward"):

@@ -1,11 +1,11 @@
 """Planned against measured per-rank peak memory of the training step, on CPU (or one GPU).
 
-Each configuration runs mdpo_ray.train_loop.train in a fresh child process (a one-rank FSDP2 group, the
+Each configuration runs mdpo_ray.training.train_loop.train in a fresh child process (a one-rank FSDP2 group, the
 code a Ray worker runs, so activation checkpointing, LoRA and accumulation go through the real code once
 they exist) for two steps; step 2 (AdamW's state exists by then) is measured at the tensor level with
 torch's MemTracker (torch.distributed._tools.mem_tracker: every live tensor storage, FSDP2's resized
 ones included), entered at the start of step 2 with every tensor alive then registered. The planner
-(mdpo_ray.planner) plans the same config; the ratio is planned / measured. Peak RSS of the child is
+(mdpo_ray.planning.planner) plans the same config; the ratio is planned / measured. Peak RSS of the child is
 printed for reference (it includes the interpreter, the libraries and the allocator's slack; the child
 gets the allocator settings a CPU-only Ray worker gets).
 
@@ -38,7 +38,7 @@ import time
 import weakref
 from pathlib import Path
 
-from mdpo_ray.footprint import fmt_count
+from mdpo_ray.planning.footprint import fmt_count
 
 MODELS = {  # name: LlamaConfig keywords (vocab 32000 unless given)
     "tiny": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
@@ -86,7 +86,7 @@ def main() -> None:
         return
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="mdpo-memory-"))
     how = "MemTracker" if args.device == "cpu" else "max_memory_allocated"
-    print(f"per-rank peak, planned (mdpo_ray.planner) vs measured ({how}, step 2); {args.device} "
+    print(f"per-rank peak, planned (mdpo_ray.planning.planner) vs measured ({how}, step 2); {args.device} "
           f"({'fp32' if args.device == 'cpu' else 'bf16'}), 1 rank, "
           f"completion fraction {args.completion_fraction:g}, {args.threads} threads; {_machine()}")
     header = (f"{'config':<18} {'params':>7} {'T':>5} {'micro':>5} {'accum':>5} {'ckpt':>4} {'lora':>4} "
@@ -169,7 +169,7 @@ def _model(workdir: Path, name: str) -> Path:
         import torch
         from transformers import LlamaConfig, LlamaForCausalLM
 
-        from mdpo_ray.arith import build_tokenizer
+        from mdpo_ray.task.arith import build_tokenizer
 
         torch.manual_seed(0)
         LlamaForCausalLM(LlamaConfig(**{"vocab_size": 32000} | MODELS[name])).save_pretrained(out)
@@ -211,9 +211,10 @@ def _child(job: dict) -> dict:
     """Run two steps of the real loop; measure step 2 with MemTracker; plan the same config."""
     import torch
 
-    from mdpo_ray import distributed, planner, train_loop
     from mdpo_ray.config import load_config
-    from mdpo_ray.train_loop import Worker
+    from mdpo_ray.planning import planner
+    from mdpo_ray.training import distributed, train_loop
+    from mdpo_ray.training.train_loop import Worker
 
     torch.set_num_threads(job["threads"])
     cuda = job["device"] == "cuda"
@@ -286,7 +287,7 @@ def _report_phases(tracker, seen: dict) -> None:
     import torch
     from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-    from mdpo_ray import reference, train_loop
+    from mdpo_ray.training import reference, train_loop
 
     cpu = torch.device("cpu")
 

@@ -28,8 +28,8 @@ SHAPES = {  # name: (config class, keywords)
 def print_examples(gpus: int = 8, gpu_memory_gib: float = 80.0, batch: int = 64, max_length: int = 2048) -> None:
     import transformers
 
-    from mdpo_ray import planner
     from mdpo_ray.config import load_config
+    from mdpo_ray.planning import planner
 
     print(f"\nplanner verdicts: {gpus} x {gpu_memory_gib:g} GiB, batch {batch} pairs, max_length {max_length}, "
           "bf16, full fine-tuning, resident reference")

@@ -11,13 +11,13 @@ then prints the table and checks the targets of the performance issue:
     benchmarks/gpu.sh                                  # one GPU, bf16, a ~0.5B Llama
 
 The model is a randomly initialised LlamaForCausalLM (hidden 256, 4 layers, vocab 32k by default)
-saved with save_pretrained; the pairs are the built-in arithmetic task's (mdpo_ray/arith.py) with
+saved with save_pretrained; the pairs are the built-in arithmetic task's (mdpo_ray/task/arith.py) with
 few-shot prompts (--shots solved problems before the question, ~200 tokens a sequence), written to one
 JSONL that both sides read, tokenized by the same saved character tokenizer.
 
 Configurations:
   trl, trl_precompute          TRL DPOTrainer, sigmoid loss; reference resident / precompute_ref_log_probs
-  dpo, minor_dpo               mdpo_ray.train_loop.train in this process (one-rank FSDP2 group, the
+  dpo, minor_dpo               mdpo_ray.training.train_loop.train in this process (one-rank FSDP2 group, the
   dpo_precompute, ...          code a Ray worker runs), resident / precomputed reference
   minor_dpo_full_logits        the same with the LM head on every position (how mdpo-ray ran before)
   ray_minor_dpo                mdpo_ray.launch.train: Ray Train, 1 worker, MLflow tracking
@@ -115,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
 def _model_config(args):
     from transformers import LlamaConfig
 
-    from mdpo_ray.arith import build_tokenizer
+    from mdpo_ray.task.arith import build_tokenizer
 
     tokenizer = build_tokenizer()
     return LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, num_hidden_layers=args.layers,
@@ -142,8 +142,8 @@ def prepare(args, workdir: Path) -> dict:
     import torch
     from transformers import LlamaForCausalLM
 
-    from mdpo_ray.arith import build_tokenizer, generate_task
     from mdpo_ray.config import BuiltinTaskConfig
+    from mdpo_ray.task.arith import build_tokenizer, generate_task
 
     model_dir, pairs_path = workdir / "model", workdir / "pairs.jsonl"
     tokenizer = build_tokenizer()
@@ -159,7 +159,7 @@ def prepare(args, workdir: Path) -> dict:
         shots = " ".join(s["prompt"] + s["chosen"] for s in rng.sample(solved, args.shots))
         rows.append({"prompt": f"{shots} {pair['prompt']}", "chosen": pair["chosen"], "rejected": pair["rejected"]})
     pairs_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    # Tokens as mdpo_ray.data makes them: BOS + prompt, completion + EOS (TRL's are checked against these).
+    # Tokens as mdpo_ray.data.pairs makes them: BOS + prompt, completion + EOS (TRL's are checked against these).
     lengths = [(1 + len(r["prompt"]), len(r["chosen"]) + 1, len(r["rejected"]) + 1) for r in rows]
     return {"model_dir": str(model_dir), "pairs": str(pairs_path),
             "tokens_per_pair": statistics.mean(2 * p + c + r for p, c, r in lengths),
@@ -290,8 +290,8 @@ def _run_config(args, assets: dict, name: str, loss: str, reference: str):
 def run_ours(args, assets: dict, name: str, loss: str, reference: str, *, full_logits: bool) -> dict:
     import torch
 
-    from mdpo_ray import logps
-    from mdpo_ray.train_loop import Worker, train
+    from mdpo_ray.training import logps
+    from mdpo_ray.training.train_loop import Worker, train
 
     if full_logits:  # no hook on the head: it sees all (2B, T) positions, the log-softmax is still chunked fp32
         logps._head_on_scored_rows = lambda *_: _no_hook()  # whatever the hook's signature

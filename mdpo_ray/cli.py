@@ -1,5 +1,5 @@
 """argv -> config -> launch. No logic: a bad config exits 2 here, before Ray is asked for anything; train
-and sweep print the memory plan's one-line verdict first (mdpo_ray.planner)."""
+and sweep print the memory plan's one-line verdict first (mdpo_ray.planning.planner)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from mdpo_ray import planner
 from mdpo_ray.config import ConfigError, check_storage_outlives_job, load_config, to_yaml
-from mdpo_ray.planner import DEFAULT_COMPLETION_FRACTION, DEFAULT_GPU_MEMORY_GIB
+from mdpo_ray.planning import planner
+from mdpo_ray.planning.planner import DEFAULT_COMPLETION_FRACTION, DEFAULT_GPU_MEMORY_GIB
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -77,16 +77,16 @@ def _sweep_command(args: argparse.Namespace) -> int:
 
     sweep, base = load_sweep(args.sweep, args.overrides)
     from mdpo_ray import sweep as sweeps  # imports Ray; only after the sweep is known to be good
-    from mdpo_ray import tracking
+    from mdpo_ray.tracking import mlflow_runs
 
     shared = sweeps.shared_run_keys(sweep, base)
     cfg = trial_config(base, shared | {"name": "probe"})
     check_storage_outlives_job(cfg)
     if args.command == "report":
-        from mdpo_ray.report import write_report
-        from mdpo_ray.trials import find_sweep_parent
+        from mdpo_ray.reports.report import write_report
+        from mdpo_ray.reports.trials import find_sweep_parent
 
-        tracking.require_reachable(cfg, "the report reads the sweep's trials from it")
+        mlflow_runs.require_reachable(cfg, "the report reads the sweep's trials from it")
         try:
             parent = find_sweep_parent(cfg.mlflow_uri, cfg.tracking.experiment, sweep.name)
             report = write_report(cfg.mlflow_uri, parent, Path(cfg.output_dir) / "report")
@@ -97,7 +97,7 @@ def _sweep_command(args: argparse.Namespace) -> int:
               f"{len(report.plots)} plots); "
               f"best trial {report.best_trial_id}")
         if args.results:
-            from mdpo_ray.results import write_results
+            from mdpo_ray.reports.results import write_results
 
             try:
                 results = write_results(cfg.mlflow_uri, parent, Path(args.results),
@@ -110,7 +110,7 @@ def _sweep_command(args: argparse.Namespace) -> int:
         return 0
     print(planner.preflight(cfg, "plan (a trial with the sweep's shared keys)"), flush=True)
     summary = sweeps.run_sweep(sweep, base, resume=args.resume)
-    print(sweeps.describe(summary, tracking.ui_command(cfg)))
+    print(sweeps.describe(summary, mlflow_runs.ui_command(cfg)))
     return 130 if summary.unfinished else 0  # 130: interrupted, as a shell reports Ctrl-C
 
 

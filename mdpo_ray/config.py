@@ -90,7 +90,7 @@ class LossConfig(_Strict):
     average_log_prob: bool = False  # length-average the sequence log-probs (IPO's definition uses this)
 
     def knobs(self) -> dict[str, float]:
-        """The keyword arguments every loss in mdpo_ray.losses accepts."""
+        """The keyword arguments every loss in mdpo_ray.training.losses accepts."""
         return dict(
             beta=self.beta,
             reject_threshold=self.reject_threshold,

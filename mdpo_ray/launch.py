@@ -17,8 +17,10 @@ import ray
 import ray.train
 import ray.train.torch
 
-from mdpo_ray import cluster, lora, sinks, tracking
+from mdpo_ray import cluster
 from mdpo_ray.config import BUILTIN, RunConfig, validate_config
+from mdpo_ray.tracking import mlflow_runs, sinks
+from mdpo_ray.training import lora
 
 
 @dataclass(frozen=True)
@@ -38,7 +40,7 @@ def resolve_builtin(cfg: RunConfig) -> RunConfig:
     if cfg.data.train != BUILTIN:
         lora.check_config(cfg.model)
         return cfg
-    from mdpo_ray.builtin import prepare_builtin  # imports the task only when it is used
+    from mdpo_ray.task.builtin import prepare_builtin  # imports the task only when it is used
 
     assets = prepare_builtin(cfg.builtin)
     raw = cfg.model_dump(mode="json")
@@ -53,7 +55,7 @@ def resolve_builtin(cfg: RunConfig) -> RunConfig:
 
 def worker_entry(payload: dict) -> None:
     """Runs on every Ray Train worker."""
-    from mdpo_ray.train_loop import Worker, train
+    from mdpo_ray.training.train_loop import Worker, train
 
     cfg = RunConfig.model_validate(payload["config"])
     _quiet_report_log()
@@ -76,7 +78,7 @@ def worker_entry(payload: dict) -> None:
 
 
 def precompute_entry(payload: dict) -> None:
-    from mdpo_ray.train_loop import Worker, precompute_reference
+    from mdpo_ray.training.train_loop import Worker, precompute_reference
 
     cfg = RunConfig.model_validate(payload["config"])
     _quiet_report_log()
@@ -140,7 +142,7 @@ def train(cfg: RunConfig, *, tags: dict[str, str] | None = None, callbacks: list
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous)
-        tracking.close_run(cfg, run_id, succeeded=succeeded)
+        mlflow_runs.close_run(cfg, run_id, succeeded=succeeded)
     return RunSummary(config=cfg, mlflow_run_id=run_id, metrics=dict(result.metrics or {}),
                       checkpoint=result.checkpoint.path if result.checkpoint else None,
                       export_dir=cfg.run_dir / "export")
@@ -157,8 +159,8 @@ def runs_in_trial(cfg: RunConfig) -> bool:
 def train_in_process(cfg: RunConfig, *, tags: dict[str, str], report, restore_dir: Path | None) -> None:
     """One single-worker run in this process (a Tune trial's): the same loop, MLflow run handling and
     checkpoints as `train`, with `report(metrics, checkpoint_dir, step)` in place of ray.train.report."""
-    from mdpo_ray.train_loop import Worker
-    from mdpo_ray.train_loop import train as train_loop
+    from mdpo_ray.training.train_loop import Worker
+    from mdpo_ray.training.train_loop import train as train_loop
 
     cfg = resolve_builtin(cfg)
     run_id = _open_run(cfg, tags)
@@ -169,12 +171,12 @@ def train_in_process(cfg: RunConfig, *, tags: dict[str, str], report, restore_di
         succeeded = True
     finally:
         sink.close()
-        tracking.close_run(cfg, run_id, succeeded=succeeded)
+        mlflow_runs.close_run(cfg, run_id, succeeded=succeeded)
 
 
 def _open_run(cfg: RunConfig, tags: dict[str, str] | None) -> str | None:
     """Open (or reopen) the run's MLflow run and say which; None when MLflow is unreachable (said too)."""
-    run_id, resumed = tracking.open_run(cfg, tags)
+    run_id, resumed = mlflow_runs.open_run(cfg, tags)
     if run_id is not None:
         print(f"MLflow run {run_id} ({'resumed' if resumed else 'new'}) in {sinks.shown_uri(cfg.mlflow_uri)}")
     return run_id
@@ -198,7 +200,7 @@ def describe(summary: RunSummary) -> str:
     adapter = cfg.model.lora.r and cfg.export.lora == "adapter"
     load = f"PeftModel.from_pretrained over {cfg.model.name_or_path}" if adapter else "AutoModelForCausalLM.from_pretrained"
     lines += [f"  MLflow store:   {sinks.shown_uri(cfg.mlflow_uri)} ({run})",
-              f"  MLflow UI:      {tracking.ui_command(cfg)}",
+              f"  MLflow UI:      {mlflow_runs.ui_command(cfg)}",
               f"  checkpoints:    {summary.checkpoint or cfg.run_dir}",
               f"  exported model: {summary.export_dir}  ({load})"]
     return "\n".join(lines)

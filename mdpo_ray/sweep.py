@@ -21,10 +21,11 @@ import yaml
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from mdpo_ray import cluster, labels, launch, sinks, tracking
+from mdpo_ray import cluster, launch
 from mdpo_ray.config import ConfigError, RunConfig
-from mdpo_ray.report import SweepReport, write_report
+from mdpo_ray.reports.report import SweepReport, write_report
 from mdpo_ray.sweep_config import SweepConfig, flat_overrides, trial_config
+from mdpo_ray.tracking import labels, mlflow_runs, sinks
 
 # Without a scheduler or searcher Tune needs no metric in every report (eval metrics come only with
 # the last one); with ASHA, sweep_config insists on a metric that every report carries.
@@ -76,9 +77,9 @@ def _trial(config: dict[str, Any], *, sweep: SweepConfig, base: dict[str, Any], 
     cfg = trial_config(base, overrides | shared | {"name": f"{sweep.name}-{trial_id}"},
                        source=f"sweep {sweep.name} trial {trial_id}")
     # The sweep driver's command and commit: this process is a Ray worker's.
-    tags = source | {"mlflow.parentRunId": parent_run_id, tracking.SWEEP_TAG: sweep.name, tracking.TRIAL_TAG: trial_id,
+    tags = source | {"mlflow.parentRunId": parent_run_id, mlflow_runs.SWEEP_TAG: sweep.name, mlflow_runs.TRIAL_TAG: trial_id,
                      labels.RUN_NAME_TAG: labels.trial_run_name(cfg.loss.name, overrides)}
-    tags |= {f"{tracking.OVERRIDE_PREFIX}{key}": str(value) for key, value in overrides.items()}
+    tags |= {f"{mlflow_runs.OVERRIDE_PREFIX}{key}": str(value) for key, value in overrides.items()}
     if not in_trial:
         launch.train(cfg, tags=tags, callbacks=[TuneReportCallback()])
         return
@@ -181,7 +182,7 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False)
     # Build the built-in task once here (trials would wait on its lock) and, if no trial changes the
     # reference, its log-probs once for all trials.
     in_trial = _in_trial(sweep, first)
-    tracking.require_reachable(first, "a sweep records its trials there and its report reads them back; nothing "
+    mlflow_runs.require_reachable(first, "a sweep records its trials there and its report reads them back; nothing "
                                       "has started")
     if cluster.init_ray(use_gpu=first.scaling.use_gpu):
         _check_fits_locally(first, in_trial)
@@ -189,10 +190,10 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False)
     for cfg in references:  # every kind of built-in data the grid names, each built once, here
         launch.resolve_builtin(cfg)
     first = launch.resolve_builtin(first)
-    source = tracking.source_tags()
-    parent_run_id = tracking.open_sweep_run(first, sweep.name, tags=source | {
-        tracking.SEARCH_KEYS_TAG: ",".join(sweep.search_keys()), tracking.METRIC_TAG: sweep.metric,
-        tracking.MODE_TAG: sweep.mode,
+    source = mlflow_runs.source_tags()
+    parent_run_id = mlflow_runs.open_sweep_run(first, sweep.name, tags=source | {
+        mlflow_runs.SEARCH_KEYS_TAG: ",".join(sweep.search_keys()), mlflow_runs.METRIC_TAG: sweep.metric,
+        mlflow_runs.MODE_TAG: sweep.mode,
         labels.NOTE_TAG: labels.sweep_description(sweep.name, sweep.search_keys(), sweep.metric, sweep.mode)},
         params=sweep.space_params(), sweep_yaml=yaml.safe_dump(sweep.model_dump(mode="json"), sort_keys=False))
     if first.reference == "precompute":
@@ -229,9 +230,9 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False)
         unfinished = sum(trial.status not in ("TERMINATED", "ERROR") for trial in saved)
         status = "KILLED" if unfinished else "FINISHED"
     finally:
-        tracking.close_unfinished_children(first, parent_run_id,
+        mlflow_runs.close_unfinished_children(first, parent_run_id,
                                            reason="stopped by the sweep (scheduler or interruption) before finishing")
-        tracking.close_run(first, parent_run_id, status=status)
+        mlflow_runs.close_run(first, parent_run_id, status=status)
     report = _report(first, parent_run_id)
     return SweepSummary(sweep=sweep, parent_run_id=parent_run_id, mlflow_uri=first.mlflow_uri,
                         experiment=first.tracking.experiment, best_trial=report.best_trial_id if report else None,

@@ -14,7 +14,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mdpo_ray.config import ConfigError, RunConfig, parse_override, set_dotted, validate_config
-from mdpo_ray.metrics import METRIC_NAMES
+from mdpo_ray.training.metrics import METRIC_NAMES
 
 
 class _Strict(BaseModel):

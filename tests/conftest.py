@@ -34,8 +34,8 @@ def tiny_task(tmp_path_factory) -> dict[str, Path]:
     import torch
     from transformers import LlamaForCausalLM
 
-    from mdpo_ray.arith import build_tokenizer, generate_task, model_config
     from mdpo_ray.config import BuiltinTaskConfig
+    from mdpo_ray.task.arith import build_tokenizer, generate_task, model_config
 
     root = tmp_path_factory.mktemp("tiny_task")
     task_cfg = BuiltinTaskConfig(hidden_size=32, n_heads=4, intermediate_size=64, n_sft_problems=10,

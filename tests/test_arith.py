@@ -7,9 +7,9 @@ import re
 import pytest
 from transformers import AutoTokenizer
 
-from mdpo_ray import arith
 from mdpo_ray.config import BuiltinTaskConfig
-from mdpo_ray.generation import extract_answer
+from mdpo_ray.task import arith
+from mdpo_ray.task.generation import extract_answer
 
 SMALL = dict(n_sft_problems=300, n_pref_pairs=200, n_eval_pairs=50, n_eval_problems=80)
 PROMPT = re.compile(r"^Q: \d{1,2}([+-]\d{1,2}){2,3}= A:$")

@@ -1,5 +1,5 @@
 """The benchmark (benchmarks/vs_trl.py) still runs against the code it measures: its in-process path
-calls the training loop, and its head-on-every-position config reaches into mdpo_ray.logps, so a
+calls the training loop, and its head-on-every-position config reaches into mdpo_ray.training.logps, so a
 change there can break it with nothing else failing (as a change of the hook's signature once did).
 TRL is only in the `bench` extra, so TRL's configs are not run here."""
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mdpo_ray.builtin import MARKER, cache_key, prepare_builtin
 from mdpo_ray.config import BuiltinTaskConfig
-from mdpo_ray.generation import extract_answer, greedy_answer_accuracy
+from mdpo_ray.task.builtin import MARKER, cache_key, prepare_builtin
+from mdpo_ray.task.generation import extract_answer, greedy_answer_accuracy
 
 TINY = dict(
     n_layers=1, hidden_size=32, n_heads=2, intermediate_size=64, n_sft_problems=200, n_pref_pairs=20,

@@ -1,4 +1,4 @@
-"""mdpo_ray.data: every source kind and format becomes the same prompt/completion token ids, bad rows
+"""mdpo_ray.data.pairs: every source kind and format becomes the same prompt/completion token ids, bad rows
 are reported by their 0-based row number, truncation follows the documented policy, and the collated
 loss_mask covers exactly the completion tokens (+ EOS), chosen rows first.
 
@@ -16,7 +16,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from mdpo_ray.config import DataConfig
-from mdpo_ray.data import DataError, DataStats, collate_pairs, load_pairs, load_train_eval, read_rows
+from mdpo_ray.data.pairs import DataError, DataStats, collate_pairs, load_pairs, load_train_eval, read_rows
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>\n{% endfor %}"

@@ -4,7 +4,7 @@ policy is only built, and the bf16 capability check is replaced)."""
 import pytest
 import torch
 
-from mdpo_ray import distributed
+from mdpo_ray.training import distributed
 
 
 @pytest.mark.parametrize(
@@ -28,8 +28,8 @@ def test_mixed_precision_is_bf16_only_where_asked_or_native(monkeypatch, mode, d
 @pytest.mark.parametrize(("use_gpu", "backend"), [(True, "nccl"), (False, "gloo")])
 def test_a_run_outside_ray_makes_an_nccl_group_on_a_gpu(monkeypatch, tiny_run_overrides, use_gpu, backend):
     """The benchmark calls the loop in-process: on a GPU its one-rank group must be NCCL, as Ray Train's is."""
-    from mdpo_ray import train_loop
     from mdpo_ray.config import load_config
+    from mdpo_ray.training import train_loop
 
     class Stop(Exception):
         pass
@@ -52,7 +52,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
-from mdpo_ray import distributed, model as model_lib, reference
+from mdpo_ray.training import distributed, model as model_lib, reference
 from mdpo_ray.config import ModelConfig
 
 rank, ranks, store, root = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]

@@ -13,7 +13,7 @@ from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM
 
 from mdpo_ray.config import load_config
-from mdpo_ray.train_loop import Worker, train
+from mdpo_ray.training.train_loop import Worker, train
 
 pytestmark = pytest.mark.slow
 

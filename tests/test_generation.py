@@ -6,9 +6,9 @@ import pytest
 import torch
 from transformers import GenerationConfig, LlamaForCausalLM
 
-from mdpo_ray import arith
 from mdpo_ray.config import BuiltinTaskConfig
-from mdpo_ray.generation import _left_padded, extract_answer, greedy_answer_accuracy
+from mdpo_ray.task import arith
+from mdpo_ray.task.generation import _left_padded, extract_answer, greedy_answer_accuracy
 
 # Different lengths on purpose: batched decoding left-pads the shorter ones.
 PROMPTS = ["Q: 1+2= A:", "Q: 97-53-5-33= A:", "Q: 9+9-1= A:", "Q: 40-4+17= A:", "Q: 5-5-0= A:"]

@@ -97,13 +97,13 @@ def test_a_cluster_elsewhere_that_does_not_answer_is_an_error_naming_the_file(ra
 
 
 def test_a_run_whose_ray_cannot_be_reached_is_closed_failed_not_left_running(monkeypatch):
-    from mdpo_ray import tracking
     from mdpo_ray.config import ConfigError, load_config
+    from mdpo_ray.tracking import mlflow_runs
 
     closed = []
     monkeypatch.setattr(launch, "resolve_builtin", lambda cfg: cfg)
     monkeypatch.setattr(launch, "_open_run", lambda cfg, tags: "run-1")
-    monkeypatch.setattr(tracking, "close_run", lambda cfg, run_id, succeeded: closed.append((run_id, succeeded)))
+    monkeypatch.setattr(mlflow_runs, "close_run", lambda cfg, run_id, succeeded: closed.append((run_id, succeeded)))
     monkeypatch.setattr(cluster, "init_ray", lambda **_: (_ for _ in ()).throw(ConfigError("no Ray cluster answers")))
     with pytest.raises(ConfigError):
         launch.train(load_config(None, []))
@@ -142,8 +142,8 @@ def test_a_gpu_worker_trains_on_the_gpu_ray_gave_it(monkeypatch, entry):
     import ray.train.torch
     import torch
 
-    from mdpo_ray import train_loop
     from mdpo_ray.config import load_config
+    from mdpo_ray.training import train_loop
 
     class Context:
         def get_local_rank(self):

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from mdpo_ray import logps
+from mdpo_ray.training import logps
 
 
 def _direct(logits, input_ids, mask):
@@ -170,7 +170,7 @@ def test_a_model_without_a_separable_head_falls_back_to_full_logits():
 def _sharded_against_plain(kind: str, precision: str):
     """(log-probs, the unsharded model's, [(name, gradient, the unsharded model's)]) of one backward of
     the summed log-probs, the sharded model under FSDP2 with `precision`'s mixed-precision policy."""
-    from mdpo_ray import distributed
+    from mdpo_ray.training import distributed
 
     distributed.ensure_process_group()
     plain, batch = _tiny_causal_lm(kind), _padded_pairs()
@@ -217,7 +217,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mdpo_ray import distributed
+from mdpo_ray.training import distributed
 
 rank, ranks, store, frozen = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4] == "frozen"
 dist.init_process_group("gloo", store=dist.FileStore(store, ranks), rank=rank, world_size=ranks)

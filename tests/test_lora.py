@@ -9,9 +9,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from mdpo_ray import distributed, lora, reference
 from mdpo_ray.config import ConfigError, LoraConfig, ModelConfig, load_config
-from mdpo_ray.train_loop import Worker, train
+from mdpo_ray.training import distributed, lora, reference
+from mdpo_ray.training.train_loop import Worker, train
 
 LORA = ["model.lora.r=4", "model.lora.alpha=8"]
 NO_DECODING = "data.generation_eval=null"  # greedy decoding through the peft model is tested once, not in every run
@@ -59,8 +59,8 @@ def test_wrapping_makes_only_the_adapters_trainable_and_keeps_what_sharding_and_
 
 
 def test_adapters_off_computes_the_base_model_and_keeps_the_trainable_flags():
-    from mdpo_ray.data import collate_pairs
-    from mdpo_ray.logps import concatenated_logps, device_batch
+    from mdpo_ray.data.pairs import collate_pairs
+    from mdpo_ray.training.logps import concatenated_logps, device_batch
 
     distributed.ensure_process_group()
     base = _tiny_llama()
@@ -207,7 +207,7 @@ import json, sys
 import torch.distributed as dist
 
 from mdpo_ray.config import load_config
-from mdpo_ray.train_loop import Worker, train
+from mdpo_ray.training.train_loop import Worker, train
 
 rank, store, out, overrides = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
 dist.init_process_group("gloo", store=dist.FileStore(store, 2), rank=rank, world_size=2)

@@ -1,4 +1,4 @@
-"""Invariants of mdpo_ray.losses, each pinned to a value derived by hand in its docstring.
+"""Invariants of mdpo_ray.training.losses, each pinned to a value derived by hand in its docstring.
 
 Notation: Δw = policy_chosen − reference_chosen, Δl = policy_rejected − reference_rejected,
 σ the logistic function, so −log σ(x) = log(1 + e^{−x}).
@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from mdpo_ray import losses as L
+from mdpo_ray.training import losses as L
 
 SIGMOID_FAMILY = ("minor_dpo", "dpo", "dpop", "robust")
 FULL_KNOBS = dict(beta=0.1, reject_threshold=-0.5, reject_weight=0.7, dpop_lambda=5.0, label_smoothing=0.1)

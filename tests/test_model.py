@@ -4,9 +4,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from mdpo_ray.arith import build_tokenizer
 from mdpo_ray.config import ModelConfig
-from mdpo_ray.model import export_pretrained, load_causal_lm
+from mdpo_ray.task.arith import build_tokenizer
+from mdpo_ray.training.model import export_pretrained, load_causal_lm
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -12,8 +12,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import mdpo_ray
-from mdpo_ray import cli, footprint, logps, planner
+from mdpo_ray import cli
 from mdpo_ray.config import ConfigError, load_config
+from mdpo_ray.planning import footprint, planner
+from mdpo_ray.training import logps
 
 LLAMA_70B = dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
                  intermediate_size=28672, vocab_size=32000)

@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mdpo_ray.report import write_report
-from mdpo_ray.trials import cell_means, find_sweep_parent
+from mdpo_ray.reports.report import write_report
+from mdpo_ray.reports.trials import cell_means, find_sweep_parent
 
 GRID = {  # trial -> (beta, reject_threshold, final answer accuracy, final eval Δw)
     "t_00000": (0.1, 0.0, 0.40, -2.0),

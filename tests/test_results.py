@@ -2,8 +2,8 @@
 
 import pandas as pd
 
-from mdpo_ray.claims import BETA, DL, DW, KIND, LOSS, LR, claims
-from mdpo_ray.results import _tables, _variant
+from mdpo_ray.reports.claims import BETA, DL, DW, KIND, LOSS, LR, claims
+from mdpo_ray.reports.results import _tables, _variant
 
 LRS = (1e-5, 1e-4)
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from mdpo_ray import distributed, train_loop
 from mdpo_ray.config import load_config
-from mdpo_ray.train_loop import Worker, train
+from mdpo_ray.training import distributed, train_loop
+from mdpo_ray.training.train_loop import Worker, train
 
 # Runs of the loop on rank argv[1] of argv[2] gloo ranks, one per JSON list of overrides in argv[4]; rank 0
 # writes what each logged. One process pair for all runs: starting one costs more than a tiny run.
@@ -23,7 +23,7 @@ import json, sys
 import torch.distributed as dist
 
 from mdpo_ray.config import load_config
-from mdpo_ray.train_loop import Worker, train
+from mdpo_ray.training.train_loop import Worker, train
 
 rank, ranks, store, runs = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
 dist.init_process_group("gloo", store=dist.FileStore(store, ranks), rank=rank, world_size=ranks)

@@ -81,7 +81,7 @@ def test_interrupted_sweep_resumes_keeping_finished_trials(tiny_run_overrides, t
 
 
 def _parent_id(cfg, name):
-    from mdpo_ray.trials import find_sweep_parent
+    from mdpo_ray.reports.trials import find_sweep_parent
 
     return find_sweep_parent(cfg.mlflow_uri, cfg.tracking.experiment, name)
 

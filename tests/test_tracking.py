@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mdpo_ray import labels, sinks, tracking
 from mdpo_ray.config import load_config
+from mdpo_ray.tracking import labels, mlflow_runs, sinks
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def _cfg(store, *overrides):
 
 def test_a_new_experiment_opens_as_model_development(store):
     cfg = _cfg(store, "tracking.experiment=new", "name=kind")
-    run_id, _ = tracking.open_run(cfg)
+    run_id, _ = mlflow_runs.open_run(cfg)
     client = MlflowClient(cfg.mlflow_uri)
     experiment = client.get_experiment(client.get_run(run_id).info.experiment_id)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
@@ -34,7 +34,7 @@ def test_an_existing_experiment_is_tagged_unless_it_has_a_kind_of_its_own(store)
     untagged = client.create_experiment("untagged")
     chosen = client.create_experiment("genai", tags={"mlflow.experimentKind": "genai_development"})
     for experiment in ("untagged", "genai"):
-        tracking.open_run(_cfg(store, f"tracking.experiment={experiment}", "name=kind"))
+        mlflow_runs.open_run(_cfg(store, f"tracking.experiment={experiment}", "name=kind"))
     assert client.get_experiment(untagged).tags["mlflow.experimentKind"] == "custom_model_development"
     assert client.get_experiment(chosen).tags["mlflow.experimentKind"] == "genai_development"
 
@@ -43,7 +43,7 @@ def test_a_run_says_what_it_is_where_it_came_from_and_its_commit(store, monkeypa
     monkeypatch.setattr("sys.argv", ["/venv/bin/mdpo-ray", "train", "--set", "model.hf_token=hf_secret",
                                      "--set", "tracking.mlflow_uri=https://alice:pw@mlflow.example"])
     cfg = _cfg(store, "tracking.experiment=labels", "name=labelled", "loss.beta=0.3")
-    tags = MlflowClient(cfg.mlflow_uri).get_run(tracking.open_run(cfg)[0]).data.tags
+    tags = MlflowClient(cfg.mlflow_uri).get_run(mlflow_runs.open_run(cfg)[0]).data.tags
     assert tags["mlflow.note.content"] == (
         "minor_dpo β=0.3 τ=0 w=1 · lr 0.0001 (constant, warm-up 10) · model builtin:arith · data builtin:arith "
         "(near_miss rejected) · 100 steps × 16 pairs · 2 CPU workers · seed 0")
@@ -74,15 +74,15 @@ def test_a_trial_is_named_by_its_overrides_within_mlflows_limit():
 def test_a_trial_name_given_as_a_tag_renames_the_run(store):
     cfg = _cfg(store, "tracking.experiment=labels", "name=sweep-t_00001")
     client = MlflowClient(cfg.mlflow_uri)
-    run_id, _ = tracking.open_run(cfg, {"mlflow.runName": "minor_dpo b=0.1 tau=-1"})
+    run_id, _ = mlflow_runs.open_run(cfg, {"mlflow.runName": "minor_dpo b=0.1 tau=-1"})
     assert client.get_run(run_id).info.run_name == "minor_dpo b=0.1 tau=-1"
-    assert tracking.open_run(cfg, {"mlflow.runName": "minor_dpo b=0.1 tau=-1"})[0] == run_id  # found by mdpo.run_name
+    assert mlflow_runs.open_run(cfg, {"mlflow.runName": "minor_dpo b=0.1 tau=-1"})[0] == run_id  # found by mdpo.run_name
 
 
 def test_system_metrics_attach_to_the_run_from_the_workers_sink_and_stop_with_it(store, monkeypatch):
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")
     cfg = _cfg(store, "tracking.experiment=system", "name=monitored")
-    run_id, _ = tracking.open_run(cfg)
+    run_id, _ = mlflow_runs.open_run(cfg)
     sink = sinks.sink_for(cfg, run_id, rank0=True)  # as rank 0 of a Ray Train worker group makes it
     time.sleep(0.5)
     sink.close()

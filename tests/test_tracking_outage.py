@@ -17,9 +17,9 @@ from contextlib import contextmanager
 import pytest
 from mlflow.tracking import MlflowClient
 
-from mdpo_ray import sinks, tracking
 from mdpo_ray.config import load_config
-from mdpo_ray.train_loop import Worker, train
+from mdpo_ray.tracking import mlflow_runs, sinks
+from mdpo_ray.training.train_loop import Worker, train
 
 RUN_ID = "0" * 32  # any id: nothing listens, so nothing checks it
 
@@ -136,22 +136,22 @@ def test_training_completes_and_exports_with_tracking_down(tiny_run_overrides, t
 def test_the_driver_runs_without_tracking_when_mlflow_is_down(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     cfg = load_config(None, [f"output_dir={tmp_path}", f"tracking.mlflow_uri=http://127.0.0.1:{_free_port()}"])
-    assert tracking.open_run(cfg) == (None, False)
+    assert mlflow_runs.open_run(cfg) == (None, False)
     assert "tracking disabled for this run" in capsys.readouterr().err
-    tracking.close_run(cfg, None, succeeded=True)  # nothing to close
-    tracking.close_run(cfg, RUN_ID, succeeded=True)  # down at the end: a warning, not an error
+    mlflow_runs.close_run(cfg, None, succeeded=True)  # nothing to close
+    mlflow_runs.close_run(cfg, RUN_ID, succeeded=True)  # down at the end: a warning, not an error
     assert "could not mark MLflow run" in capsys.readouterr().err
 
 
 def test_credential_like_keys_are_redacted_in_params_and_config_yaml():
     flat = {"hf_token": "hf_abc", "tracking.api_key": "k", "db.Password": "p", "aws.secret_access_key": "s",
             "loss.beta": "0.1", "eval.max_new_tokens": "8", "model.tokenizer": "/tok"}
-    assert tracking.redacted_params(flat) == flat | {
+    assert mlflow_runs.redacted_params(flat) == flat | {
         "hf_token": sinks.REDACTED, "tracking.api_key": sinks.REDACTED, "db.Password": sinks.REDACTED,
         "aws.secret_access_key": sinks.REDACTED}
     tree = {"loss": {"beta": 0.1}, "hub": {"hf_token": "hf_abc", "creds": {"apiKey": "k"}}, "tokens": [{"token": "t"}]}
     hidden = sinks.REDACTED
-    assert tracking.redacted_tree(tree) == {"loss": {"beta": 0.1}, "tokens": [{"token": hidden}],
+    assert mlflow_runs.redacted_tree(tree) == {"loss": {"beta": 0.1}, "tokens": [{"token": hidden}],
                                             "hub": {"hf_token": hidden, "creds": {"apiKey": hidden}}}
 
 
@@ -160,10 +160,10 @@ def test_user_info_in_tracking_uris_is_never_shown():
     assert sinks.shown_uri(uri) == f"https://{sinks.REDACTED}@mlflow.example.com/api"
     assert sinks.shown_uri("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
     assert sinks.shown_uri("http://host:5000") == "http://host:5000"
-    assert "s3cret" not in str(tracking.redacted_params({"tracking.mlflow_uri": uri}))
-    assert "s3cret" not in str(tracking.redacted_tree({"tracking": {"mlflow_uri": uri}}))
+    assert "s3cret" not in str(mlflow_runs.redacted_params({"tracking.mlflow_uri": uri}))
+    assert "s3cret" not in str(mlflow_runs.redacted_tree({"tracking": {"mlflow_uri": uri}}))
     cfg = load_config(overrides=[f"tracking.mlflow_uri={uri}"])
-    assert "s3cret" not in tracking.ui_command(cfg)
+    assert "s3cret" not in mlflow_runs.ui_command(cfg)
 
 
 def test_outage_warnings_never_show_user_info_in_the_uri(tmp_path, capsys, monkeypatch):
@@ -175,8 +175,8 @@ def test_outage_warnings_never_show_user_info_in_the_uri(tmp_path, capsys, monke
     sink.log({"loss": 1.0}, 1)
     sink.close()
     cfg = load_config(None, [f"output_dir={tmp_path}", f"tracking.mlflow_uri={uri}"])
-    assert tracking.open_run(cfg) == (None, False)
-    tracking.close_run(cfg, RUN_ID, succeeded=True)
+    assert mlflow_runs.open_run(cfg) == (None, False)
+    mlflow_runs.close_run(cfg, RUN_ID, succeeded=True)
     err = capsys.readouterr().err
     assert err.count("unreachable") == 3 and "could not mark MLflow run" in err  # every warning was printed
     assert "s3cret" not in err and f"http://{sinks.REDACTED}@127.0.0.1" in err
@@ -231,7 +231,7 @@ def test_a_server_refusing_the_request_is_a_config_error_naming_the_key(tmp_path
 
     with _refusing_server() as uri:
         cfg = load_config(None, [f"output_dir={tmp_path}", f"tracking.mlflow_uri={uri}"])
-        for call in (lambda: tracking.open_run(cfg), lambda: tracking.require_reachable(cfg, "a test")):
+        for call in (lambda: mlflow_runs.open_run(cfg), lambda: mlflow_runs.require_reachable(cfg, "a test")):
             with pytest.raises(ConfigError, match=r"refused the request \(PERMISSION_DENIED.*check tracking.mlflow_uri") as info:
                 call()
             assert "s3cret" not in str(info.value) and sinks.REDACTED in str(info.value)
@@ -246,7 +246,7 @@ def test_mlflow_down_at_a_sweeps_end_is_said_and_the_summary_points_to_mdpo_ray_
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     cfg = load_config(None, [f"output_dir={tmp_path}", f"tracking.mlflow_uri=http://127.0.0.1:{_free_port()}"])
-    tracking.close_unfinished_children(cfg, RUN_ID, reason="a test")
+    mlflow_runs.close_unfinished_children(cfg, RUN_ID, reason="a test")
     assert sweeps._report(cfg, RUN_ID) is None
     err = capsys.readouterr().err
     assert "could not close the sweep's unfinished trial runs" in err
@@ -257,5 +257,5 @@ def test_mlflow_down_at_a_sweeps_end_is_said_and_the_summary_points_to_mdpo_ray_
     sweep, _ = load_sweep(path)
     summary = sweeps.SweepSummary(sweep=sweep, parent_run_id=RUN_ID, mlflow_uri=cfg.mlflow_uri, experiment="e",
                                   best_trial=None, best_value=None, report=None, n_trials=2, unfinished=0)
-    text = sweeps.describe(summary, tracking.ui_command(cfg))
+    text = sweeps.describe(summary, mlflow_runs.ui_command(cfg))
     assert "'late': 2 trials" in text and "not written (MLflow was unreachable at the end): mdpo-ray report" in text

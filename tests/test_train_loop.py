@@ -8,9 +8,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from mdpo_ray import distributed, reference, train_loop
 from mdpo_ray.config import load_config
-from mdpo_ray.train_loop import Worker, batch_indices, train
+from mdpo_ray.training import distributed, reference, train_loop
+from mdpo_ray.training.train_loop import Worker, batch_indices, train
 
 
 class Recorder:
@@ -75,7 +75,7 @@ def test_step_zero_is_ln2_and_every_policy_tensor_changes_but_no_reference_tenso
         assert key in rec.logged[0]
     assert rec.tags["data/train_rows"].isdigit()  # data counts are run tags: one number is not a curve
     assert "eval/answer_accuracy" in rec.logged[4]
-    from mdpo_ray.metrics import METRIC_NAMES
+    from mdpo_ray.training.metrics import METRIC_NAMES
 
     logged_names = {k for step in rec.logged.values() for k in step}
     assert logged_names <= METRIC_NAMES, logged_names - METRIC_NAMES  # the names sweeps may optimise
@@ -141,7 +141,7 @@ def test_nonfinite_steps_are_skipped_then_fail_with_advice(tiny_run_overrides, m
 
 
 def _nan_output(logps):
-    from mdpo_ray.losses import LossOutput
+    from mdpo_ray.training.losses import LossOutput
 
     nan = logps[0] * float("nan")
     return LossOutput(losses=nan, chosen_rewards=nan.detach(), rejected_rewards=nan.detach())
@@ -190,7 +190,7 @@ def test_a_precomputed_reference_is_freed_before_training(tiny_run_overrides, mo
 
 
 def test_stop_config_ends_an_unstable_run_early_and_says_why(tiny_run_overrides, monkeypatch):
-    from mdpo_ray.losses import LossOutput
+    from mdpo_ray.training.losses import LossOutput
 
     def push_chosen_down(pc, pr, rc, rr, **knobs):  # a deliberately harmful loss: lowers log p(chosen)
         return LossOutput(losses=pc, chosen_rewards=(pc - rc).detach(), rejected_rewards=(pr - rr).detach())

@@ -20,11 +20,11 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from mlflow.tracking import MlflowClient
 
-from mdpo_ray.claims import ACC, BETA, DL, DW, KIND, LOSS, LR, SEED, claims
-from mdpo_ray.claims import kinds as swept_kinds
-from mdpo_ray.sinks import shown_uri
-from mdpo_ray.tracking import SEARCH_KEYS_TAG, SWEEP_TAG
-from mdpo_ray.trials import trial_frame, trial_runs
+from mdpo_ray.reports.claims import ACC, BETA, DL, DW, KIND, LOSS, LR, SEED, claims
+from mdpo_ray.reports.claims import kinds as swept_kinds
+from mdpo_ray.reports.trials import trial_frame, trial_runs
+from mdpo_ray.tracking.mlflow_runs import SEARCH_KEYS_TAG, SWEEP_TAG
+from mdpo_ray.tracking.sinks import shown_uri
 
 REWARD_ACC = "eval/rewards/accuracies"
 LOSS_ORDER = ("minor_dpo", "dpo", "dpop", "ipo", "robust", "hinge", "sft")

@@ -22,10 +22,10 @@ from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_LOGGED_ARTIFACTS
 
-from mdpo_ray import labels
-from mdpo_ray.report_html import write_html
-from mdpo_ray.tracking import BEST_TRIAL_TAG, METRIC_TAG, MODE_TAG, SEARCH_KEYS_TAG, SWEEP_TAG
-from mdpo_ray.trials import TABLE_METRICS, cell_means, trial_frame, trial_runs
+from mdpo_ray.reports.report_html import write_html
+from mdpo_ray.reports.trials import TABLE_METRICS, cell_means, trial_frame, trial_runs
+from mdpo_ray.tracking import labels
+from mdpo_ray.tracking.mlflow_runs import BEST_TRIAL_TAG, METRIC_TAG, MODE_TAG, SEARCH_KEYS_TAG, SWEEP_TAG
 
 # (file, title, metrics tried in order, colormap, centred on 0). Eval numbers first: they are over
 # held-out pairs at the last step, the training ones over the last logging window only.

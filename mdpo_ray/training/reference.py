@@ -22,11 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mdpo_ray import distributed, lora
 from mdpo_ray.config import RunConfig
-from mdpo_ray.data import collate_pairs
-from mdpo_ray.logps import concatenated_logps, device_batch, to_device
-from mdpo_ray.model import load_causal_lm
+from mdpo_ray.data.pairs import collate_pairs
+from mdpo_ray.training import distributed, lora
+from mdpo_ray.training.logps import concatenated_logps, device_batch, to_device
+from mdpo_ray.training.model import load_causal_lm
 
 
 def rank_shard(n: int, rank: int, world: int) -> list[int]:

@@ -27,9 +27,9 @@ import torch
 from filelock import FileLock
 from transformers import LlamaForCausalLM
 
-from mdpo_ray import arith
 from mdpo_ray.config import BuiltinTaskConfig
-from mdpo_ray.generation import extract_answer, greedy_answer_accuracy, sample_completions
+from mdpo_ray.task import arith
+from mdpo_ray.task.generation import extract_answer, greedy_answer_accuracy, sample_completions
 
 FORMAT_VERSION = 2  # bump when the task, tokenizer or files change, so old caches are not reused
 MARKER = "assets.json"  # written last: its presence means the directory is complete

@@ -11,7 +11,7 @@ import warnings
 from functools import lru_cache
 
 from mdpo_ray.config import BUILTIN, ConfigError, LoraConfig, RunConfig
-from mdpo_ray.footprint import ModelShape
+from mdpo_ray.planning.footprint import ModelShape
 
 _ATTENTION_INPUTS, _MLP_INPUTS = {"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}
 _LLAMA_LINEARS = _ATTENTION_INPUTS | _MLP_INPUTS | {"o_proj", "down_proj"}
@@ -29,8 +29,8 @@ def _shape(name: str, trust_remote_code: bool, builtin: str | None, lora: str | 
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if builtin is not None:
-        from mdpo_ray import arith
         from mdpo_ray.config import BuiltinTaskConfig
+        from mdpo_ray.task import arith
 
         config = arith.model_config(BuiltinTaskConfig.model_validate_json(builtin), arith.build_tokenizer())
     else:
@@ -44,7 +44,7 @@ def _shape(name: str, trust_remote_code: bool, builtin: str | None, lora: str | 
         warnings.simplefilter("ignore")
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
         if lora_cfg:
-            from mdpo_ray import lora as adapters
+            from mdpo_ray.training import lora as adapters
 
             model = adapters.wrap(model, lora_cfg)  # as the loop wraps the policy, target names checked
     return _count(model, config.get_text_config(), lora_cfg.r if lora_cfg else 0)
@@ -52,7 +52,7 @@ def _shape(name: str, trust_remote_code: bool, builtin: str | None, lora: str | 
 
 def _count(model, config, lora_rank: int) -> ModelShape:
     """Parameter counts per FSDP2 unit, found as distributed.shard_model finds them."""
-    from mdpo_ray.distributed import decoder_blocks  # torch is loaded by now; the CLI's import stays light
+    from mdpo_ray.training.distributed import decoder_blocks  # torch is loaded by now; the CLI's import stays light
 
     blocks = decoder_blocks(model)
     params = list(model.parameters())  # each tensor once: a tied head is the embedding

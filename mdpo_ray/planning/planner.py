@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pydantic import ValidationError
 
 from mdpo_ray.config import BUILTIN, ConfigError, RunConfig, set_dotted
-from mdpo_ray.footprint import GIB, ModelShape, Row, StepSettings, fmt_count, peak, rows
-from mdpo_ray.shape import model_shape
+from mdpo_ray.planning.footprint import GIB, ModelShape, Row, StepSettings, fmt_count, peak, rows
+from mdpo_ray.planning.shape import model_shape
 
 DEFAULT_GPU_MEMORY_GIB = 80.0
 DEFAULT_COMPLETION_FRACTION = 0.5  # share of each sequence's tokens that are completion (scored) tokens

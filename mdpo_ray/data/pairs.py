@@ -1,6 +1,6 @@
 """Preference pairs -> tokenized, prompt-masked, collated batches, via `datasets`.
 
-Sources, formats and bad rows (what becomes prompt/chosen/rejected text) are `mdpo_ray.rows`; this
+Sources, formats and bad rows (what becomes prompt/chosen/rejected text) are `mdpo_ray.data.rows`; this
 module turns those texts into token ids, applies the truncation policy, splits off eval pairs and
 collates batches.
 
@@ -25,7 +25,7 @@ import datasets
 import torch
 
 from mdpo_ray.config import DataConfig
-from mdpo_ray.rows import TEXT_COLUMNS, DataError, column_values, read_pair_texts, read_rows
+from mdpo_ray.data.rows import TEXT_COLUMNS, DataError, column_values, read_pair_texts, read_rows
 
 __all__ = ["DataError", "DataStats", "collate_pairs", "load_pairs", "load_train_eval", "read_rows"]
 

@@ -18,16 +18,16 @@ from pathlib import Path
 
 import torch
 
-from mdpo_ray import distributed, evaluate, lora
-from mdpo_ray import reference as ref
 from mdpo_ray.config import OptimConfig, RunConfig
-from mdpo_ray.data import collate_pairs, load_train_eval
-from mdpo_ray.logps import concatenated_logps, device_batch
-from mdpo_ray.losses import LOSSES
-from mdpo_ray.metrics import pair_metrics
-from mdpo_ray.model import export_pretrained, load_causal_lm, load_tokenizer
-from mdpo_ray.sinks import MetricSink, NullSink
-from mdpo_ray.tracking import EXPORT_PATH_TAG, EXPORT_URI_TAG, STOP_REASON_TAG
+from mdpo_ray.data.pairs import collate_pairs, load_train_eval
+from mdpo_ray.tracking.mlflow_runs import EXPORT_PATH_TAG, EXPORT_URI_TAG, STOP_REASON_TAG
+from mdpo_ray.tracking.sinks import MetricSink, NullSink
+from mdpo_ray.training import distributed, evaluate, lora
+from mdpo_ray.training import reference as ref
+from mdpo_ray.training.logps import concatenated_logps, device_batch
+from mdpo_ray.training.losses import LOSSES
+from mdpo_ray.training.metrics import pair_metrics
+from mdpo_ray.training.model import export_pretrained, load_causal_lm, load_tokenizer
 
 STATE_FILE = "trainer_state.json"
 

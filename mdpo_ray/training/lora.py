@@ -19,7 +19,7 @@ from transformers import PreTrainedTokenizerBase
 from transformers.pytorch_utils import Conv1D
 
 from mdpo_ray.config import ConfigError, ExportConfig, LoraConfig, ModelConfig
-from mdpo_ray.model import export_pretrained, load_causal_lm
+from mdpo_ray.training.model import export_pretrained, load_causal_lm
 
 _LINEAR = (nn.Linear, Conv1D)  # Conv1D: GPT-2's linear layers
 

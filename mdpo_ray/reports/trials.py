@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from mdpo_ray.tracking import OVERRIDE_PREFIX, ROLE_TAG, RUN_NAME_TAG, STOP_REASON_TAG, SWEEP_TAG, TRIAL_TAG
+from mdpo_ray.tracking.mlflow_runs import OVERRIDE_PREFIX, ROLE_TAG, RUN_NAME_TAG, STOP_REASON_TAG, SWEEP_TAG, TRIAL_TAG
 
 TABLE_METRICS = (
     "eval/answer_accuracy", "eval/rewards/accuracies", "eval/rewards/margins", "eval/delta_chosen/mean",

@@ -1,4 +1,4 @@
-"""MLflow on the driver: it owns a run's lifecycle; the workers only append metrics (mdpo_ray.sinks).
+"""MLflow on the driver: it owns a run's lifecycle; the workers only append metrics (mdpo_ray.tracking.sinks).
 
 The driver opens (or, for a re-run with the same run name, reopens) the MLflow run before any worker
 starts and closes it as FINISHED or FAILED whatever happens to the workers, so a run is never left
@@ -16,9 +16,9 @@ import yaml
 from mlflow.entities import Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from mdpo_ray import labels
 from mdpo_ray.config import ConfigError, RunConfig, flatten
-from mdpo_ray.sinks import REDACTED, is_outage, shown_uri, warn
+from mdpo_ray.tracking import labels
+from mdpo_ray.tracking.sinks import REDACTED, is_outage, shown_uri, warn
 
 # Tag names: written here and by the sweep driver, read by the report.
 RUN_NAME_TAG = "mdpo.run_name"

@@ -12,14 +12,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mdpo_ray import distributed
 from mdpo_ray.config import EvalConfig, LossConfig, RunConfig
-from mdpo_ray.data import collate_pairs
-from mdpo_ray.generation import greedy_answer_accuracy
-from mdpo_ray.logps import concatenated_logps, device_batch
-from mdpo_ray.losses import LOSSES
-from mdpo_ray.metrics import pair_metrics
-from mdpo_ray.reference import batches, cache_key, load_or_compute, rank_shard, take
+from mdpo_ray.data.pairs import collate_pairs
+from mdpo_ray.task.generation import greedy_answer_accuracy
+from mdpo_ray.training import distributed
+from mdpo_ray.training.logps import concatenated_logps, device_batch
+from mdpo_ray.training.losses import LOSSES
+from mdpo_ray.training.metrics import pair_metrics
+from mdpo_ray.training.reference import batches, cache_key, load_or_compute, rank_shard, take
 
 
 @torch.no_grad()

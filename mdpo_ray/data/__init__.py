@@ -1,0 +1,1 @@
+"""Preference pairs from files, the hub or the built-in task -> tokenized, prompt-masked, collated batches."""

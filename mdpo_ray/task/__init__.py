@@ -1,0 +1,1 @@
+"""The built-in arithmetic task: its tokenizer and model config, the SFT warm-up, and sampling/answer checks."""
