@@ -111,8 +111,8 @@ def test_no_secrets_in_the_file():
 
 
 def test_shared_storage_and_mlflow_match_the_gpu_run_config():
-    """sweeps/hub_model_gpu.yaml (and beta_penalty.yaml, built on it) must run unchanged on this cluster."""
-    run = yaml.safe_load((ROOT / "sweeps" / "hub_model_gpu.yaml").read_text())
+    """sweeps/runs/hub_model_gpu.yaml (and beta_penalty.yaml, built on it) must run unchanged on this cluster."""
+    run = yaml.safe_load((ROOT / "sweeps" / "runs" / "hub_model_gpu.yaml").read_text())
     mount = _shared_mount(CLUSTER)
     assert any("mount" in cmd and mount in cmd for cmd in CLUSTER["initialization_commands"])
     assert run["output_dir"].startswith(mount + "/")

@@ -129,7 +129,7 @@ def test_checked_in_run_and_sweep_configs_validate():
 
     from mdpo_ray.sweep_config import load_sweep
 
-    for path in sorted((Path(__file__).resolve().parents[1] / "sweeps").glob("*.yaml")):
+    for path in sorted((Path(__file__).resolve().parents[1] / "sweeps").rglob("*.yaml")):
         # raises ConfigError naming the file and key if one rots
         load_sweep(path) if "space" in yaml.safe_load(path.read_text()) else load_config(path)
 
