@@ -101,7 +101,7 @@ def _sweep_command(args: argparse.Namespace) -> int:
 
             try:
                 results = write_results(cfg.mlflow_uri, parent, Path(args.results),
-                                        command="mdpo-ray " + " ".join(args.argv))
+                                        command="mdpo-ray " + " ".join(args.argv), sweep_file=args.sweep)
             except ValueError as exc:  # not a sweep over losses and learning rates
                 print(f"mdpo-ray: {exc}", file=sys.stderr)
                 return 1
