@@ -481,7 +481,7 @@ def _table(args, assets: dict, results: dict, rate: float, n_matmul: int, n_head
         lines.append(f"{name:22s} {pairs:7.2f} {pairs * assets['tokens_per_pair']:8.0f} {speed:>6s} "
                      f"{mem:>9s} {mem_ratio:>6s} {model_flops / rate:6.1%} {executed / rate:5.0%} {cores:>9s}  {what}")
     lines += ["MFU: (6N + 2N with a resident reference) x tokens/s over the matmul rate, N the multiplying parameters",
-              "  (the issue's definition; it counts the LM head at every position, which mdpo-ray skips on prompt",
+              "  (model FLOPs; they count the LM head at every position, which mdpo-ray skips on prompt",
               "  tokens, so its MFU can pass 100%). HFU: the matmul FLOPs each side actually runs over the same rate.",
               "  cores: CPU seconds per second over the timed windows (Ray: the worker + Ray's other processes)."]
     split = [f"{name} {' + '.join(f'{c:.2f}' for c in r['thread_cores'][:-1])} (other threads {r['thread_cores'][-1]:.2f})"

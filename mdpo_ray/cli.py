@@ -18,7 +18,7 @@ def _parser() -> argparse.ArgumentParser:
     for name, text in (("train", "train one run (no config: the built-in arithmetic task)"),
                        ("config", "print the resolved config as YAML and exit")):
         sub = commands.add_parser(name, help=text, description=text)
-        sub.add_argument("config", nargs="?", help="run YAML (see sweeps/ and README.md); default: built-in")
+        sub.add_argument("config", nargs="?", help="run YAML (see sweeps/runs/ and README.md); default: built-in")
         _add_overrides(sub)
     text = "per-GPU peak memory of a run and whether it fits (reads the model's config only; no Ray)"
     sub = commands.add_parser("plan", help=text, description=text)

@@ -24,8 +24,8 @@ RAY_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.1",
            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
 
 # A local instance runs on the cores that train: each of Ray's ~10 processes wakes every few ms, and a
-# 2-thread CPU step stalls whenever either thread is preempted (benchmarks/vs_trl.py; README,
-# Performance). Joining a cluster changes none of Ray's settings.
+# 2-thread CPU step stalls whenever either thread is preempted (benchmarks/vs_trl.py;
+# docs/performance.md). Joining a cluster changes none of Ray's settings.
 LOCAL_RAY_ENV = {
     # Ray starts workers at niceness 15 so a busy node cannot starve its own raylet/GCS; then every
     # wake-up of those (niceness 0) preempts the training threads at once. Locally the control plane
@@ -39,7 +39,7 @@ LOCAL_RAY_ENV = {
 # 32k; the head's and embedding's gradients). glibc hands each block over 32 MiB to mmap and back to
 # the kernel on free, trims its heap whenever the top is free, and serves a non-main thread (where Ray
 # Train runs the loop) from an arena whose heaps cannot hold a block over 64 MiB: so every step faults
-# the same memory in again, 13% of a 2-core step's CPU in the kernel (README, Performance). Keeping
+# the same memory in again, 13% of a 2-core step's CPU in the kernel (docs/performance.md). Keeping
 # freed memory in the process (one arena, no trimming, no mmap below 4 GiB) costs 0.1-0.25 GiB of
 # peak RSS. It must be in a process's environment when it starts, so only workers get it, and only on
 # a CPU-only local instance: on a GPU node it would keep every freed host buffer (a checkpoint rank 0

@@ -329,7 +329,7 @@ def _explain(error: ValidationError, source: str) -> str:
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"]) or "<top level>"
         if item["type"] == "extra_forbidden":
-            lines.append(f"  {key}: unknown key; check the spelling against the config reference in README.md")
+            lines.append(f"  {key}: unknown key; check the spelling against docs/configuration.md")
         elif item["loc"]:
             lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
         else:  # a cross-field check: its message names the keys and the fix

@@ -103,7 +103,7 @@ class SweepConfig(_Strict):
     @model_validator(mode="after")
     def _checks(self) -> SweepConfig:
         if self.metric not in METRIC_NAMES:
-            raise ValueError(f"metric {self.metric!r} is not a metric a run reports; see the README's glossary "
+            raise ValueError(f"metric {self.metric!r} is not a metric a run reports; see docs/metrics.md "
                              f"(e.g. eval/answer_accuracy, eval/rewards/margins, loss)")
         if self.search is not None and any(d.grid is not None for d in self.space.values()):
             raise ValueError("a search algorithm (search:) cannot use grid domains; use choice instead")

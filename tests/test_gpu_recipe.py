@@ -1,5 +1,5 @@
 """Fast tier: the GPU recipe (benchmarks/gpu.sh) resolves, though no GPU runs here. Its model is the
-~0.5B Llama the README names, and each of its mdpo-ray runs passes the config schema as it would there."""
+~0.5B Llama docs/performance.md names, and each of its mdpo-ray runs passes the config schema as it would there."""
 
 import ast
 import json

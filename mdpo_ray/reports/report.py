@@ -2,7 +2,7 @@
 
 Reads only MLflow (the rows come from trials.py), so it works on a finished, running or crashed sweep.
 Heatmaps put Δw next to the answer accuracy on purpose: reward accuracy and margins look best
-exactly while DPO's answers collapse (README, "Metrics glossary"), so a cell is read across all three.
+exactly while DPO's answers collapse (docs/metrics.md), so a cell is read across all three.
 """
 
 from __future__ import annotations

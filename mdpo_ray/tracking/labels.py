@@ -19,7 +19,7 @@ RUN_NAME_TAG = "mlflow.runName"  # the name the UI shows; setting it renames the
 SOURCE_NAME_TAG, SOURCE_TYPE_TAG, GIT_COMMIT_TAG = "mlflow.source.name", "mlflow.source.type", "mlflow.source.git.commit"
 MAX_RUN_NAME = 250  # MLflow's runs.name column is VARCHAR(250)
 
-# Each loss's knobs, as the README's Losses table writes them: (symbol, LossConfig field).
+# Each loss's knobs, as docs/losses.md's table writes them: (symbol, LossConfig field).
 LOSS_KNOBS = {
     "minor_dpo": (("β", "beta"), ("τ", "reject_threshold"), ("w", "reject_weight")),
     "dpo": (("β", "beta"),),

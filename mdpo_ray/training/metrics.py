@@ -1,4 +1,4 @@
-"""Metric names and their maths, defined once; the README's glossary mirrors this file.
+"""Metric names and their maths, defined once; docs/metrics.md mirrors this file.
 
 Inputs are per-pair tensors already gathered from every rank, so means and quantiles are over the
 global batch (or the logging window) and identical on every rank.
