@@ -23,41 +23,69 @@ class _Strict(BaseModel):
 
 
 class LoraConfig(_Strict):
-    """Low-rank adapters (peft) on the policy's linear layers; the reference is the same model with them off."""
+    """Low-rank adapters (peft) on the policy's linear layers; the reference is the same model with them off.
 
-    r: int = Field(0, ge=0)  # adapter rank; 0: full fine-tuning (no adapters)
-    alpha: float = Field(16.0, gt=0)  # the adapter output is scaled by alpha / r
-    dropout: float = Field(0.0, ge=0, lt=1)  # on the adapter's input only
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"  # module names (suffixes), or every linear but the head
+    With `r` > 0 only the adapters train (the AdamW state and the checkpoints hold only them), and a
+    `resident` reference is the policy itself with its adapters switched off: no second model in memory.
+    """
+
+    r: int = Field(0, ge=0, description="Adapter rank; 0: full fine-tuning (no adapters).")
+    alpha: float = Field(16.0, gt=0, description="The adapter output is scaled by alpha / r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout probability on the adapter's input only.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="`all-linear`: every linear layer but the output head; or a list of layer names "
+        "(suffixes such as `[q_proj, v_proj]`). A name that matches no linear layer is refused before Ray starts, "
+        "with the model's layer names listed.")
 
 
 class ModelConfig(_Strict):
-    name_or_path: str = BUILTIN  # a hub id, a local save_pretrained dir, or builtin:arith
-    tokenizer: str | None = None  # defaults to name_or_path
-    trust_remote_code: bool = False
+    """The starting policy (also the reference) and its tokenizer."""
+
+    name_or_path: str = Field(BUILTIN, description="A Hugging Face hub id, a local `save_pretrained` directory, or "
+                              "`builtin:arith` (the built-in task's SFT-warmed tiny model; only with "
+                              "`data.train: builtin:arith`).")
+    tokenizer: str | None = Field(None, description="Where to load the tokenizer from (hub id or directory); null: "
+                                  "`model.name_or_path`.")
+    chat_template: str | None = Field(
+        None, description="A Jinja chat template (text containing `{{` or `{%`), or the path of a file holding one, "
+        "set on the tokenizer before conversational data is rendered; for base models whose tokenizer has none. "
+        "null: the tokenizer's own. The exported tokenizer keeps it.")
+    trust_remote_code: bool = Field(False, description="Passed to transformers when loading the model, its config "
+                                    "and the tokenizer: runs the repository's own Python code.")
     lora: LoraConfig = LoraConfig()
 
 
 class BuiltinTaskConfig(_Strict):
-    """The generated arithmetic preference task."""
+    """The generated arithmetic preference task (`data.train: builtin:arith`): problems, a character tokenizer,
+    a tiny Llama SFT-trained on the chosen answers, and the preference pairs. Built once per setting and cached
+    in `cache_dir`; every key but `cache_dir` and `rejected_kind` is part of the cache key."""
 
-    # near_miss / wrong_final: synthetic edits of the right chain; on_policy: sampled from the SFT model, judged wrong
-    rejected_kind: Literal["near_miss", "wrong_final", "on_policy"] = "near_miss"
-    n_layers: int = Field(2, ge=1)
-    hidden_size: int = Field(128, ge=8)
-    n_heads: int = Field(4, ge=1)
-    intermediate_size: int = Field(512, ge=8)
-    n_sft_problems: int = Field(20_000, ge=10)
-    n_pref_pairs: int = Field(4_000, ge=10)
-    n_eval_pairs: int = Field(300, ge=1)
-    n_eval_problems: int = Field(500, ge=1)
-    sft_target_accuracy: float = Field(0.4, ge=0.0, le=1.0)  # stop SFT at the first eval reaching this
-    sft_max_steps: int = Field(4_000, ge=1)
-    sft_eval_every_steps: int = Field(100, ge=1)
-    sft_batch_size: int = Field(64, ge=1)
-    sft_lr: float = Field(1e-3, gt=0)
-    seed: int = 0
-    cache_dir: str = "~/.cache/mdpo-ray"  # SFT model + generated data, reused by later runs
+    rejected_kind: Literal["near_miss", "wrong_final", "on_policy"] = Field(
+        "near_miss", description="What the rejected answers are: `near_miss` (one digit of an intermediate result "
+        "changed, final answer still right), `wrong_final` (the changed digit carried through to a wrong final "
+        "answer), `on_policy` (sampled from the SFT model, the first of 4 samples at temperature 1 with a wrong "
+        "final answer; problems it always gets right are left out). All kinds pose the same problems and share "
+        "one SFT model.")
+    n_layers: int = Field(2, ge=1, description="Decoder layers of the SFT model.")
+    hidden_size: int = Field(128, ge=8, description="Hidden size of the SFT model; a multiple of `builtin.n_heads`.")
+    n_heads: int = Field(4, ge=1, description="Attention heads of the SFT model.")
+    intermediate_size: int = Field(512, ge=8, description="MLP width of the SFT model.")
+    n_sft_problems: int = Field(20_000, ge=10, description="Problems the SFT warm-up trains on (chosen answers).")
+    n_pref_pairs: int = Field(4_000, ge=10, description="Training preference pairs (fewer with `on_policy`: "
+                              "problems without a wrong sample are left out).")
+    n_eval_pairs: int = Field(300, ge=1, description="Held-out preference pairs (the `eval/` pair metrics).")
+    n_eval_problems: int = Field(500, ge=1, description="Held-out problems for greedy answer accuracy "
+                                 "(`eval/answer_accuracy`); the first of them also decide when SFT stops.")
+    sft_target_accuracy: float = Field(0.4, ge=0.0, le=1.0, description="Stop SFT at the first evaluation whose "
+                                       "held-out greedy answer accuracy reaches this fraction.")
+    sft_max_steps: int = Field(4_000, ge=1, description="Stop SFT here even below `builtin.sft_target_accuracy` "
+                               "(with a warning).")
+    sft_eval_every_steps: int = Field(100, ge=1, description="SFT steps between held-out accuracy evaluations.")
+    sft_batch_size: int = Field(64, ge=1, description="Problems per SFT step.")
+    sft_lr: float = Field(1e-3, gt=0, description="AdamW peak learning rate of the SFT warm-up.")
+    seed: int = Field(0, description="Seed of the generated problems, rejected answers and SFT initialisation.")
+    cache_dir: str = Field("~/.cache/mdpo-ray", description="Where the SFT model and the generated data are cached "
+                           "(`builtin-<hash>/`), reused by later runs with the same settings; `~` is expanded.")
 
     @model_validator(mode="after")
     def _heads_divide_hidden(self) -> BuiltinTaskConfig:
@@ -69,25 +97,55 @@ class BuiltinTaskConfig(_Strict):
 
 
 class DataConfig(_Strict):
-    train: str = BUILTIN  # hub dataset name, .jsonl/.json/.parquet file, save_to_disk dir, or builtin:arith
-    train_split: str = "train"
-    eval: str | None = None  # same kinds as `train`; None: hold out eval_fraction of train (builtin: its own set)
-    eval_split: str = "train"
-    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0)
-    format: Literal["auto", "standard", "conversational", "implicit"] = "auto"
-    max_length: int = Field(512, ge=2)  # prompt + completion tokens; pairs whose prompt alone fills it are dropped
-    on_bad_rows: Literal["drop", "error"] = "drop"
-    generation_eval: str | None = None  # JSONL of {prompt, answer}: greedy answer accuracy ("#### N" answers)
+    """Preference pairs: where they come from, how they are read, and what is done with bad rows.
+
+    Formats: `standard` ({prompt, chosen, rejected} strings), `conversational` (lists of {role, content}
+    messages rendered with the tokenizer's chat template), `implicit` ({chosen, rejected}; the prompt is their
+    longest common prefix)."""
+
+    train: str = Field(BUILTIN, description="Training pairs: a hub dataset name, a .jsonl/.json/.parquet file, a "
+                       "`save_to_disk` directory, or `builtin:arith` (the generated task, see `builtin.*`).")
+    train_split: str = Field("train", description="Split of `data.train` to read, for sources that have splits.")
+    eval: str | None = Field(None, description="Held-out pairs, same kinds as `data.train`; null: hold out "
+                             "`data.eval_fraction` of the training prompts (with `builtin:arith`: the task's own "
+                             "held-out set; with neither: no pair evaluation).")
+    eval_split: str = Field("train", description="Split of `data.eval` to read.")
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Without `data.eval`: the fraction of distinct "
+                                 "prompts held out (whole prompts, so no held-out prompt is trained on), drawn with "
+                                 "the run's `seed`; 0: none.")
+    format: Literal["auto", "standard", "conversational", "implicit"] = Field(
+        "auto", description="Row format; `auto`: `conversational` if `chosen` holds message lists, else `standard` "
+        "with a `prompt` column and `implicit` without.")
+    max_length: int = Field(512, ge=2, description="Tokens of prompt + completion. The prompt is never cut: a pair "
+                            "whose prompt alone has this many tokens is dropped (counted in "
+                            "`data/train_prompt_too_long`); otherwise completions are cut from the end to fit.")
+    on_bad_rows: Literal["drop", "error"] = Field(
+        "drop", description="A bad row (missing field, wrong type, empty completion, chosen identical to rejected): "
+        "`drop` it and count it (`data/train_bad_rows`), or `error`: stop, naming the row.")
+    generation_eval: str | None = Field(None, description="JSONL of {prompt, answer}: greedy decoding is scored "
+                                        "by the integer after `####` (`eval/answer_accuracy`); null: none.")
 
 
 class LossConfig(_Strict):
-    name: Literal["minor_dpo", "dpo", "dpop", "ipo", "robust", "hinge", "sft"] = "minor_dpo"
-    beta: float = Field(0.1, gt=0)
-    reject_threshold: float = Field(0.0, le=0)  # MinorDPO tau in max(tau, Δl); 0 is the paper, -inf is DPO
-    reject_weight: float = Field(1.0, ge=0)  # MinorDPO weight on the (clamped) reject term
-    dpop_lambda: float = Field(50.0, ge=0)  # DPO-Positive penalty on max(0, -Δw)
-    label_smoothing: float = Field(0.0, ge=0, lt=0.5)  # robust / cDPO epsilon
-    average_log_prob: bool = False  # length-average the sequence log-probs (IPO's definition uses this)
+    """The preference loss (mdpo_ray/training/losses.py) and its knobs; each loss ignores the knobs that are not
+    its own. Δw = log π(chosen) − log π_ref(chosen), Δl likewise for the rejected answer. MinorDPO:
+    −log σ(β(Δw − w·max(τ, Δl)))."""
+
+    name: Literal["minor_dpo", "dpo", "dpop", "ipo", "robust", "hinge", "sft"] = Field(
+        "minor_dpo", description="`minor_dpo`, `dpo`, `dpop` (DPO-Positive), `ipo`, `robust` (cDPO), `hinge` "
+        "(SLiC), or `sft` (negative log-likelihood of the chosen answer only).")
+    beta: float = Field(0.1, gt=0, description="β: the strength of the implicit KL penalty; the rewards are β·Δw "
+                        "and β·Δl.")
+    reject_threshold: float = Field(0.0, le=0, description="MinorDPO τ in max(τ, Δl): the rejected answer is pushed "
+                                    "down until Δl reaches τ. 0 is the paper; `-.inf` is DPO.")
+    reject_weight: float = Field(1.0, ge=0, description="MinorDPO w, the weight of the clamped reject term; 0 "
+                                 "leaves −log σ(βΔw) (chosen only).")
+    dpop_lambda: float = Field(50.0, ge=0, description="DPOP λ: the penalty on max(0, −Δw), the chosen answer "
+                               "falling below the reference.")
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5, description="`robust` (cDPO) ε: the assumed fraction of "
+                                   "pairs whose labels are flipped.")
+    average_log_prob: bool = Field(False, description="Length-average the sequence log-probs instead of summing "
+                                   "them over completion tokens (IPO's definition uses this).")
 
     def knobs(self) -> dict[str, float]:
         """The keyword arguments every loss in mdpo_ray.training.losses accepts."""
@@ -101,69 +159,129 @@ class LossConfig(_Strict):
 
 
 class OptimConfig(_Strict):
-    lr: float = Field(1e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = Field(10, ge=0)
-    schedule: Literal["constant", "linear", "cosine"] = "constant"  # after warm-up
-    max_steps: int = Field(100, ge=1)
-    batch_size: int = Field(16, ge=1)  # pairs per optimizer step, summed over all workers
-    micro_batch_size: int | None = Field(None, ge=1)  # pairs per worker per forward; None: batch_size / num_workers
-    # Accumulating, reduce-scatter the gradients once per step (each rank holds an unsharded fp32 gradient
-    # meanwhile) or after every micro-batch (gradients stay sharded: more traffic, less memory).
-    sync_every_micro_batch: bool = False
-    grad_clip: float = Field(1.0, gt=0)
-    max_consecutive_nonfinite: int = Field(5, ge=1)  # stability guard: fail after this many skipped steps in a row
+    """AdamW, the learning-rate schedule and the batch; the learning rate and the data order are functions of
+    the step, so a resumed run continues exactly."""
+
+    lr: float = Field(1e-4, gt=0, description="AdamW peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW (decoupled) weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW β1, β2.")
+    warmup_steps: int = Field(10, ge=0, description="Steps of linear warm-up to `optim.lr`.")
+    schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="Learning rate after the warm-up: constant, or decaying to 0 at `optim.max_steps`.")
+    max_steps: int = Field(100, ge=1, description="Optimizer steps of the run (raise it to continue a finished run "
+                           "under the same `name`).")
+    batch_size: int = Field(16, ge=1, description="Pairs per optimizer step, summed over all workers; a multiple of "
+                            "`scaling.num_workers`.")
+    micro_batch_size: int | None = Field(
+        None, ge=1, description="Pairs per worker per forward; smaller values accumulate gradients over "
+        "`batch_size / num_workers / micro_batch_size` forwards per step (it must divide that per-worker batch). "
+        "Loss, gradient and metrics stay those of the whole batch. null: `batch_size / num_workers` (one forward).")
+    sync_every_micro_batch: bool = Field(
+        False, description="When accumulating: false reduce-scatters the gradients once per step (each rank holds "
+        "an unsharded fp32 gradient in between); true after every micro-batch (gradients stay sharded: less "
+        "memory, more traffic).")
+    grad_clip: float = Field(1.0, gt=0, description="Clip the global gradient norm to this.")
+    max_consecutive_nonfinite: int = Field(
+        5, ge=1, description="Stability guard: a step with a non-finite loss or gradient is skipped; this many in "
+        "a row fail the run with advice.")
 
 
 class ScalingConfig(_Strict):
-    num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(1.0, gt=0)
-    gpus_per_worker: float = Field(1.0, gt=0)  # only read when use_gpu
-    mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 params + fp32 reduce on GPUs with native bf16, else fp32
-    max_failures: int = Field(0, ge=-1)  # worker-group restarts from the latest checkpoint (-1: unlimited)
-    activation_checkpointing: bool = False  # recompute each decoder block's activations in backward
-    cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: the policy's params, grads and AdamW state live in host memory
+    """Ray Train workers: each is one FSDP2 rank, on one GPU or on CPU cores."""
+
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (FSDP2 ranks).")
+    use_gpu: bool = Field(False, description="One GPU per worker (NCCL); false: CPU workers (gloo).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per worker.")
+    gpus_per_worker: float = Field(
+        1.0, gt=0, description="GPUs Ray reserves per worker, read only with `scaling.use_gpu`: 1, or a fraction "
+        "for one-worker sweep trials sharing a GPU.")
+    mixed_precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="`auto`: bf16 parameters with fp32 gradient reduction on a GPU with native bf16 "
+        "(Ampere and later), fp32 elsewhere (CPU, older GPUs); `bf16`: force it (GPU only); `fp32`: full precision. "
+        "The master weights and the export are fp32 either way.")
+    max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the latest checkpoint after a "
+                              "failure; -1: unlimited.")
+    activation_checkpointing: bool = Field(
+        False, description="Recompute each decoder block's activations in backward (non-reentrant): a block keeps "
+        "only its input between forward and backward.")
+    cpu_offload: bool = Field(
+        False, description="FSDP2 CPUOffloadPolicy for the policy: its sharded parameters, gradients and AdamW state "
+        "live in host memory and AdamW steps on the CPU; each block visits the GPU for its forward and backward.")
 
 
 class CheckpointConfig(_Strict):
-    every_steps: int = Field(50, ge=1)
-    num_to_keep: int = Field(2, ge=1)
+    """Sharded checkpoints (torch.distributed.checkpoint) reported through Ray Train, in `output_dir/<name>/`."""
+
+    every_steps: int = Field(50, ge=1, description="Optimizer steps between checkpoints; the last step is always "
+                             "checkpointed.")
+    num_to_keep: int = Field(2, ge=1, description="Checkpoints kept; older ones are deleted.")
 
 
 class ExportConfig(_Strict):
-    lora: Literal["merged", "adapter"] = "merged"  # with model.lora.r > 0: a plain model, or a peft adapter dir
+    """The final policy, written to `output_dir/<name>/export` with its tokenizer and a model card (README.md)."""
+
+    lora: Literal["merged", "adapter"] = Field(
+        "merged", description="With `model.lora.r` > 0: `merged`, a plain transformers model with the adapters "
+        "merged in (`AutoModelForCausalLM.from_pretrained`); `adapter`, a peft adapter directory "
+        "(`PeftModel.from_pretrained(base_model, dir)`). Ignored without LoRA.")
 
 
 class TrackingConfig(_Strict):
-    mlflow_uri: str | None = None  # None: sqlite:///<output_dir>/mlflow.db
-    experiment: str = "mdpo-ray"
-    log_every_steps: int = Field(10, ge=1)
-    # CPU, memory, disk, network (and GPU, with nvidia-ml-py) of rank 0's node, every 10 s, as MLflow's system/* metrics
-    system_metrics: bool = True
+    """MLflow: the driver opens the run and logs the config as params; rank 0 logs the metrics."""
+
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI (a server, `sqlite:///…`, `file:…`); "
+                                   "null: `sqlite:///<output_dir>/mlflow.db`. Credentials in it are never logged.")
+    experiment: str = Field("mdpo-ray", description="MLflow experiment of the run (a sweep uses its own name).")
+    log_every_steps: int = Field(10, ge=1, description="Steps between metric logs and `ray.train.report` calls; "
+                                 "training metrics are over every pair since the previous log.")
+    system_metrics: bool = Field(
+        True, description="MLflow's system metrics of rank 0's node (CPU, memory, disk, network; GPU with "
+        "nvidia-ml-py), sampled every 10 s as `system/*`; false: none.")
 
 
 class EvalConfig(_Strict):
-    every_steps: int | None = Field(None, ge=0)  # None: about 5 evals a run (see RunConfig); 0: before and after only
-    batch_size: int = Field(32, ge=1)  # pairs per eval forward, per worker
-    max_new_tokens: int = Field(64, ge=1)
-    generation_batch_size: int = Field(128, ge=1)
-    max_generation_problems: int | None = Field(None, ge=1)
+    """Held-out evaluation: the pair metrics on `data.eval` and greedy answer accuracy on `data.generation_eval`,
+    before training, every `eval.every_steps`, and at the end."""
+
+    every_steps: int | None = Field(
+        None, ge=0, description="Steps between evaluations, a multiple of `tracking.log_every_steps`; null: every "
+        "fifth of `optim.max_steps`, rounded down to a multiple of `tracking.log_every_steps` (at least one); 0: "
+        "before and after training only.")
+    batch_size: int = Field(32, ge=1, description="Held-out pairs per forward, per worker.")
+    max_new_tokens: int = Field(64, ge=1, description="Greedy decoding length limit for answer accuracy.")
+    generation_batch_size: int = Field(128, ge=1, description="Problems decoded together, per worker.")
+    max_generation_problems: int | None = Field(None, ge=1, description="Score only the first this many problems "
+                                                "of `data.generation_eval`; null: all.")
 
 
 class StopConfig(_Strict):
-    """Stop an unstable run early (a sweep's stopper), checked at every log step; the reason is tagged in MLflow."""
+    """Stop an unstable run early (a sweep's stopper), checked at every log step; the reason is tagged in MLflow.
 
-    max_nonfinite_steps: int | None = Field(None, ge=1)  # stop once this many steps were skipped in all
-    max_chosen_drop: float | None = Field(None, gt=0)  # stop once mean Δw (chosen log-prob drift) < -this
+    A stopped run is still evaluated, checkpointed and exported, and its MLflow run ends FINISHED with the tag
+    `mdpo.stop_reason`."""
+
+    max_nonfinite_steps: int | None = Field(None, ge=1, description="Stop once this many steps were skipped as "
+                                            "non-finite in all (`stability/nonfinite_steps`); null: never.")
+    max_chosen_drop: float | None = Field(None, gt=0, description="Stop once the mean chosen log-prob drift Δw "
+                                          "(`delta_chosen/mean`, nats) falls below minus this; null: never.")
 
 
 class RunConfig(_Strict):
-    name: str = Field("minor-dpo-arith", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # resume key: same name resumes
-    output_dir: str = "mdpo_runs"
-    seed: int = 0
-    reference: Literal["resident", "precompute"] = "resident"
+    """The top-level keys of a run YAML; the sections below are nested mappings (`loss: {beta: 0.3}`) or dotted
+    `--set` keys (`--set loss.beta=0.3`)."""
+
+    name: str = Field("minor-dpo-arith", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+                      description="Run name: the folder under `output_dir` and the MLflow run name. Re-running with "
+                      "the same name resumes from its latest checkpoint.")
+    output_dir: str = Field("mdpo_runs", description="Checkpoints, the export, the reference log-prob cache and the "
+                            "default MLflow store; relative paths are taken from the current directory.")
+    seed: int = Field(0, description="Seed of the data order, the LoRA adapters' initialisation and the "
+                      "`data.eval_fraction` split.")
+    reference: Literal["resident", "precompute"] = Field(
+        "resident", description="`resident`: the frozen reference is sharded beside the policy (with LoRA: the "
+        "policy with its adapters off); `precompute`: its log-probs are computed once before training, cached in "
+        "`output_dir/reference_logps` (keyed by model, data, tokenisation, device type and precision), and the "
+        "reference is freed.")
     model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     builtin: BuiltinTaskConfig = BuiltinTaskConfig()
@@ -266,12 +384,37 @@ def _absolute(raw: dict[str, Any], base: Path) -> dict[str, Any]:
                 if candidate.exists():  # otherwise a hub name: leave it
                     sub[key] = str(candidate.resolve())
         out[section] = sub
+    model = out.get("model")
+    if isinstance(model, dict) and isinstance(model.get("chat_template"), str):
+        out["model"] = model | {"chat_template": _chat_template_source(model["chat_template"], base)}
     builtin = out.get("builtin") or {}
     if isinstance(builtin, dict):
         builtin = dict(builtin)
         builtin["cache_dir"] = str(Path(os.path.expanduser(builtin.get("cache_dir", "~/.cache/mdpo-ray"))).resolve())
         out["builtin"] = builtin
     return out
+
+
+def is_jinja(text: str) -> bool:
+    """model.chat_template: the template itself (Jinja markup) rather than the path of a file holding one."""
+    return "{{" in text or "{%" in text
+
+
+def _chat_template_source(value: str, base: Path) -> str:
+    """The template text as given, or its file's absolute path (read by every worker); a ConfigError if it is
+    neither, so a typo fails here rather than on each worker."""
+    if is_jinja(value):
+        return value
+    path = base / os.path.expanduser(value)
+    try:
+        found = path.is_file()
+    except (OSError, ValueError):  # e.g. a name too long for the file system: not a path
+        found = False
+    if not found:
+        raise ConfigError(
+            f"model.chat_template: {value!r} is neither a Jinja template (it has no {{{{ or {{%) nor a file "
+            f"(looked for {path.resolve()}); give the template text or the path of a file holding it")
+    return str(path.resolve())
 
 
 def check_storage_outlives_job(cfg: RunConfig) -> None:

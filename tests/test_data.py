@@ -335,7 +335,7 @@ def test_tokenizer_requirements(tmp_path, tokenizer):
     conv = write_jsonl(tmp_path / "c.jsonl", [row])
     no_template = copy.deepcopy(tokenizer)
     no_template.chat_template = None
-    with pytest.raises(DataError, match="no chat_template"):
+    with pytest.raises(DataError, match="no chat template .*set model.chat_template"):
         load(conv, no_template)
     unstable = copy.deepcopy(tokenizer)
     unstable.chat_template = "{{ messages | length }}" + CHAT_TEMPLATE  # the message count leads the text
@@ -353,6 +353,33 @@ def test_tokenizer_requirements(tmp_path, tokenizer):
     no_eos.eos_token = None
     with pytest.raises(DataError, match="no eos_token"):
         load(write_jsonl(tmp_path / "x.jsonl", STANDARD), no_eos)
+
+
+@pytest.mark.parametrize("given", ["file", "relative file", "text"])
+def test_model_chat_template_gives_a_base_model_tokenizer_a_template(tmp_path, tokenizer, monkeypatch, given):
+    """A base model's tokenizer has no chat template: model.chat_template (the Jinja text, or a file holding it,
+    relative to the working directory like every path) makes its conversational data readable."""
+    from mdpo_ray.config import ConfigError, validate_config
+    from mdpo_ray.training.model import load_tokenizer
+
+    base = copy.deepcopy(tokenizer)
+    base.chat_template = None
+    base.save_pretrained(tmp_path / "base")
+    (tmp_path / "chat.jinja").write_text(CHAT_TEMPLATE)
+    monkeypatch.chdir(tmp_path)
+    value = {"file": str(tmp_path / "chat.jinja"), "relative file": "chat.jinja", "text": CHAT_TEMPLATE}[given]
+    conv = write_jsonl(tmp_path / "c.jsonl", [{"prompt": HI, "chosen": HELLO, "rejected": BYE}])
+    raw = {"model": {"name_or_path": str(tmp_path / "base"), "chat_template": value}, "data": {"train": conv}}
+    loaded = load_tokenizer(validate_config(raw).model)
+    assert loaded.chat_template == CHAT_TEMPLATE
+    pairs, _ = load(conv, loaded)
+    assert as_tuples(pairs) == [conversational_expected(tokenizer, "hi", "hello world", "goodbye")]
+    without = load_tokenizer(validate_config(raw | {"model": {"name_or_path": str(tmp_path / "base")}}).model)
+    with pytest.raises(DataError, match="set model.chat_template"):
+        load(conv, without)
+    with pytest.raises(ConfigError, match=r"model.chat_template: 'chat.jnija' is neither a Jinja template .* nor a "
+                                          r"file \(looked for .*chat.jnija\)"):
+        validate_config(raw | {"model": {"name_or_path": str(tmp_path / "base"), "chat_template": "chat.jnija"}})
 
 
 def test_stats_summary_without_drops():

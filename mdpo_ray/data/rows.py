@@ -249,8 +249,9 @@ def read_pair_texts(source: str, *, split: str, tokenizer, format: str) -> tuple
     fmt = _resolve_format(rows, source, format)
     if fmt == "conversational" and not tokenizer.chat_template:
         raise DataError(
-            f"{source} holds conversations but the tokenizer has no chat_template: set tokenizer.chat_template, "
-            f"or render the texts yourself and use data.format=standard"
+            f"{source} holds conversations but the tokenizer has no chat template (base models often have none): "
+            f"set model.chat_template to a Jinja template or the path of a file holding one, or render the texts "
+            f"yourself and use data.format=standard"
         )
     options = dict(
         fmt=fmt,

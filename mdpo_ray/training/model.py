@@ -8,13 +8,16 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
-from mdpo_ray.config import ModelConfig
+from mdpo_ray.config import ModelConfig, is_jinja
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(
         cfg.tokenizer or cfg.name_or_path, trust_remote_code=cfg.trust_remote_code
     )
+    if cfg.chat_template:  # a Jinja template, or (made absolute by load_config) the file holding one
+        tokenizer.chat_template = cfg.chat_template if is_jinja(cfg.chat_template) else \
+            Path(cfg.chat_template).read_text()
     if tokenizer.eos_token_id is None:
         raise ValueError(
             f"tokenizer of {cfg.tokenizer or cfg.name_or_path} has no eos token; completions must end with one"
