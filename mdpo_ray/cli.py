@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_argument("--results", metavar="PATH.md", help="also write the evidence page (loss x beta x lr, mean ± "
                      "std over seeds, verdicts on the paper's claims), e.g. docs/results.md")
     sub.add_argument("--set", dest="overrides", action="append", default=[], help=argparse.SUPPRESS)
+    text = "regenerate the reference pages (configuration.md, metrics.md) from the code"
+    sub = commands.add_parser("docs", help=text, description=text)
+    sub.add_argument("--dir", default="docs", help="where the pages live (default: docs, from the repository root)")
+    sub.add_argument("--check", action="store_true", help="write nothing; exit 1 listing the pages that differ")
     return parser
 
 
@@ -48,11 +52,26 @@ def _add_overrides(sub: argparse.ArgumentParser, what: str = "") -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
+    if args.command == "docs":
+        return _docs_command(args)
     try:
         return _sweep_command(args) if args.command in ("sweep", "report") else _run_command(args)
     except ConfigError as exc:  # a bad config, or one found out once the run starts (MLflow refusing it)
         print(f"mdpo-ray: {exc}", file=sys.stderr)
         return 2
+
+
+def _docs_command(args: argparse.Namespace) -> int:
+    from mdpo_ray import reference_pages
+
+    docs = Path(args.dir)
+    if not args.check:
+        print("wrote " + ", ".join(str(path) for path in reference_pages.write(docs)))
+        return 0
+    stale = reference_pages.drifted(docs)
+    for path in stale:
+        print(f"mdpo-ray: {path} differs from what the code generates; run `mdpo-ray docs`", file=sys.stderr)
+    return 1 if stale else 0
 
 
 def _run_command(args: argparse.Namespace) -> int:

@@ -14,7 +14,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from mdpo_ray.config import ConfigError, RunConfig, parse_override, set_dotted, validate_config
-from mdpo_ray.training.metrics import METRIC_NAMES
+from mdpo_ray.training.metrics import EVAL_PREFIX, GLOSSARY, METRIC_NAMES
+
+
+def _names(kind: str) -> str:
+    return ", ".join(m.name for m in GLOSSARY if m.kind == kind)
+
+
+# What a sweep's `metric` may be (METRIC_NAMES), said in a line.
+ALLOWED_METRICS = (f"{_names('pair')} (each also as {EVAL_PREFIX}<name>, on the held-out pairs); {_names('step')}; "
+                   f"{_names('eval')}")
 
 
 class _Strict(BaseModel):
@@ -29,10 +38,13 @@ class Domain(_Strict):
     that do not combine (sft has no beta to sweep).
     """
 
-    grid: list[Any] | None = None
-    choice: list[Any] | None = None
-    uniform: tuple[float, float] | None = None
-    loguniform: tuple[float, float] | None = None
+    grid: list[Any] | None = Field(None, description="Every value, each crossed with every value of the other "
+                                   "grids (a grid search; not with `search:`).")
+    choice: list[Any] | None = Field(None, description="One value drawn at random per sample (or picked by the "
+                                     "search algorithm).")
+    uniform: tuple[float, float] | None = Field(None, description="`[low, high]`: a float drawn uniformly.")
+    loguniform: tuple[float, float] | None = Field(None, description="`[low, high]`, low > 0: a float drawn "
+                                                   "uniformly in log space (learning rates).")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Domain:
@@ -58,30 +70,57 @@ class Domain(_Strict):
 
 
 class SearchConfig(_Strict):
-    algorithm: Literal["optuna"] = "optuna"  # needs the `optuna` extra
-    seed: int | None = None
+    """A search algorithm that picks each trial's values from the results so far; it cannot use grid domains."""
+
+    algorithm: Literal["optuna"] = Field("optuna", description="Optuna's TPE sampler through Ray Tune; needs the "
+                                         "`optuna` extra (`pip install 'mdpo-ray[optuna]'`).")
+    seed: int | None = Field(None, description="Seed of the sampler; null: unseeded.")
 
 
 class AshaConfig(_Strict):
-    grace_period: int = Field(1, ge=1)  # reports (tracking.log_every_steps apart) before a trial can be cut
-    reduction_factor: float = Field(2.0, gt=1)
+    """ASHA (asynchronous successive halving) cuts trials that trail at each rung."""
+
+    grace_period: int = Field(1, ge=1, description="Reports (`tracking.log_every_steps` apart) a trial runs before "
+                              "it can be cut.")
+    reduction_factor: float = Field(2.0, gt=1, description="At each rung only the best 1/reduction_factor of the "
+                                    "trials continue; the rungs are grace_period × reduction_factor^k reports.")
 
 
 class SchedulerConfig(_Strict):
-    asha: AshaConfig
+    """A trial scheduler that stops trailing trials early on `metric`, which must then be in every report (not an
+    `eval/` one)."""
+
+    asha: AshaConfig = Field(description="ASHA's settings (the only scheduler).")
 
 
 class SweepConfig(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    base: str | None = None  # a run YAML, relative to the sweep file
-    run: dict[str, Any] = {}  # run-config keys over the base (same schema as `mdpo-ray train`)
-    space: dict[str, Domain]
-    num_samples: int = Field(1, ge=1)  # repeats of the grid (random draws for the other domains)
-    metric: str = "eval/answer_accuracy"
-    mode: Literal["max", "min"] = "max"
-    search: SearchConfig | None = None
-    scheduler: SchedulerConfig | None = None
-    max_concurrent_trials: int | None = Field(None, ge=1)  # None: as many as the cluster's resources fit
+    """The top-level keys of a sweep YAML (`mdpo-ray sweep FILE`): a base run config plus a search space over
+    dotted run-config keys. Every search key and every value it can take is validated against the run schema
+    when the file is loaded, before Ray starts."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="The sweep's name: Tune experiment, "
+                      "MLflow experiment and parent run, and the folder under the runs' `output_dir`; `--resume` "
+                      "finds an interrupted sweep by it.")
+    base: str | None = Field(None, description="A run YAML the trials start from, relative to the sweep file; "
+                             "null: the run defaults.")
+    run: dict[str, Any] = Field({}, description="Run-config keys over `base` (the same schema as `mdpo-ray "
+                                "train`), as nested sections.")
+    space: dict[str, Domain] = Field(description="Dotted run-config key (`loss.beta`) or section (`loss`) -> its "
+                                     "domain: exactly one of the `space.<key>.*` entries. A grid or choice over a "
+                                     "section lists variants whose keys are set together.")
+    num_samples: int = Field(1, ge=1, description="Repeats of the whole grid; each repeat draws the choice and range "
+                             "domains afresh.")
+    metric: str = Field("eval/answer_accuracy", description="The metric that ranks the trials (and drives `search` and "
+                        "`scheduler`): any metric a run logs, i.e. any name in the metric tables of docs/metrics.md "
+                        "(a training metric such as `rewards/margins`, or an `eval/` one such as "
+                        "`eval/rewards/margins`); not the `data/*` run tags (one count per run) nor MLflow's "
+                        "`system/*`. With `scheduler`, not an `eval/` metric.")
+    mode: Literal["max", "min"] = Field("max", description="Whether a higher or a lower `metric` is better.")
+    search: SearchConfig | None = Field(None, description="Optional; null: the grid and random draws only.")
+    scheduler: SchedulerConfig | None = Field(None, description="Optional; null: every trial runs to its end "
+                                              "(or its `stop.*`).")
+    max_concurrent_trials: int | None = Field(None, ge=1, description="Trials running at once; null: as many as "
+                                              "the cluster's CPUs (GPUs) fit, a trial taking its workers' share.")
 
     def search_keys(self) -> list[str]:
         """The dotted run-config keys the space sets: a section's variants contribute each key they name."""
@@ -103,8 +142,9 @@ class SweepConfig(_Strict):
     @model_validator(mode="after")
     def _checks(self) -> SweepConfig:
         if self.metric not in METRIC_NAMES:
-            raise ValueError(f"metric {self.metric!r} is not a metric a run reports; see docs/metrics.md "
-                             f"(e.g. eval/answer_accuracy, eval/rewards/margins, loss)")
+            tag = " is a run tag (one count per run), not a metric a trial reports" \
+                if self.metric.startswith("data/") else " is not a metric a run reports"
+            raise ValueError(f"{self.metric!r}{tag}; use one of {ALLOWED_METRICS} (docs/metrics.md)")
         if self.search is not None and any(d.grid is not None for d in self.space.values()):
             raise ValueError("a search algorithm (search:) cannot use grid domains; use choice instead")
         if self.scheduler is not None and self.metric.startswith("eval/"):

@@ -171,10 +171,7 @@ def test_bad_rows_dropped_and_reported_by_row(tmp_path, tokenizer):
     assert list(pairs["row"]) == [0, 6] and (stats.n_rows, stats.n_kept, stats.n_bad()) == (7, 2, 5)
     assert "dropped 5 bad rows (missing field 'chosen': row 1; " in stats.summary()
     assert "empty completion: rows 3, 4;" in stats.summary()
-    assert stats.as_tags("train") == {
-        "data/train_rows": "7", "data/train_kept": "2", "data/train_bad_rows": "5",
-        "data/train_prompt_too_long": "0", "data/train_truncated": "0",
-    }  # fmt: skip
+    assert stats.counts() == {"rows": 7, "kept": 2, "bad_rows": 5, "prompt_too_long": 0, "truncated": 0}
 
 
 def test_bad_rows_error_mode_lists_rows_and_the_fix(tmp_path, tokenizer):

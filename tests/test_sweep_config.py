@@ -52,7 +52,9 @@ GOOD_SPACE = "space:\n  loss.beta: {grid: [0.1]}\n"
         ("space:\n  loss.beta: {grid: [0.1], choice: [0.2]}", "exactly one of"),
         ("space:\n  loss.name: {choice: [minor_dpo, kto]}", "space.loss.name = 'kto'"),
         # sweep-level mistakes
-        (GOOD_SPACE + "metric: eval/acc", "is not a metric a run reports"),
+        (GOOD_SPACE + "metric: eval/acc", "'eval/acc' is not a metric a run reports; use one of loss, rewards/chosen"),
+        (GOOD_SPACE + "metric: data/train_kept", ("'data/train_kept' is a run tag (one count per run), not a metric a "
+                                                 "trial reports; use one of loss, ")),
         (GOOD_SPACE + "scheduler: {asha: {grace_period: 1}}", "ASHA compares trials at every report"),
         (GOOD_SPACE + "search: {algorithm: optuna}", "cannot use grid domains"),
         (GOOD_SPACE + "num_sample: 2", "num_sample: unknown key"),
@@ -63,6 +65,13 @@ def test_bad_sweeps_fail_at_load_time_with_the_key_and_the_fix(tmp_path, body, n
     with pytest.raises(ConfigError) as info:
         load_sweep(path)
     assert needle in str(info.value)
+
+
+@pytest.mark.parametrize("metric", ["eval/delta_chosen/p90", "eval/answer_accuracy", "stability/nonfinite_steps"])
+def test_the_metric_may_be_any_metric_a_run_logs(tmp_path, metric):
+    """What the `metric` description and its error message promise: training, step and eval/ names alike."""
+    sweep, _ = load_sweep(_write(tmp_path, f"name: ok\n{GOOD_SPACE}metric: {metric}\n"))
+    assert sweep.metric == metric
 
 
 def test_missing_base_file_is_named(tmp_path):

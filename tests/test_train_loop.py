@@ -75,10 +75,14 @@ def test_step_zero_is_ln2_and_every_policy_tensor_changes_but_no_reference_tenso
         assert key in rec.logged[0]
     assert rec.tags["data/train_rows"].isdigit()  # data counts are run tags: one number is not a curve
     assert "eval/answer_accuracy" in rec.logged[4]
-    from mdpo_ray.training.metrics import METRIC_NAMES
+    from mdpo_ray.training.metrics import GLOSSARY, METRIC_NAMES
 
+    # What is logged is exactly what docs/metrics.md lists (generated from GLOSSARY), both ways.
     logged_names = {k for step in rec.logged.values() for k in step}
-    assert logged_names <= METRIC_NAMES, logged_names - METRIC_NAMES  # the names sweeps may optimise
+    assert logged_names == METRIC_NAMES, logged_names ^ METRIC_NAMES  # the names sweeps may optimise
+    data_tags = {t for t in rec.tags if t.startswith("data/")}
+    assert data_tags == {m.name.replace("{train,eval}", split) for m in GLOSSARY if m.kind == "data_tag"
+                         for split in ("train", "eval")}
 
     assert rec.tags["mdpo.export_path"] == str(cfg.run_dir / "export")  # the model, from the run
     assert rec.tags["mdpo.export_uri"] == (cfg.run_dir / "export").resolve().as_uri()

@@ -57,15 +57,10 @@ class DataStats:
             line += f"; {self.n_truncated} pairs had completions truncated to fit max_length={self.max_length}"
         return line
 
-    def as_tags(self, prefix: str) -> dict[str, str]:
-        """Counts as MLflow run tags: one number per run is a column of the runs table, not a chart."""
-        return {
-            f"data/{prefix}_rows": str(self.n_rows),
-            f"data/{prefix}_kept": str(self.n_kept),
-            f"data/{prefix}_bad_rows": str(self.n_bad()),
-            f"data/{prefix}_prompt_too_long": str(self.n_prompt_too_long),
-            f"data/{prefix}_truncated": str(self.n_truncated),
-        }
+    def counts(self) -> dict[str, int]:
+        """The counts a run tags in MLflow (data/<split>_<count>, named in mdpo_ray.training.metrics)."""
+        return {"rows": self.n_rows, "kept": self.n_kept, "bad_rows": self.n_bad(),
+                "prompt_too_long": self.n_prompt_too_long, "truncated": self.n_truncated}
 
 
 def _rows_text(rows: list[int], limit: int) -> str:

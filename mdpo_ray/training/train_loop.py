@@ -26,7 +26,7 @@ from mdpo_ray.training import distributed, evaluate, lora
 from mdpo_ray.training import reference as ref
 from mdpo_ray.training.logps import concatenated_logps, device_batch
 from mdpo_ray.training.losses import LOSSES
-from mdpo_ray.training.metrics import pair_metrics
+from mdpo_ray.training.metrics import EVAL_PREFIX, EVAL_START_PREFIX, data_tags, pair_metrics
 from mdpo_ray.training.model import export_pretrained, load_causal_lm, load_tokenizer
 
 STATE_FILE = "trainer_state.json"
@@ -215,7 +215,7 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
         if step % cfg.checkpoint.every_steps == 0 or is_last:
             state["step"] = step
             checkpoint_dir = _save_checkpoint(policy, optimizer, state)
-        worker.report(metrics | {"step": step} | _prefixed(state["eval_start"], "eval_start/"), checkpoint_dir, step)
+        worker.report(metrics | {"step": step} | _prefixed(state["eval_start"], EVAL_START_PREFIX), checkpoint_dir, step)
         if checkpoint_dir is not None:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the launcher has persisted it by now
         if stop_reason is not None:
@@ -283,12 +283,12 @@ def _save_checkpoint(policy, optimizer, state: dict) -> Path:
 def _data_tags(data_stats) -> dict[str, str]:
     out: dict[str, str] = {}
     for stats, split in zip(data_stats, ("train", "eval"), strict=False):
-        out |= stats.as_tags(split)
+        out |= data_tags(split, stats.counts())  # one number per run: a column of the runs table, not a chart
     return out
 
 
 def _prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
-    return {prefix + key.removeprefix("eval/"): value for key, value in metrics.items()}
+    return {prefix + key.removeprefix(EVAL_PREFIX): value for key, value in metrics.items()}
 
 
 def _describe(metrics: dict[str, float]) -> str:
