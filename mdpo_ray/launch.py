@@ -72,7 +72,7 @@ def worker_entry(payload: dict) -> None:
     try:
         with checkpoint.as_directory() if checkpoint else nullcontext() as restore_dir:
             train(cfg, Worker(gpu=_gpu(cfg), report=report,
-                              restore_dir=Path(restore_dir) if restore_dir else None, sink=sink))
+                              restore_dir=Path(restore_dir) if restore_dir else None, sink=sink, mlflow_run_id=run_id))
     finally:
         sink.close()  # a last flush; what MLflow never got goes to the run dir, even if training failed
 
@@ -167,7 +167,7 @@ def train_in_process(cfg: RunConfig, *, tags: dict[str, str], report, restore_di
     sink = sinks.sink_for(cfg, run_id, rank0=True)
     succeeded = False
     try:
-        train_loop(cfg, Worker(report=report, restore_dir=restore_dir, sink=sink))
+        train_loop(cfg, Worker(report=report, restore_dir=restore_dir, sink=sink, mlflow_run_id=run_id))
         succeeded = True
     finally:
         sink.close()

@@ -171,6 +171,11 @@ def test_a_lora_run_starts_at_ln2_trains_the_adapters_and_exports_merged_and_ada
     torch.testing.assert_close(_logits(adapter, input_ids), trained, rtol=0, atol=1e-5)
     assert (cfg.run_dir / "export" / "tokenizer.json").is_file()
     assert not (cfg.run_dir / "export" / "model.safetensors").exists()  # the adapter alone
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(cfg.run_dir / "export" / "README.md")  # ours, not the stub peft writes
+    assert card.data.library_name == "peft" and "mdpo-ray" in card.data.tags
+    assert "LoRA r=4, alpha=8, exported as a peft adapter" in card.text and "AutoPeftModelForCausalLM" in card.text
 
 
 @pytest.mark.slow

@@ -40,10 +40,10 @@ class Recorder:
             self.checkpoints.append(target)
 
 
-def _run(overrides, recorder=None, restore_dir=None):
+def _run(overrides, recorder=None, restore_dir=None, mlflow_run_id=None):
     cfg = load_config(None, [*overrides, "scaling.num_workers=1"])
     recorder = recorder or Recorder()
-    train(cfg, Worker(report=recorder.report, sink=recorder, restore_dir=restore_dir))
+    train(cfg, Worker(report=recorder.report, sink=recorder, restore_dir=restore_dir, mlflow_run_id=mlflow_run_id))
     return cfg, recorder
 
 
@@ -62,7 +62,9 @@ def test_step_zero_is_ln2_and_every_policy_tensor_changes_but_no_reference_tenso
 
     monkeypatch.setattr(reference.ResidentReference, "__init__", capture)
     before = _params(tiny_task["model"])
-    cfg, rec = _run(tiny_run_overrides)
+    # A tracking URI with credentials: the model card must name the server without them.
+    cfg, rec = _run([*tiny_run_overrides, "tracking.mlflow_uri=http://alice:s3cret@mlflow.example:5000"],
+                    mlflow_run_id="0123abcd")
 
     # Policy == reference at step 1: Δw = Δl = 0, so every pair's loss is ln 2 (MinorDPO == DPO there).
     # The curves' step-0 point is that forward (before the first update), beside the step-0 eval.
@@ -94,6 +96,39 @@ def test_step_zero_is_ln2_and_every_policy_tensor_changes_but_no_reference_tenso
     assert all(torch.equal(ref_state[k], before[k]) for k in before), "the reference model changed"
     tokenizer = AutoTokenizer.from_pretrained(cfg.run_dir / "export")
     assert tokenizer.decode(tokenizer("Q: 1+2= A:")["input_ids"], skip_special_tokens=True) == "Q: 1+2= A:"
+    _check_model_card(cfg, rec, tiny_task)
+
+
+def _check_model_card(cfg, rec, tiny_task):
+    """The export explains itself: a Hub-readable card with this run's numbers."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(cfg.run_dir / "export" / "README.md")
+    assert card.data.library_name == "transformers" and card.data.tags == ["mdpo-ray", "minor-dpo", "dpo"]
+    assert card.data.base_model is None  # a local directory is no Hub repository; the text names it
+    text = card.text
+    assert f"from `{tiny_task['model']}`" in text
+    assert "β (`loss.beta`) = 0.1, τ (`loss.reject_threshold`) = 0, w (`loss.reject_weight`) = 1" in text
+    assert "| steps | 4 of `optim.max_steps` = 4 |" in text and "(32 pairs seen)" in text
+    data = {cells[1]: cells[2:] for cells in _table_rows(text) if cells[1] in ("train", "eval")}
+    assert data["train"][0] == f"`{tiny_task['train']}`" and data["eval"][0] == f"`{tiny_task['eval']}`"
+    for split in ("train", "eval"):
+        assert data[split][1:] == [rec.tags[f"data/{split}_{count}"] for count in
+                                   ("rows", "kept", "bad_rows", "prompt_too_long", "truncated")]
+    results = {cells[1].strip("`"): cells[2:] for cells in _table_rows(text) if cells[1].startswith("`eval/")}
+    for name in ("eval/answer_accuracy", "eval/rewards/accuracies", "eval/delta_chosen/mean", "eval/loss"):
+        before, after = (float(value) for value in results[name])
+        assert before == pytest.approx(rec.logged[0][name], rel=1e-3, abs=1e-6)
+        assert after == pytest.approx(rec.logged[4][name], rel=1e-3, abs=1e-6)
+    assert "MLflow run `0123abcd` in experiment `mdpo-ray` at `http://***REDACTED***@mlflow.example:5000`" in text
+    assert "s3cret" not in (cfg.run_dir / "export" / "README.md").read_text()
+    from mdpo_ray import __version__
+
+    assert f"with mdpo-ray {__version__}." in text
+
+
+def _table_rows(markdown):
+    return [[cell.strip() for cell in line.split("|")[:-1]] for line in markdown.splitlines() if line.startswith("| ")]
 
 
 def test_precompute_gives_the_same_losses_as_a_resident_reference(tiny_run_overrides):

@@ -28,6 +28,7 @@ from mdpo_ray.training.logps import concatenated_logps, device_batch
 from mdpo_ray.training.losses import LOSSES
 from mdpo_ray.training.metrics import EVAL_PREFIX, EVAL_START_PREFIX, data_tags, pair_metrics
 from mdpo_ray.training.model import export_pretrained, load_causal_lm, load_tokenizer
+from mdpo_ray.training.model_card import RunFacts, write_model_card
 
 STATE_FILE = "trainer_state.json"
 
@@ -40,6 +41,7 @@ class Worker:
     report: Callable[[dict[str, float], Path | None, int], None] = lambda metrics, ckpt_dir, step: None
     restore_dir: Path | None = None  # latest checkpoint, when resuming
     sink: MetricSink = field(default_factory=NullSink)  # MLflow on rank 0, NullSink elsewhere
+    mlflow_run_id: str | None = None  # for the exported model card; None: not tracked
 
 
 class NonFiniteError(RuntimeError):
@@ -142,7 +144,7 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
     loss_fn, knobs = LOSSES[cfg.loss.name], cfg.loss.knobs()
     window: list[torch.Tensor] = []  # per-pair columns since the last log
     step_stats = {"grad_norm": 0.0, "tokens": 0.0, "seconds": 0.0, "steps": 0}
-    consecutive_nonfinite = 0
+    consecutive_nonfinite, last_metrics, stop_reason = 0, {}, None
     for step in range(state["step"] + 1, cfg.optim.max_steps + 1):
         started = time.perf_counter()
         lr = lr_at(cfg.optim, step)
@@ -207,6 +209,7 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
         if (cfg.eval_every_steps and step % cfg.eval_every_steps == 0) or is_last:
             metrics |= run_eval()
         worker.sink.log(metrics, step=step)
+        last_metrics = metrics
         say(f"step {step}/{cfg.optim.max_steps} " + _describe(metrics))
         if stop_reason is not None:
             worker.sink.tag(STOP_REASON_TAG, stop_reason)
@@ -228,7 +231,13 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
         out_dir = cfg.run_dir / "export"
         export_dir = (lora.export(full, cfg.model, cfg.export, tokenizer, out_dir) if lora_on
                       else export_pretrained(full, cfg.model, tokenizer, out_dir))
-        say(f"exported the policy to {export_dir}")
+        write_model_card(export_dir, cfg, RunFacts(
+            steps=state["step"], data_counts=[(split, stats.source, stats.counts()) for split, stats in
+                                              zip(("train", "eval"), data_stats, strict=False)],
+            n_train_pairs=len(train_ds), n_eval_pairs=len(eval_ds) if eval_ds else 0, n_problems=len(problems),
+            before=state["eval_start"], after=last_metrics, mlflow_run_id=worker.mlflow_run_id,
+            stop_reason=stop_reason))
+        say(f"exported the policy to {export_dir} (model card: README.md)")
         worker.sink.tag(EXPORT_PATH_TAG, str(export_dir))
         worker.sink.tag(EXPORT_URI_TAG, Path(export_dir).resolve().as_uri())
     distributed.barrier()
