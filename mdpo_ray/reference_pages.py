@@ -4,7 +4,7 @@ The configuration page walks the pydantic schemas (mdpo_ray.config.RunConfig, md
 every dotted key with its type, default, allowed values (Literal choices, bounds, patterns) and its
 `Field(description=...)`, a section per nested model introduced by its docstring. The metrics page is
 mdpo_ray.training.metrics.GLOSSARY. `mdpo-ray docs` writes both; `mdpo-ray docs --check` lists the pages that
-differ from what the code would write (CI and the fast tests run it).
+differ from what the code would write; a fast test fails while they differ, so CI does.
 """
 
 from __future__ import annotations
