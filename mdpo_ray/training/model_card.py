@@ -62,7 +62,8 @@ def _body(out_dir: Path, cfg: RunConfig, facts: RunFacts, adapter: bool) -> str:
     knobs = [f"{symbol} (`loss.{name}`) = {getattr(loss, name):g}" for symbol, name in LOSS_KNOBS[loss.name]]
     stopped = f", stopped early: {facts.stop_reason}" if facts.stop_reason else ""
     lora = (f"LoRA r={cfg.model.lora.r}, alpha={cfg.model.lora.alpha:g}, exported "
-            f"{'as a peft adapter' if adapter else 'merged into the weights'}" if cfg.model.lora.r else "full fine-tuning")
+            f"{'as a peft adapter' if adapter else 'merged into the weights'}"
+            if cfg.model.lora.r else "full fine-tuning")
     lines = [
         f"# {cfg.name}",
         "",

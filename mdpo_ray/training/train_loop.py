@@ -218,7 +218,8 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
         if step % cfg.checkpoint.every_steps == 0 or is_last:
             state["step"] = step
             checkpoint_dir = _save_checkpoint(policy, optimizer, state)
-        worker.report(metrics | {"step": step} | _prefixed(state["eval_start"], EVAL_START_PREFIX), checkpoint_dir, step)
+        worker.report(metrics | {"step": step} | _prefixed(state["eval_start"], EVAL_START_PREFIX), checkpoint_dir,
+                      step)
         if checkpoint_dir is not None:
             shutil.rmtree(checkpoint_dir, ignore_errors=True)  # the launcher has persisted it by now
         if stop_reason is not None:
