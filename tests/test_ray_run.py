@@ -87,6 +87,12 @@ def test_two_worker_run_tracks_checkpoints_resumes_and_exports(ray_local, tiny_r
         assert torch.isfinite(model(ids).logits).all()
     describe = launch.describe(longer)
     assert "MLflow UI" in describe and str(longer.export_dir) in describe
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(longer.export_dir / "README.md").text  # written by a Ray worker: the driver's run id
+    assert f"MLflow run `{longer.mlflow_run_id}`" in card and "| steps | 6 of `optim.max_steps` = 6 |" in card
+    final = client.get_run(longer.mlflow_run_id).data.metrics["eval/delta_chosen/mean"]
+    assert f"| `eval/delta_chosen/mean` | 0 | {final:.4g} |" in card
 
 
 def test_local_workers_run_at_niceness_zero_with_the_local_settings(ray_local):
