@@ -151,7 +151,14 @@ def _check_fits_locally(cfg: RunConfig, in_trial: bool) -> None:
             f"{max(0.05, round((have - TRIAL_DRIVER_CPU) / scaling.num_workers - 0.05, 2)):g})")
 
 
-def _tune_config(sweep: SweepConfig, max_concurrent: int, in_trial: bool) -> tune.TuneConfig:
+def _max_reports(sweep: SweepConfig, first: RunConfig) -> int:
+    """The most reports a trial can make: at most one per optimizer step. ASHA stops any trial that reaches its
+    max_t (Ray's default is 100), so it must be at least this."""
+    steps = sweep.space.get("optim.max_steps")
+    return int(max([first.optim.max_steps, *(steps.probe_values() if steps else [])]))
+
+
+def _tune_config(sweep: SweepConfig, max_concurrent: int, in_trial: bool, max_reports: int) -> tune.TuneConfig:
     search_alg = scheduler = None
     if sweep.search is not None:
         from ray.tune.search.optuna import OptunaSearch  # checked importable in sweep_config
@@ -160,7 +167,7 @@ def _tune_config(sweep: SweepConfig, max_concurrent: int, in_trial: bool) -> tun
     if sweep.scheduler is not None:
         asha = sweep.scheduler.asha
         scheduler = tune.schedulers.ASHAScheduler(time_attr="training_iteration", grace_period=asha.grace_period,
-                                                  reduction_factor=asha.reduction_factor)
+                                                  reduction_factor=asha.reduction_factor, max_t=max_reports)
     needs_metric = search_alg is not None or scheduler is not None
     return tune.TuneConfig(metric=sweep.metric if needs_metric else None, mode=sweep.mode if needs_metric else None,
                            num_samples=sweep.num_samples, search_alg=search_alg, scheduler=scheduler,
@@ -213,7 +220,8 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False)
         tuner = tune.Tuner(
             trainable,
             param_space={key: _domain(domain) for key, domain in sweep.space.items()},
-            tune_config=_tune_config(sweep, _max_concurrent(sweep, first, in_trial), in_trial),
+            tune_config=_tune_config(sweep, _max_concurrent(sweep, first, in_trial), in_trial,
+                                     _max_reports(sweep, first)),
             # In-trial runs have no Ray Train to restart them: Tune does, from the trial's last checkpoint.
             run_config=tune.RunConfig(name=sweep.name, storage_path=str(tune_dir), verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=first.scaling.max_failures)

@@ -97,20 +97,24 @@ def test_search_algorithm_and_scheduler_become_tune_objects(tmp_path):
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from mdpo_ray.sweep import _domain, _tune_config
+    from mdpo_ray.sweep import _domain, _max_reports, _tune_config
 
     path = _write(tmp_path, """
 name: tuned
 space:
   loss.name: {choice: [minor_dpo, dpo]}
   optim.lr: {loguniform: [1.0e-6, 1.0e-4]}
+  optim.max_steps: {choice: [150, 400]}
 num_samples: 6
 metric: rewards/margins
 search: {algorithm: optuna, seed: 3}
 scheduler: {asha: {grace_period: 2}}
 """)
-    sweep, _ = load_sweep(path)
-    tune_config = _tune_config(sweep, max_concurrent=2, in_trial=False)
+    sweep, base = load_sweep(path)
+    # ASHA stops a trial at max_t reports (Ray's default 100): it must cover the longest trial's reports
+    assert _max_reports(sweep, trial_config(base, {"name": "probe"})) == 400
+    tune_config = _tune_config(sweep, max_concurrent=2, in_trial=False, max_reports=400)
+    assert tune_config.scheduler._max_t == 400
     assert isinstance(tune_config.search_alg, OptunaSearch) and isinstance(tune_config.scheduler, ASHAScheduler)
     assert (tune_config.metric, tune_config.mode, tune_config.num_samples) == ("rewards/margins", "max", 6)
     lr = _domain(sweep.space["optim.lr"])
