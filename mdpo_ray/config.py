@@ -123,6 +123,10 @@ class ScalingConfig(_Strict):
     gpus_per_worker: float = Field(1.0, gt=0)  # only read when use_gpu
     mixed_precision: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 params + fp32 reduce on GPUs with native bf16, else fp32
     max_failures: int = Field(0, ge=-1)  # worker-group restarts from the latest checkpoint (-1: unlimited)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How Ray places the run's workers over the cluster's nodes (Ray Train's "
+        "ScalingConfig.placement_strategy, a placement group strategy): PACK fills as few nodes as fit, SPREAD "
+        "puts them on as many nodes as it can, STRICT_* fail to schedule rather than do otherwise")
     activation_checkpointing: bool = False  # recompute each decoder block's activations in backward
     cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: the policy's params, grads and AdamW state live in host memory
 
