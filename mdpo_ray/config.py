@@ -201,6 +201,10 @@ class ScalingConfig(_Strict):
         "The master weights and the export are fp32 either way.")
     max_failures: int = Field(0, ge=-1, description="Worker-group restarts from the latest checkpoint after a "
                               "failure; -1: unlimited.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="How Ray places the run's workers over the cluster's nodes (Ray Train's "
+        "ScalingConfig.placement_strategy, a placement group strategy): PACK fills as few nodes as fit, SPREAD "
+        "puts them on as many nodes as it can, STRICT_* fail to schedule rather than do otherwise.")
     activation_checkpointing: bool = Field(
         False, description="Recompute each decoder block's activations in backward (non-reentrant): a block keeps "
         "only its input between forward and backward.")

@@ -72,7 +72,8 @@ def worker_entry(payload: dict) -> None:
     try:
         with checkpoint.as_directory() if checkpoint else nullcontext() as restore_dir:
             train(cfg, Worker(gpu=_gpu(cfg), report=report,
-                              restore_dir=Path(restore_dir) if restore_dir else None, sink=sink, mlflow_run_id=run_id))
+                              restore_dir=Path(restore_dir) if restore_dir else None, sink=sink, mlflow_run_id=run_id,
+                              node=_node_id()))
     finally:
         sink.close()  # a last flush; what MLflow never got goes to the run dir, even if training failed
 
@@ -83,6 +84,11 @@ def precompute_entry(payload: dict) -> None:
     cfg = RunConfig.model_validate(payload["config"])
     _quiet_report_log()
     precompute_reference(cfg, Worker(gpu=_gpu(cfg)))
+
+
+def _node_id() -> str:
+    """The Ray node this process runs on; "" outside Ray (asking would start a local instance)."""
+    return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
 
 
 def _gpu(cfg: RunConfig) -> int:
@@ -102,7 +108,7 @@ def _scaling(cfg: RunConfig) -> ray.train.ScalingConfig:
     scaling = cfg.scaling
     resources = {"CPU": scaling.cpus_per_worker} | ({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})
     return ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
-                                   resources_per_worker=resources)
+                                   resources_per_worker=resources, placement_strategy=scaling.placement_strategy)
 
 
 def _quiet_report_log() -> None:
@@ -167,7 +173,7 @@ def train_in_process(cfg: RunConfig, *, tags: dict[str, str], report, restore_di
     sink = sinks.sink_for(cfg, run_id, rank0=True)
     succeeded = False
     try:
-        train_loop(cfg, Worker(report=report, restore_dir=restore_dir, sink=sink, mlflow_run_id=run_id))
+        train_loop(cfg, Worker(report=report, restore_dir=restore_dir, sink=sink, mlflow_run_id=run_id, node=_node_id()))
         succeeded = True
     finally:
         sink.close()

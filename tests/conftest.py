@@ -57,12 +57,22 @@ def tiny_task(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture
 def tiny_run_overrides(tiny_task, tmp_path) -> list[str]:
     """--set overrides for a few-step run of the tiny task, writing under tmp_path."""
+    return _tiny_overrides(tiny_task, tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_overrides_under(tiny_task):
+    """tiny_run_overrides writing under a given root: for a fixture wider than one test (a module's cluster)."""
+    return lambda root: _tiny_overrides(tiny_task, root)
+
+
+def _tiny_overrides(tiny_task: dict[str, Path], root: Path) -> list[str]:
     return [
         f"model.name_or_path={tiny_task['model']}",
         f"data.train={tiny_task['train']}",
         f"data.eval={tiny_task['eval']}",
         f"data.generation_eval={tiny_task['problems']}",
-        f"output_dir={tmp_path / 'runs'}",
+        f"output_dir={root / 'runs'}",
         "optim.max_steps=4",
         "optim.batch_size=8",
         "optim.lr=1e-2",

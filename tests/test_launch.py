@@ -162,3 +162,20 @@ def test_a_gpu_worker_trains_on_the_gpu_ray_gave_it(monkeypatch, entry):
         cfg = load_config(None, [f"scaling.use_gpu={use_gpu}", "tracking.mlflow_uri=sqlite:////nonexistent/m.db"])
         getattr(launch, entry)({"config": cfg.model_dump(mode="json"), "mlflow_run_id": None})
         assert seen.pop() == gpu
+
+
+@pytest.mark.parametrize("strategy", ["PACK", "SPREAD", "STRICT_SPREAD"])
+def test_the_placement_strategy_reaches_rays_scaling_config(strategy):
+    from mdpo_ray.config import load_config
+
+    cfg = load_config(None, [f"scaling.placement_strategy={strategy}", "scaling.num_workers=4"])
+    scaling = launch._scaling(cfg)
+    assert (scaling.placement_strategy, scaling.num_workers) == (strategy, 4)
+
+
+def test_the_placement_strategy_defaults_to_rays_and_a_wrong_one_names_the_key():
+    from mdpo_ray.config import ConfigError, load_config
+
+    assert launch._scaling(load_config(None, [])).placement_strategy == "PACK"
+    with pytest.raises(ConfigError, match="scaling.placement_strategy"):
+        load_config(None, ["scaling.placement_strategy=spread_out"])

@@ -277,3 +277,13 @@ def test_a_bf16_mixed_precision_run_trains_evaluates_and_exports_fp32_weights(ti
     before, after = _params(tiny_task["model"]), _params(cfg.run_dir / "export")
     assert all(t.dtype == torch.float32 for t in after.values())  # the fp32 master weights, not bf16 copies
     assert not [k for k in before if torch.equal(before[k], after[k])]
+
+
+def test_each_start_tags_the_node_of_every_rank_and_outside_ray_nothing(capsys):
+    recorder = Recorder()
+    train_loop._record_placement(Worker(sink=recorder, node="f00d"), print)
+    assert recorder.tags == {"mdpo.worker_nodes": "f00d:0"}  # "<node>:<ranks>;...", one rank here
+    assert "1 worker(s) on 1 node(s): f00d:0" in capsys.readouterr().out
+    recorder = Recorder()
+    train_loop._record_placement(Worker(sink=recorder), print)
+    assert recorder.tags == {}

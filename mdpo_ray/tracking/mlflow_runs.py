@@ -31,6 +31,8 @@ TRIAL_TAG = "mdpo.trial_id"
 STOP_REASON_TAG = "mdpo.stop_reason"
 BEST_TRIAL_TAG = "mdpo.best_trial"  # on a sweep's parent run: the best trial's run id
 EXPORT_PATH_TAG, EXPORT_URI_TAG = "mdpo.export_path", "mdpo.export_uri"  # the final export, on rank 0's node
+# Where the latest (re)start of the worker group ran: "<Ray node id>:<ranks>;..." (set again on each restart)
+WORKER_NODES_TAG = "mdpo.worker_nodes"
 OVERRIDE_PREFIX = "override."  # one tag per searched key on each trial run
 # The MLflow 3 UI opens an experiment by its kind: model development shows runs, metric charts and
 # params; an untagged experiment may open on the GenAI pages (traces, evaluations). Values as in the

@@ -166,6 +166,15 @@ def gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts).to(tensor.device)
 
 
+def gather_objects(obj: object) -> list:
+    """Every rank's picklable `obj`, in rank order, on every rank."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks; returns a new tensor on the input's device."""
     if world_size() == 1:

@@ -20,7 +20,7 @@ import torch
 
 from mdpo_ray.config import OptimConfig, RunConfig
 from mdpo_ray.data.pairs import collate_pairs, load_train_eval
-from mdpo_ray.tracking.mlflow_runs import EXPORT_PATH_TAG, EXPORT_URI_TAG, STOP_REASON_TAG
+from mdpo_ray.tracking.mlflow_runs import EXPORT_PATH_TAG, EXPORT_URI_TAG, STOP_REASON_TAG, WORKER_NODES_TAG
 from mdpo_ray.tracking.sinks import MetricSink, NullSink
 from mdpo_ray.training import distributed, evaluate, lora
 from mdpo_ray.training import reference as ref
@@ -42,6 +42,7 @@ class Worker:
     restore_dir: Path | None = None  # latest checkpoint, when resuming
     sink: MetricSink = field(default_factory=NullSink)  # MLflow on rank 0, NullSink elsewhere
     mlflow_run_id: str | None = None  # for the exported model card; None: not tracked
+    node: str = ""  # the Ray node this worker runs on; "" outside Ray
 
 
 class NonFiniteError(RuntimeError):
@@ -93,10 +94,26 @@ def _setup(cfg: RunConfig, worker: Worker):
     return say, device, tokenizer, data, mesh, distributed.mixed_precision(cfg.scaling.mixed_precision, device)
 
 
+def _record_placement(worker: Worker, say) -> None:
+    """Which node each rank runs on, tagged and said on every (re)start: after a lost node the restarted
+    group may sit elsewhere. Ray's own local_rank/node_rank group workers by IP, which several nodes on
+    one machine (or behind one address) share, so the node id is what tells them apart."""
+    nodes = distributed.gather_objects(worker.node)
+    if not any(nodes):
+        return
+    ranks: dict[str, list[str]] = {}
+    for rank, node in enumerate(nodes):
+        ranks.setdefault(node, []).append(str(rank))
+    placement = ";".join(f"{node}:{','.join(r)}" for node, r in ranks.items())
+    worker.sink.tag(WORKER_NODES_TAG, placement)
+    say(f"{len(nodes)} worker(s) on {len(ranks)} node(s): {placement}")
+
+
 def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
     torch.manual_seed(cfg.seed)
     say, device, tokenizer, (train_ds, eval_ds, data_stats), mesh, mp_policy = _setup(cfg, worker)
     rank, world = distributed.rank(), distributed.world_size()
+    _record_placement(worker, say)
     problems = evaluate.load_problems(cfg.data.generation_eval, cfg.eval.max_generation_problems) \
         if cfg.data.generation_eval else []
 
