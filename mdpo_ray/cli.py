@@ -50,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = sys.argv[1:] if argv is None else argv
     try:
         return _sweep_command(args) if args.command in ("sweep", "report") else _run_command(args)
-    except ConfigError as exc:  # a bad config, or one found out once the run starts (MLflow refusing it)
+    except ConfigError as exc:  # a bad config or bad data (a DataError), found here or once the run started
+        # (MLflow refusing the config, a Train worker's DataError)
         print(f"mdpo-ray: {exc}", file=sys.stderr)
         return 2
 
@@ -68,6 +69,7 @@ def _run_command(args: argparse.Namespace) -> int:
     print(planner.preflight(cfg), flush=True)
     from mdpo_ray import launch  # imports Ray; only after the config is known to be good
 
+    launch.check_data(cfg)  # and the data: a DataError is a ConfigError, exit 2 with no run opened
     print(launch.describe(launch.train(cfg)))
     return 0
 

@@ -10,6 +10,7 @@ import os
 import socket
 
 import ray
+from ray.train import TrainingFailedError
 from ray.train.torch import TorchTrainer
 
 from mdpo_ray.config import ConfigError
@@ -69,7 +70,47 @@ def _started_here() -> bool:
     return node is not None and node.is_head()
 
 
-class _LocalTrainer(TorchTrainer):
+class _Trainer(TorchTrainer):
+    """A TorchTrainer whose failure names a bad input that a worker found first."""
+
+    def fit(self):
+        try:
+            return super().fit()
+        except TrainingFailedError as failure:
+            if (error := _user_error(failure)) is None:
+                raise
+            # The workers' tracebacks scroll past in Ray's output; what the user must fix goes first.
+            raise type(error)(f"{error}\n(a Train worker found this: Ray's log of it is above{_logs_dir()})") from failure
+
+
+def _user_error(failure: BaseException) -> ConfigError | None:
+    """The ConfigError (a DataError, say) a Train worker or the controller raised, found through Ray's
+    wrappers: WorkerGroupError.worker_failures, ControllerError.controller_failure, the user exception's
+    wrapper, RayTaskError.cause and the __cause__/__context__ chains."""
+    pending, seen = [failure], set()
+    while pending:
+        error = pending.pop()
+        if not isinstance(error, BaseException) or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, ConfigError):
+            return error
+        pending += [error.__cause__, error.__context__, getattr(error, "controller_failure", None),
+                    getattr(error, "_base_exc", None), getattr(error, "cause", None),
+                    *(getattr(error, "worker_failures", None) or {}).values()]
+    return None
+
+
+def _logs_dir() -> str:
+    try:
+        from ray._private import worker  # internal: the node this driver started or joined
+
+        return f" and in {worker._global_node.get_logs_dir_path()}"
+    except (ImportError, AttributeError):
+        return ""
+
+
+class _LocalTrainer(_Trainer):
     """A TorchTrainer for an instance this process started: without two helper actors that one machine
     does not need. Each is a process whose main thread wakes every 10 ms (Ray's signal check, ~0.007
     cores apiece), taken from the training threads of a CPU run. The placement-group cleaner frees a
@@ -82,7 +123,7 @@ class _LocalTrainer(TorchTrainer):
 
 
 def trainer(*args, **kwargs) -> TorchTrainer:
-    return (_LocalTrainer if _started_here() else TorchTrainer)(*args, **kwargs)
+    return (_LocalTrainer if _started_here() else _Trainer)(*args, **kwargs)
 
 
 def _will_start_instance() -> bool:
@@ -131,6 +172,17 @@ def _is_this_machine(address: str) -> bool:
         return True
     except OSError:
         return False
+
+
+def workers_run_here() -> bool:
+    """Whether the Train workers will run on this machine and see its files: on an instance this process
+    started, or that init_ray will start, rather than on a cluster it joins."""
+    if ray.is_initialized():
+        return _started_here()
+    if _will_start_instance():
+        return True
+    stale = _stale_start_address()  # init_ray starts a local instance in place of this machine's dead head
+    return stale is not None and _is_this_machine(stale)
 
 
 def init_ray(*, use_gpu: bool) -> bool:

@@ -8,6 +8,7 @@ from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mdpo_ray.config import load_config
+from mdpo_ray.data.rows import DataError
 from mdpo_ray.training.train_loop import Worker, train
 
 pytestmark = pytest.mark.slow
@@ -153,8 +154,10 @@ def test_failed_run_is_marked_failed_not_left_running(ray_local, tiny_run_overri
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "Q: 1+1= A:", "chosen": " 2", "rejected": " 2"}\n')  # no usable pair
     cfg = load_config(None, [*tiny_run_overrides, f"data.train={bad}", "name=doomed"])
-    with pytest.raises(Exception, match="chosen identical to rejected"):
+    with pytest.raises(DataError, match="chosen identical to rejected") as raised:  # found by the workers
         launch.train(cfg)
+    assert str(raised.value).startswith(f"{bad}: none of its 1 rows is a usable preference pair")  # the fix first
+    assert "\n(a Train worker found this: Ray's log of it is above" in str(raised.value)
     client = MlflowClient(tracking_uri=cfg.mlflow_uri)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     (run,) = client.search_runs([experiment.experiment_id], "tags.`mdpo.run_name` = 'doomed'")
