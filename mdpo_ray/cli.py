@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         return _sweep_command(args) if args.command in ("sweep", "report") else _run_command(args)
     except ConfigError as exc:  # a bad config or bad data (a DataError), found here or once the run started
         # (MLflow refusing the config, a Train worker's DataError)
+        if (cluster := sys.modules.get("mdpo_ray.cluster")) is not None:
+            cluster.stop_ray()  # Ray prints the log lines it holds back as it stops: before the message, not after
         print(f"mdpo-ray: {exc}", file=sys.stderr)
         return 2
 

@@ -181,3 +181,31 @@ def test_a_workers_data_error_is_raised_as_itself_message_first(monkeypatch, hea
     with pytest.raises(type(other)):
         trainer.fit()
 
+
+def test_fit_restores_the_ctrl_c_handler_that_holds_the_runs_controller(monkeypatch):
+    """TorchTrainer.fit installs a SIGINT handler that closes over the run's controller and never removes
+    it: the controller would then live until the driver exits (and can be left behind by it)."""
+    import signal
+
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    def fit_like_ray(self, fail=False):
+        controller = object()
+        signal.signal(signal.SIGINT, lambda signum, frame: controller)
+        if fail:
+            raise RuntimeError("worker died")
+        return "result"
+
+    mine = lambda signum, frame: None
+    previous = signal.signal(signal.SIGINT, mine)
+    try:
+        trainer = cluster.trainer(lambda: None, scaling_config=ray.train.ScalingConfig(num_workers=1))
+        monkeypatch.setattr(TorchTrainer, "fit", fit_like_ray)
+        assert trainer.fit() == "result" and signal.getsignal(signal.SIGINT) is mine
+        monkeypatch.setattr(TorchTrainer, "fit", lambda self: fit_like_ray(self, fail=True))
+        with pytest.raises(RuntimeError):
+            trainer.fit()
+        assert signal.getsignal(signal.SIGINT) is mine
+    finally:
+        signal.signal(signal.SIGINT, previous)

@@ -1,5 +1,6 @@
 """System tier: a real 2-worker Ray Train FSDP2 run on CPU, its MLflow run, checkpoint, resume and export."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -16,15 +17,13 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
-
     from mdpo_ray import cluster
 
     with pytest.MonkeyPatch.context() as env:
         env.delenv("GLIBC_TUNABLES", raising=False)  # a CPU-only instance's own allocator settings, tested below
         cluster.init_ray(use_gpu=False)
     yield
-    ray.shutdown()
+    cluster.stop_ray()
 
 
 class _Sink:
@@ -50,6 +49,16 @@ def test_two_worker_run_tracks_checkpoints_resumes_and_exports(ray_local, tiny_r
     actors = {a.class_name for a in list_actors(limit=10_000)}
     assert {"TrainController", "RayTrainWorker"} <= actors
     assert not actors & {"PlacementGroupCleaner", "DatasetManager"}
+    # The run's controller ends with the run, while the instance is whole: Ray's Ctrl-C handler, which holds
+    # it, is removed when fit returns (else it lives until this process exits, and can outlive the instance).
+    import ray
+
+    alive = [("class_name", "=", "TrainController"), ("state", "=", "ALIVE"),
+             ("job_id", "=", ray.get_runtime_context().get_job_id())]
+    deadline = time.time() + 60
+    while list_actors(filters=alive) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not list_actors(filters=alive)
 
     client = MlflowClient(tracking_uri=cfg.mlflow_uri)
     run = client.get_run(first.mlflow_run_id)
