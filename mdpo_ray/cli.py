@@ -56,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
         return _docs_command(args)
     try:
         return _sweep_command(args) if args.command in ("sweep", "report") else _run_command(args)
-    except ConfigError as exc:  # a bad config, or one found out once the run starts (MLflow refusing it)
+    except ConfigError as exc:  # a bad config or bad data (a DataError), found here or once the run started
+        # (MLflow refusing the config, a Train worker's DataError)
+        if (cluster := sys.modules.get("mdpo_ray.cluster")) is not None:
+            cluster.stop_ray()  # Ray prints the log lines it holds back as it stops: before the message, not after
         print(f"mdpo-ray: {exc}", file=sys.stderr)
         return 2
 
@@ -87,6 +90,7 @@ def _run_command(args: argparse.Namespace) -> int:
     print(planner.preflight(cfg), flush=True)
     from mdpo_ray import launch  # imports Ray; only after the config is known to be good
 
+    launch.check_data(cfg)  # and the data: a DataError is a ConfigError, exit 2 with no run opened
     print(launch.describe(launch.train(cfg)))
     return 0
 

@@ -1,15 +1,22 @@
 """Which Ray a run uses: the cluster it is submitted to or runs on, or a local instance set up for
-the cores that train (its settings, the Train actors it leaves out, a dead address left behind).
+the cores that train (its settings, the Train actors it leaves out, a dead address left behind), and
+how that instance ends: with every process of it gone.
 
 Part of the Ray boundary with launch.py, which calls `init_ray` and `trainer` for each run.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
+import signal
 import socket
+import threading
+from contextlib import suppress
 
+import psutil
 import ray
+from ray.train import TrainingFailedError
 from ray.train.torch import TorchTrainer
 
 from mdpo_ray.config import ConfigError
@@ -69,7 +76,56 @@ def _started_here() -> bool:
     return node is not None and node.is_head()
 
 
-class _LocalTrainer(TorchTrainer):
+class _Trainer(TorchTrainer):
+    """A TorchTrainer whose fit lets go of its run's controller when it returns, and whose failure names
+    a bad input that a worker found first."""
+
+    def fit(self):
+        previous = signal.getsignal(signal.SIGINT)
+        try:
+            return super().fit()
+        except TrainingFailedError as failure:
+            if (error := _user_error(failure)) is None:
+                raise
+            # The workers' tracebacks scroll past in Ray's output; what the user must fix goes first.
+            raise type(error)(f"{error}\n(a Train worker found this: Ray's log of it is above{_logs_dir()})") from failure
+        finally:
+            # fit leaves its Ctrl-C handler installed, and the handler holds the run's TrainController: the
+            # controller would outlive its run until this process exits, and die then only if Ray's teardown
+            # gets to it before the raylet is gone (one left behind after a sweep). Restored, the handle is
+            # released and Ray ends the controller now, while the instance is whole.
+            if previous is not None and threading.current_thread() is threading.main_thread():
+                signal.signal(signal.SIGINT, previous)
+
+
+def _user_error(failure: BaseException) -> ConfigError | None:
+    """The ConfigError (a DataError, say) a Train worker or the controller raised, found through Ray's
+    wrappers: WorkerGroupError.worker_failures, ControllerError.controller_failure, the user exception's
+    wrapper, RayTaskError.cause and the __cause__/__context__ chains."""
+    pending, seen = [failure], set()
+    while pending:
+        error = pending.pop()
+        if not isinstance(error, BaseException) or id(error) in seen:
+            continue
+        seen.add(id(error))
+        if isinstance(error, ConfigError):
+            return error
+        pending += [error.__cause__, error.__context__, getattr(error, "controller_failure", None),
+                    getattr(error, "_base_exc", None), getattr(error, "cause", None),
+                    *(getattr(error, "worker_failures", None) or {}).values()]
+    return None
+
+
+def _logs_dir() -> str:
+    try:
+        from ray._private import worker  # internal: the node this driver started or joined
+
+        return f" and in {worker._global_node.get_logs_dir_path()}"
+    except (ImportError, AttributeError):
+        return ""
+
+
+class _LocalTrainer(_Trainer):
     """A TorchTrainer for an instance this process started: without two helper actors that one machine
     does not need. Each is a process whose main thread wakes every 10 ms (Ray's signal check, ~0.007
     cores apiece), taken from the training threads of a CPU run. The placement-group cleaner frees a
@@ -82,7 +138,7 @@ class _LocalTrainer(TorchTrainer):
 
 
 def trainer(*args, **kwargs) -> TorchTrainer:
-    return (_LocalTrainer if _started_here() else TorchTrainer)(*args, **kwargs)
+    return (_LocalTrainer if _started_here() else _Trainer)(*args, **kwargs)
 
 
 def _will_start_instance() -> bool:
@@ -133,6 +189,17 @@ def _is_this_machine(address: str) -> bool:
         return False
 
 
+def workers_run_here() -> bool:
+    """Whether the Train workers will run on this machine and see its files: on an instance this process
+    started, or that init_ray will start, rather than on a cluster it joins."""
+    if ray.is_initialized():
+        return _started_here()
+    if _will_start_instance():
+        return True
+    stale = _stale_start_address()  # init_ray starts a local instance in place of this machine's dead head
+    return stale is not None and _is_this_machine(stale)
+
+
 def init_ray(*, use_gpu: bool) -> bool:
     """Joins the cluster inside `ray job submit` or on a node of one; otherwise starts a local instance,
     for a run that trains on GPUs or on CPUs only. True when it started one (its resources are all
@@ -158,4 +225,36 @@ def init_ray(*, use_gpu: bool) -> bool:
     if local and not use_gpu and "GLIBC_TUNABLES" not in os.environ:
         env |= CPU_ALLOCATOR_ENV
     ray.init(address=address, runtime_env={"env_vars": env}, log_to_driver=True)
+    if _started_here():
+        atexit.unregister(stop_ray)
+        atexit.register(stop_ray)  # runs before Ray's own atexit shutdown, registered when ray was imported
     return local
+
+
+def stop_ray(linger_s: float = 10.0) -> None:
+    """ray.shutdown(), and for an instance this process started, wait until every process of it is gone.
+
+    ray.shutdown disconnects this driver and at once stops the raylet and the GCS; it does not wait for
+    the workers. The raylet ends those it still counts as its own, but the actors this driver owned are
+    being ended just then (their owner went), and one of them, a TrainController, was seen to outlive
+    the instance. So the raylet's processes are noted before the shutdown and waited for after it; one
+    still there after `linger_s` is killed."""
+    processes = []
+    if ray.is_initialized() and _started_here() and (raylet := _raylet_pid()) is not None:
+        with suppress(psutil.Error):
+            processes = psutil.Process(raylet).children(recursive=True)
+    ray.shutdown()
+    _, lingering = psutil.wait_procs(processes, timeout=linger_s)
+    for process in lingering:
+        with suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(lingering, timeout=linger_s)
+
+
+def _raylet_pid() -> int | None:
+    try:
+        from ray._private import ray_constants, worker  # internal: the processes ray.init started
+
+        return worker._global_node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid
+    except (ImportError, AttributeError, KeyError, IndexError):
+        return None

@@ -189,11 +189,16 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False)
     # Build the built-in task once here (trials would wait on its lock) and, if no trial changes the
     # reference, its log-probs once for all trials.
     in_trial = _in_trial(sweep, first)
+    references = _reference_configs(sweep, base, shared)
+    checked = set()
+    for cfg in (first, *references):  # each trial's data, read once before MLflow, Ray or Tune is asked for anything
+        if (data := repr((cfg.data, cfg.model.tokenizer or cfg.model.name_or_path))) not in checked:
+            checked.add(data)
+            launch.check_data(cfg)
     mlflow_runs.require_reachable(first, "a sweep records its trials there and its report reads them back; nothing "
                                       "has started")
     if cluster.init_ray(use_gpu=first.scaling.use_gpu):
         _check_fits_locally(first, in_trial)
-    references = _reference_configs(sweep, base, shared)
     for cfg in references:  # every kind of built-in data the grid names, each built once, here
         launch.resolve_builtin(cfg)
     first = launch.resolve_builtin(first)

@@ -83,3 +83,39 @@ def _tiny_overrides(tiny_task: dict[str, Path], root: Path) -> list[str]:
         "eval.max_new_tokens=8",
         "eval.batch_size=8",
     ]
+
+
+class OwnRay:
+    """The environment for a subprocess that starts a local Ray instance of its own, and the processes of
+    that instance still alive. Ray's processes inherit the driver's environment, so a mark in it finds
+    them all, orphans included, and none of another instance on the same machine. RAY_TMPDIR keeps the
+    subprocess from joining a cluster that a `ray start` elsewhere on this machine left in /tmp/ray."""
+
+    MARK = "MDPO_TEST_RAY_INSTANCE"
+
+    def __init__(self, name: str, tmp: str):
+        self.mark = f"{name}-{os.getpid()}-{id(self)}"
+        self.env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {self.MARK: self.mark,
+                                                                                   "RAY_TMPDIR": tmp}
+
+    def processes(self) -> list[str]:
+        import psutil
+
+        found = []
+        for process in psutil.process_iter(["pid", "cmdline", "status"]):
+            try:
+                if process.info["status"] != psutil.STATUS_ZOMBIE and process.environ().get(self.MARK) == self.mark:
+                    found.append(f"{process.pid} {' '.join(process.info['cmdline'] or [])[:100]}")
+            except psutil.Error:  # gone meanwhile, or not ours to read
+                continue
+        return found
+
+
+@pytest.fixture
+def own_ray(request):
+    import shutil
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix="ray")  # short: Ray's socket paths under it must fit in 107 bytes
+    yield OwnRay(request.node.name, tmp)
+    shutil.rmtree(tmp, ignore_errors=True)

@@ -158,7 +158,7 @@ def fake_launch(monkeypatch, capsys):
         seen["printed_before_launch"] = capsys.readouterr().out
         return "summary"
 
-    fake = types.SimpleNamespace(train=train, describe=lambda summary: "launched")
+    fake = types.SimpleNamespace(check_data=lambda cfg: None, train=train, describe=lambda summary: "launched")
     monkeypatch.setitem(sys.modules, "mdpo_ray.launch", fake)
     monkeypatch.setattr(mdpo_ray, "launch", fake, raising=False)
     return seen

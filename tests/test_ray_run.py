@@ -1,5 +1,6 @@
 """System tier: a real 2-worker Ray Train FSDP2 run on CPU, its MLflow run, checkpoint, resume and export."""
 
+import time
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mdpo_ray.config import load_config
+from mdpo_ray.data.rows import DataError
 from mdpo_ray.training.train_loop import Worker, train
 
 pytestmark = pytest.mark.slow
@@ -15,15 +17,13 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def ray_local():
-    import ray
-
     from mdpo_ray import cluster
 
     with pytest.MonkeyPatch.context() as env:
         env.delenv("GLIBC_TUNABLES", raising=False)  # a CPU-only instance's own allocator settings, tested below
         cluster.init_ray(use_gpu=False)
     yield
-    ray.shutdown()
+    cluster.stop_ray()
 
 
 class _Sink:
@@ -49,6 +49,16 @@ def test_two_worker_run_tracks_checkpoints_resumes_and_exports(ray_local, tiny_r
     actors = {a.class_name for a in list_actors(limit=10_000)}
     assert {"TrainController", "RayTrainWorker"} <= actors
     assert not actors & {"PlacementGroupCleaner", "DatasetManager"}
+    # The run's controller ends with the run, while the instance is whole: Ray's Ctrl-C handler, which holds
+    # it, is removed when fit returns (else it lives until this process exits, and can outlive the instance).
+    import ray
+
+    alive = [("class_name", "=", "TrainController"), ("state", "=", "ALIVE"),
+             ("job_id", "=", ray.get_runtime_context().get_job_id())]
+    deadline = time.time() + 60
+    while list_actors(filters=alive) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not list_actors(filters=alive)
 
     client = MlflowClient(tracking_uri=cfg.mlflow_uri)
     run = client.get_run(first.mlflow_run_id)
@@ -159,8 +169,10 @@ def test_failed_run_is_marked_failed_not_left_running(ray_local, tiny_run_overri
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "Q: 1+1= A:", "chosen": " 2", "rejected": " 2"}\n')  # no usable pair
     cfg = load_config(None, [*tiny_run_overrides, f"data.train={bad}", "name=doomed"])
-    with pytest.raises(Exception, match="chosen identical to rejected"):
+    with pytest.raises(DataError, match="chosen identical to rejected") as raised:  # found by the workers
         launch.train(cfg)
+    assert str(raised.value).startswith(f"{bad}: none of its 1 rows is a usable preference pair")  # the fix first
+    assert "\n(a Train worker found this: Ray's log of it is above" in str(raised.value)
     client = MlflowClient(tracking_uri=cfg.mlflow_uri)
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     (run,) = client.search_runs([experiment.experiment_id], "tags.`mdpo.run_name` = 'doomed'")

@@ -1,7 +1,7 @@
 """System tier: a sweep whose driver is interrupted, then resumed, once with 2-worker Ray Train trials
 and once with 1-worker trials that train inside their Tune trial process (launch.train_in_process),
-which Tune itself restores from the trial's last checkpoint.
-(The grid-into-MLflow-and-report smoke test is tests/test_evidence.py.)"""
+which Tune itself restores from the trial's last checkpoint. Neither driver leaves a process of its local Ray
+instance behind. (The grid-into-MLflow-and-report smoke test is tests/test_evidence.py.)"""
 
 import os
 import signal
@@ -37,7 +37,7 @@ def _children(cfg, parent_id):
 
 
 @pytest.mark.parametrize("workers", [2, 1], ids=["ray_train", "in_trial"])
-def test_interrupted_sweep_resumes_keeping_finished_trials(tiny_run_overrides, tmp_path, workers):
+def test_interrupted_sweep_resumes_keeping_finished_trials(tiny_run_overrides, tmp_path, workers, own_ray):
     path = tmp_path / "resumable.yaml"
     cpus = 0.9 if workers == 2 else 1.5  # 2 trials, one at a time on 2 CPUs
     path.write_text(SWEEP.format(name="resumable").replace("cpus_per_worker: 0.45", f"cpus_per_worker: {cpus}")
@@ -53,7 +53,7 @@ def test_interrupted_sweep_resumes_keeping_finished_trials(tiny_run_overrides, t
     cfg = trial_config(base, shared_run_keys(sweep, base) | {"name": "x"})
     assert _in_trial(sweep, cfg) == (workers == 1)
     log = (tmp_path / "driver.log").open("w")  # a file, not a pipe: an unread pipe would block the driver
-    driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    driver = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=own_ray.env)
     try:
         finished = _wait_for_finished_child(cfg, timeout=240)
         # The second trial's second checkpoint (Ray Train's run dir, or Tune's trial dir for an in-trial run):
@@ -64,12 +64,14 @@ def test_interrupted_sweep_resumes_keeping_finished_trials(tiny_run_overrides, t
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
+    assert own_ray.processes() == []  # nothing of the interrupted sweep's Ray instance is left behind
     finished_history = _loss_steps(cfg, finished)
 
     with (tmp_path / "resumed.log").open("w") as resumed_log:
         resumed = subprocess.run([*command, "--resume"], stdout=resumed_log, stderr=subprocess.STDOUT, timeout=400,
-                                 check=False)
+                                 check=False, env=own_ray.env)
     assert resumed.returncode == 0, (tmp_path / "resumed.log").read_text()[-4000:]
+    assert own_ray.processes() == []  # nor of the finished one's
     _, children = _children(cfg, _parent_id(cfg, "resumable"))
     assert len(children) == 2 and {c.info.status for c in children} == {"FINISHED"}  # no duplicate runs
     assert _loss_steps(cfg, finished) == finished_history  # the finished trial was not run again

@@ -27,7 +27,7 @@ import torch
 from mdpo_ray.config import DataConfig
 from mdpo_ray.data.rows import TEXT_COLUMNS, DataError, column_values, read_pair_texts, read_rows
 
-__all__ = ["DataError", "DataStats", "collate_pairs", "load_pairs", "load_train_eval", "read_rows"]
+__all__ = ["DataError", "DataStats", "collate_pairs", "load_pairs", "load_train_eval", "read_pairs", "read_rows"]
 
 
 @dataclass
@@ -106,16 +106,19 @@ def _unflagged(flags: list) -> list[bool]:
     return [not flag for flag in flags]
 
 
-def load_pairs(
-    source: str, *, split: str, tokenizer, max_length: int, format: str = "auto", on_bad_rows: str = "drop"
-) -> tuple[datasets.Dataset, DataStats]:
-    """Pairs with columns row, prompt_input_ids, chosen_input_ids, rejected_input_ids, and their DataStats."""
+def read_pairs(
+    source: str, *, split: str, tokenizer, format: str = "auto", on_bad_rows: str = "drop"
+) -> tuple[datasets.Dataset, DataStats, str]:
+    """The usable pair texts of `source` (bad rows dropped), their DataStats so far and the format read:
+    everything load_pairs decides before tokenizing. The driver runs it before Ray starts
+    (mdpo_ray.launch.check_data); `datasets` caches the reading and the row pass, so the workers on the
+    same machine read the cache rather than the source again."""
     if on_bad_rows not in ("drop", "error"):
         raise DataError(f"on_bad_rows must be 'drop' or 'error', got {on_bad_rows!r}")
     if tokenizer.eos_token_id is None:
         raise DataError("the tokenizer has no eos_token; completions end with EOS so the model learns to stop: set one")
     texts, fmt = read_pair_texts(source, split=split, tokenizer=tokenizer, format=format)
-    stats = DataStats(source=source, n_rows=len(texts), n_kept=0, max_length=max_length)
+    stats = DataStats(source=source, n_rows=len(texts), n_kept=0)
     for row, reason in zip(column_values(texts, "row"), column_values(texts, "bad_reason"), strict=True):
         if reason:
             stats.bad_rows.setdefault(reason, []).append(row)
@@ -129,6 +132,16 @@ def load_pairs(
         raise DataError(_nothing_left(stats, fmt))
     if stats.bad_rows:
         texts = texts.filter(_unflagged, input_columns="bad_reason", batched=True)
+    stats.n_kept = len(texts)
+    return texts, stats, fmt
+
+
+def load_pairs(
+    source: str, *, split: str, tokenizer, max_length: int, format: str = "auto", on_bad_rows: str = "drop"
+) -> tuple[datasets.Dataset, DataStats]:
+    """Pairs with columns row, prompt_input_ids, chosen_input_ids, rejected_input_ids, and their DataStats."""
+    texts, stats, fmt = read_pairs(source, split=split, tokenizer=tokenizer, format=format, on_bad_rows=on_bad_rows)
+    stats.max_length = max_length
     tokenize = dict(tokenizer=tokenizer, max_length=max_length)
     tokens = texts.map(_tokenize_batch, batched=True, fn_kwargs=tokenize, remove_columns=TEXT_COLUMNS)
     stats.n_prompt_too_long = sum(column_values(tokens, "prompt_too_long"))

@@ -29,13 +29,16 @@ from typing import Any
 
 import datasets
 
+from mdpo_ray.config import ConfigError
+
 _FILE_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "name" or "org/name"
 TEXT_COLUMNS = ["prompt_text", "chosen_text", "rejected_text", "bad_reason"]
 
 
-class DataError(ValueError):
-    """Data the user must fix; the message names the file, the rows and the fix."""
+class DataError(ConfigError):
+    """Data the user must fix; the message names the file, the rows and the fix. A ConfigError: the command
+    exits 2 with the message alone, whether the driver found it or a Train worker did."""
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -55,16 +58,29 @@ def read_rows(source: str, split: str) -> datasets.Dataset:
         try:
             return datasets.load_dataset(loader, data_files=str(path), split="train")
         except Exception as exc:
-            raise DataError(f"could not read {path}: {_loader_detail(path, exc)}") from exc
+            if bad_line := _bad_jsonl_line(path):  # the parser's chain adds only noise to a Ray worker's traceback
+                raise DataError(f"could not read {path}: {bad_line}") from None
+            cause = exc.__cause__ or exc  # datasets wraps the parser error in DatasetGenerationError
+            raise DataError(f"could not read {path}: {type(cause).__name__}: {cause}") from exc
     if _looks_like_path(source):  # a typo in a path should not turn into a confusing hub lookup
         raise DataError(f"data file not found: {source} (looked for {path.resolve()}); check data.train / data.eval")
     try:
         return datasets.load_dataset(source, split=split)
     except Exception as exc:
-        raise DataError(
-            f"could not load {source!r} (split {split!r}): there is no such local file or directory "
-            f"({path.resolve()}) and loading it from the Hugging Face Hub failed: {exc}"
-        ) from exc
+        raise hub_error(source, split, exc) from exc
+
+
+def is_hub_name(source: str) -> bool:
+    """Whether `source` is read from the Hugging Face Hub: no such local file or directory, and not a path."""
+    return not Path(source).expanduser().exists() and not _looks_like_path(source)
+
+
+def hub_error(source: str, split: str, exc: Exception) -> DataError:
+    """A hub dataset that does not load, said with where a local path was looked for too."""
+    return DataError(
+        f"could not load {source!r} (split {split!r}): there is no such local file or directory "
+        f"({Path(source).expanduser().resolve()}) and loading it from the Hugging Face Hub failed: {exc}"
+    )
 
 
 def _read_directory(path: Path, split: str) -> datasets.Dataset:
@@ -85,18 +101,18 @@ def _read_directory(path: Path, split: str) -> datasets.Dataset:
     return loaded
 
 
-def _loader_detail(path: Path, exc: Exception) -> str:
-    """Name the offending line of a JSONL file; the parser's own message says only 'row N' of a block."""
-    if path.suffix.lower() == ".jsonl":
-        with path.open(encoding="utf-8", errors="replace") as lines:
-            for number, line in enumerate(lines, start=1):
-                try:
-                    if line.strip():
-                        json.loads(line)
-                except json.JSONDecodeError as err:
-                    return f"line {number} is not valid JSON ({err.msg}, column {err.colno}); fix or delete that line"
-    cause = exc.__cause__ or exc  # datasets wraps the parser error in DatasetGenerationError
-    return f"{type(cause).__name__}: {cause}"
+def _bad_jsonl_line(path: Path) -> str | None:
+    """The offending line of a JSONL file, said with its fix; the parser's own message says only 'row N' of a block."""
+    if path.suffix.lower() != ".jsonl":
+        return None
+    with path.open(encoding="utf-8", errors="replace") as lines:
+        for number, line in enumerate(lines, start=1):
+            try:
+                if line.strip():
+                    json.loads(line)
+            except json.JSONDecodeError as err:
+                return f"line {number} is not valid JSON ({err.msg}, column {err.colno}); fix or delete that line"
+    return None
 
 
 def _looks_like_path(source: str) -> bool:
@@ -124,29 +140,34 @@ def _first_value(rows: datasets.Dataset, column: str) -> Any:
     return next((value for value in values if isinstance(value, (str, list))), None)
 
 
-def _resolve_format(rows: datasets.Dataset, source: str, requested: str) -> str:
-    names = rows.column_names
+def check_columns(names: list[str], source: str, requested: str) -> None:
+    """What the column names alone tell about a source read as data.format=`requested`."""
     for column in ("chosen", "rejected"):
         if column not in names:
             raise DataError(
                 f"{source}: no {column!r} column (found {names}); a preference pair needs 'chosen' and 'rejected', "
                 f"and 'prompt' unless the prompt is their shared beginning"
             )
-    if requested == "auto":
-        chosen = _first_value(rows, "chosen")
-        if chosen is None:
-            raise DataError(f"{source}: no row has a string or a message list in 'chosen'; cannot detect the format")
-        if isinstance(chosen, list):
-            return "conversational"
-        return "standard" if "prompt" in names else "implicit"
-    if requested not in ("standard", "implicit", "conversational"):
+    if requested not in ("auto", "standard", "implicit", "conversational"):
         raise DataError(f"unknown data format {requested!r}; use auto, standard, conversational or implicit")
     if requested == "standard" and "prompt" not in names:
         raise DataError(
             f"{source}: data.format=standard needs a 'prompt' column (found {names}); use data.format=implicit "
             f"when the prompt is the shared beginning of chosen and rejected"
         )
-    return requested
+
+
+def _resolve_format(rows: datasets.Dataset, source: str, requested: str) -> str:
+    names = rows.column_names
+    check_columns(names, source, requested)
+    if requested != "auto":
+        return requested
+    chosen = _first_value(rows, "chosen")
+    if chosen is None:
+        raise DataError(f"{source}: no row has a string or a message list in 'chosen'; cannot detect the format")
+    if isinstance(chosen, list):
+        return "conversational"
+    return "standard" if "prompt" in names else "implicit"
 
 
 def _text(row: dict, key: str) -> str:
@@ -240,13 +261,18 @@ def _extract_row(row: dict, index: int, *, fmt, prompt_is_messages, prompt_gets_
 # ---------------------------------------------------------------------------------------- entry point
 
 
-def read_pair_texts(source: str, *, split: str, tokenizer, format: str) -> tuple[datasets.Dataset, str]:
-    """One row per source row, with columns row and TEXT_COLUMNS (empty texts and a reason for a bad row),
-    and the format the rows were read as."""
+def read_rows_as(source: str, *, split: str, format: str) -> tuple[datasets.Dataset, str]:
+    """The raw rows of `source` and the format they are read as: what needs no tokenizer."""
     rows = read_rows(source, split)
     if len(rows) == 0:
         raise DataError(f"{source}: no rows")
-    fmt = _resolve_format(rows, source, format)
+    return rows, _resolve_format(rows, source, format)
+
+
+def read_pair_texts(source: str, *, split: str, tokenizer, format: str) -> tuple[datasets.Dataset, str]:
+    """One row per source row, with columns row and TEXT_COLUMNS (empty texts and a reason for a bad row),
+    and the format the rows were read as."""
+    rows, fmt = read_rows_as(source, split=split, format=format)
     if fmt == "conversational" and not tokenizer.chat_template:
         raise DataError(
             f"{source} holds conversations but the tokenizer has no chat template (base models often have none): "

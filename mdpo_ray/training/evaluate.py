@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mdpo_ray.config import EvalConfig, LossConfig, RunConfig
-from mdpo_ray.data.pairs import collate_pairs
+from mdpo_ray.data.pairs import DataError, collate_pairs
 from mdpo_ray.task.generation import greedy_answer_accuracy
 from mdpo_ray.training import distributed
 from mdpo_ray.training.logps import concatenated_logps, device_batch
@@ -47,10 +47,21 @@ def eval_pairs(policy: nn.Module, reference, dataset, *, loss_cfg: LossConfig, e
 
 
 def load_problems(path: str, limit: int | None) -> list[dict]:
-    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
-    for number, row in enumerate(rows):
-        if not isinstance(row.get("prompt"), str) or "answer" not in row:
-            raise ValueError(f"{path}: row {number} needs a string 'prompt' and an 'answer' (e.g. 42)")
+    """The {prompt, answer} rows of data.generation_eval (a DataError names the line to fix)."""
+    if not Path(path).is_file():
+        raise DataError(f"data.generation_eval file not found: {path}")
+    rows = []
+    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: line {number} is not valid JSON ({err.msg}, column {err.colno}); fix or "
+                            "delete that line") from None
+        if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or "answer" not in row:
+            raise DataError(f"{path}: line {number} needs a string 'prompt' and an 'answer' (e.g. 42)")
+        rows.append(row)
     return rows[:limit] if limit else rows
 
 
