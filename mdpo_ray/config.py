@@ -324,7 +324,8 @@ def check_storage_outlives_job(cfg: RunConfig) -> None:
             f"{' and '.join(inside)} would be inside Ray's copy of this job's working directory "
             f"({RAY_RUNTIME_RESOURCES}/...), which Ray deletes; a re-submitted job would not find the checkpoints, "
             "the export or the runs. Nothing has started. Set output_dir to an absolute path every node can reach "
-            "(--set output_dir=/mnt/shared/mdpo_runs) and tracking.mlflow_uri to an MLflow server "
+            "(--set output_dir=/mnt/shared/mdpo_runs) or to object storage (--set output_dir=s3://bucket/prefix), "
+            "and tracking.mlflow_uri to an MLflow server "
             "(--set tracking.mlflow_uri=http://<head>:5000)")
 
 

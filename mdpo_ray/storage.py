@@ -163,6 +163,7 @@ def download_dir(location: str, local_dir: Path) -> None:
     import pyarrow.fs
 
     fs, path = _fs(location)
+    local_dir.mkdir(parents=True, exist_ok=True)
     pyarrow.fs.copy_files(path, str(local_dir), source_filesystem=fs,
                           destination_filesystem=pyarrow.fs.LocalFileSystem())
 

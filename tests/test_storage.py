@@ -164,3 +164,137 @@ def test_a_sweep_on_object_storage_keeps_its_trials_and_report_there():
     sweep = SweepConfig.model_validate({"name": "grid", "space": {"loss.beta": {"grid": [0.1, 0.2]}}})
     base = {"output_dir": "s3://bucket/runs", "tracking": {"mlflow_uri": "http://mlflow.internal:5000"}}
     assert sweeps.shared_run_keys(sweep, base)["output_dir"] == "s3://bucket/runs/grid"
+
+
+# --- a local output_dir the nodes do not share ---------------------------------------------------------
+
+# Rank argv[1] of 2 gloo ranks, argv[3] its overrides (JSON). The two ranks stand for two nodes, each with
+# its own local disk: the same output_dir path names a different directory on each, here root/node<rank>.
+_TWO_NODES = r"""
+import json, sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+from mdpo_ray.config import load_config
+from mdpo_ray.training import distributed
+from mdpo_ray.training.train_loop import Worker, train
+
+rank, root, overrides = int(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
+dist.init_process_group("gloo", store=dist.FileStore(str(root / "store"), 2), rank=rank, world_size=2)
+distributed.check_shared_directory(root / "shared", key="output_dir")  # one directory for both: passes
+out = {"left_in_shared": sorted(p.name for p in (root / "shared").iterdir())}
+try:
+    train(load_config(None, [*overrides, f"output_dir={root / f'node{rank}'}"]), Worker())
+except Exception as error:
+    out |= {"error": type(error).__name__, "message": str(error)}
+print("OUT" + json.dumps(out))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_a_local_output_dir_the_nodes_do_not_share_stops_every_rank_before_anything_is_written(
+        tiny_run_overrides, tmp_path):
+    overrides = json.dumps([*tiny_run_overrides, "scaling.num_workers=2"])
+    procs = [subprocess.Popen([sys.executable, "-c", _TWO_NODES, str(rank), str(tmp_path), overrides],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
+    outs = [proc.communicate(timeout=300) for proc in procs]
+    assert all(proc.returncode == 0 for proc in procs), [err[-3000:] for _, err in outs]
+    results = [json.loads(stdout.split("OUT", 1)[1]) for stdout, _ in outs]
+    assert [r["left_in_shared"] for r in results] == [[], []]  # the shared case passed and left no marker
+    for rank, result in enumerate(results):
+        assert result["error"] == "StorageNotSharedError", result
+        message = result["message"]
+        assert f"output_dir ({tmp_path / f'node{rank}'}) is not shared" in message
+        assert "rank(s) 1 of 2 cannot see" in message and f"this is rank {rank}" in message
+        assert "shared filesystem path" in message and "s3://bucket/prefix" in message
+    assert list((tmp_path / "node0").iterdir()) == []  # rank 0 made the directory; its marker is gone
+    assert not (tmp_path / "node1").exists()  # the other node's disk was never written
+
+
+# --- through Ray ---------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ray_with_s3(s3):
+    """A local Ray instance started after the AWS settings are set, so its workers inherit them (on a
+    cluster: the nodes' instance profile, or the job's runtime_env env_vars)."""
+    import ray
+
+    from mdpo_ray import cluster
+
+    ray.shutdown()
+    cluster.init_ray(use_gpu=False)
+    yield s3
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_a_run_into_object_storage_checkpoints_exports_and_resumes_from_there(ray_with_s3, tiny_run_overrides,
+                                                                               tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+    from transformers import AutoModelForCausalLM
+
+    from mdpo_ray import launch
+
+    s3 = ray_with_s3
+    monkeypatch.chdir(tmp_path)  # a URI taken for a relative path would land here
+    overrides = [*tiny_run_overrides, f"output_dir=s3://{BUCKET}/runs", f"tracking.mlflow_uri=sqlite:///{tmp_path}/mlflow.db",
+                 "name=s3-run", "scaling.num_workers=2", "reference=precompute", "optim.max_steps=2",
+                 "checkpoint.every_steps=2"]
+    cfg = load_config(None, overrides)
+    check_storage_outlives_job(cfg)
+    first = launch.train(cfg)
+    run = f"runs/{cfg.name}"
+    assert first.checkpoint == f"s3://{BUCKET}/{run}/checkpoint_000002"
+    assert first.export_dir == f"s3://{BUCKET}/{run}/export"
+    keys = _keys(s3, "runs/")
+    assert {f"{run}/checkpoint_000002/{f}" for f in (".metadata", "__0_0.distcp", "__1_0.distcp",
+                                                      "trainer_state.json")} <= set(keys)
+    assert {f"{run}/export/{f}" for f in ("config.json", "model.safetensors", "tokenizer.json")} <= set(keys)
+    cached = [k for k in keys if k.startswith("runs/reference_logps/")]
+    assert len(cached) == 3, keys  # train and eval tables, and the step-0 greedy answers
+
+    # Same name, more steps: Ray finds the checkpoint in the bucket, and the run goes on from step 2.
+    longer = launch.train(load_config(None, [*overrides, "optim.max_steps=4"]))
+    client = MlflowClient(tracking_uri=cfg.mlflow_uri)
+    assert longer.mlflow_run_id == first.mlflow_run_id
+    assert [m.step for m in client.get_metric_history(longer.mlflow_run_id, "loss")] == [0, 1, 2, 3, 4]
+    tags = client.get_run(longer.mlflow_run_id).data.tags
+    assert tags["mdpo.reference_cache"] == "reused,reused" and tags["mdpo.export_uri"] == longer.export_dir
+    assert longer.checkpoint == f"s3://{BUCKET}/{run}/checkpoint_000004"
+    assert f"{run}/checkpoint_000004/.metadata" in _keys(s3, run)
+    assert str(longer.export_dir) in launch.describe(longer)
+
+    storage.download_dir(longer.export_dir, tmp_path / "export")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "export")
+    assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+    assert not _colon_dirs(tmp_path, Path.cwd(), Path(__file__).parents[1] / "mdpo_runs")
+
+
+@pytest.mark.slow
+def test_under_ray_train_a_non_shared_output_dir_ends_the_run_at_once_as_a_config_error(ray_with_s3, tmp_path):
+    """Two Train workers given different directories (two nodes' own disks): every rank fails the check,
+    Ray does not restart the workers though max_failures allows it, and the driver gets the ConfigError."""
+    import ray.train
+
+    from mdpo_ray import cluster, launch
+
+    attempts = tmp_path / "attempts"
+    attempts.mkdir()
+
+    def check(config):
+        from mdpo_ray.training import distributed
+
+        rank = ray.train.get_context().get_world_rank()
+        (attempts / f"{rank}-{os.getpid()}").touch()
+        distributed.check_shared_directory(Path(config["root"]) / f"node{rank}", key="output_dir", wait_s=0.5)
+
+    trainer = cluster.trainer(
+        check, train_loop_config={"root": str(tmp_path)}, scaling_config=ray.train.ScalingConfig(num_workers=2),
+        run_config=ray.train.RunConfig(name="not-shared", storage_path=str(tmp_path / "ray"),
+                                       failure_config=ray.train.FailureConfig(max_failures=3),
+                                       callbacks=[launch._StopOnConfigError()]))
+    with pytest.raises(ConfigError, match=r"is not shared by the nodes of this run.*s3://bucket/prefix"):
+        launch._fit(trainer)
+    assert len(list(attempts.iterdir())) == 2  # one attempt of two workers: not retried
