@@ -277,6 +277,8 @@ def _absolute(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     """Resolve relative local paths against `base` so that every Ray worker reads the same files."""
     out = dict(raw)
     output_dir = out.get("output_dir", "mdpo_runs")
+    if isinstance(output_dir, os.PathLike):
+        output_dir = out["output_dir"] = os.fspath(output_dir)
     if isinstance(output_dir, str) and not storage.looks_like_uri(output_dir):  # a URI is checked by the schema
         out["output_dir"] = str((base / os.path.expanduser(output_dir)).resolve())
     for section, keys in (("data", ("train", "eval", "generation_eval")), ("model", ("name_or_path", "tokenizer"))):

@@ -225,6 +225,7 @@ def describe(summary: RunSummary) -> str:
     run = f"run {summary.mlflow_run_id}" if summary.mlflow_run_id else "unreachable: this run was not tracked"
     adapter = cfg.model.lora.r and cfg.export.lora == "adapter"
     load = f"PeftModel.from_pretrained over {cfg.model.name_or_path}" if adapter else "AutoModelForCausalLM.from_pretrained"
+    load = f"download it, then {load}" if storage.is_remote(str(summary.export_dir)) else load
     lines += [f"  MLflow store:   {sinks.shown_uri(cfg.mlflow_uri)} ({run})",
               f"  MLflow UI:      {mlflow_runs.ui_command(cfg)}",
               f"  checkpoints:    {summary.checkpoint or cfg.run_location}",

@@ -53,7 +53,11 @@ def s3():
         client.create_bucket(Bucket=BUCKET)
         yield client
     server.terminate()
-    server.wait(timeout=30)
+    try:
+        server.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        server.wait()
 
 
 def _keys(client, prefix: str = "") -> list[str]:
@@ -157,60 +161,37 @@ def test_metrics_mlflow_never_got_are_kept_beside_a_run_on_object_storage(s3):
     assert [row["step"] for row in rows] == [1, 2]
 
 
-def test_a_sweep_on_object_storage_keeps_its_trials_and_report_there():
+def test_a_sweep_on_object_storage_keeps_its_trials_and_report_there(s3, tmp_path):
+    """Every trial's output_dir (so its run dir and the shared reference_logps/) is under the sweep's prefix,
+    and the report is written locally, then uploaded there."""
+    from mlflow.tracking import MlflowClient
+
     from mdpo_ray import sweep as sweeps
-    from mdpo_ray.sweep_config import SweepConfig
+    from mdpo_ray.sweep_config import SweepConfig, trial_config
 
-    sweep = SweepConfig.model_validate({"name": "grid", "space": {"loss.beta": {"grid": [0.1, 0.2]}}})
-    base = {"output_dir": "s3://bucket/runs", "tracking": {"mlflow_uri": "http://mlflow.internal:5000"}}
-    assert sweeps.shared_run_keys(sweep, base)["output_dir"] == "s3://bucket/runs/grid"
+    sweep = SweepConfig.model_validate({"name": "grid", "space": {"loss.beta": {"grid": [0.1, 0.2]}},
+                                        "metric": "eval/rewards/accuracies"})
+    base = {"output_dir": f"s3://{BUCKET}/runs", "tracking": {"mlflow_uri": f"sqlite:///{tmp_path}/mlflow.db"}}
+    shared = sweeps.shared_run_keys(sweep, base)
+    assert shared["output_dir"] == f"s3://{BUCKET}/runs/grid"
+    cfg = trial_config(base, shared | {"name": "grid-t0"})
+    assert cfg.run_location == f"s3://{BUCKET}/runs/grid/grid-t0"
 
-
-# --- a local output_dir the nodes do not share ---------------------------------------------------------
-
-# Rank argv[1] of 2 gloo ranks, argv[3] its overrides (JSON). The two ranks stand for two nodes, each with
-# its own local disk: the same output_dir path names a different directory on each, here root/node<rank>.
-_TWO_NODES = r"""
-import json, sys
-from pathlib import Path
-
-import torch.distributed as dist
-
-from mdpo_ray.config import load_config
-from mdpo_ray.training import distributed
-from mdpo_ray.training.train_loop import Worker, train
-
-rank, root, overrides = int(sys.argv[1]), Path(sys.argv[2]), json.loads(sys.argv[3])
-dist.init_process_group("gloo", store=dist.FileStore(str(root / "store"), 2), rank=rank, world_size=2)
-distributed.check_shared_directory(root / "shared", key="output_dir")  # one directory for both: passes
-out = {"left_in_shared": sorted(p.name for p in (root / "shared").iterdir())}
-try:
-    train(load_config(None, [*overrides, f"output_dir={root / f'node{rank}'}"]), Worker())
-except Exception as error:
-    out |= {"error": type(error).__name__, "message": str(error)}
-print("OUT" + json.dumps(out))
-dist.destroy_process_group()
-"""
-
-
-@pytest.mark.slow
-def test_a_local_output_dir_the_nodes_do_not_share_stops_every_rank_before_anything_is_written(
-        tiny_run_overrides, tmp_path):
-    overrides = json.dumps([*tiny_run_overrides, "scaling.num_workers=2"])
-    procs = [subprocess.Popen([sys.executable, "-c", _TWO_NODES, str(rank), str(tmp_path), overrides],
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in range(2)]
-    outs = [proc.communicate(timeout=300) for proc in procs]
-    assert all(proc.returncode == 0 for proc in procs), [err[-3000:] for _, err in outs]
-    results = [json.loads(stdout.split("OUT", 1)[1]) for stdout, _ in outs]
-    assert [r["left_in_shared"] for r in results] == [[], []]  # the shared case passed and left no marker
-    for rank, result in enumerate(results):
-        assert result["error"] == "StorageNotSharedError", result
-        message = result["message"]
-        assert f"output_dir ({tmp_path / f'node{rank}'}) is not shared" in message
-        assert "rank(s) 1 of 2 cannot see" in message and f"this is rank {rank}" in message
-        assert "shared filesystem path" in message and "s3://bucket/prefix" in message
-    assert list((tmp_path / "node0").iterdir()) == []  # rank 0 made the directory; its marker is gone
-    assert not (tmp_path / "node1").exists()  # the other node's disk was never written
+    client = MlflowClient(tracking_uri=cfg.mlflow_uri)
+    experiment = client.create_experiment(cfg.tracking.experiment, artifact_location=(tmp_path / "art").as_uri())
+    parent = client.create_run(experiment, tags={"mdpo.sweep": "grid", "mdpo.metric": sweep.metric,
+                                                 "mdpo.mode": "max", "mdpo.search_keys": "loss.beta"}).info.run_id
+    for trial, (beta, accuracy) in enumerate([(0.1, 0.6), (0.2, 0.8)]):
+        run = client.create_run(experiment, tags={"mlflow.parentRunId": parent, "mdpo.sweep": "grid",
+                                                  "mdpo.trial_id": f"t{trial}", "override.loss.beta": str(beta)})
+        client.log_metric(run.info.run_id, sweep.metric, accuracy, step=10)
+        client.set_terminated(run.info.run_id)
+    report = sweeps.write_sweep_report(cfg, parent)
+    assert report.best_trial_id == "t1" and report.markdown_path == f"s3://{BUCKET}/runs/grid/report/trials.md"
+    assert {"runs/grid/report/trials.md", "runs/grid/report/trials.html", "runs/grid/report/trials.csv"} <= set(
+        _keys(s3, "runs/grid/report/"))
+    assert b"| t1 |" in storage.read_bytes(report.markdown_path)
+    assert not _colon_dirs(tmp_path, Path.cwd())
 
 
 # --- through Ray ---------------------------------------------------------------------------------------
@@ -273,28 +254,41 @@ def test_a_run_into_object_storage_checkpoints_exports_and_resumes_from_there(ra
 
 
 @pytest.mark.slow
-def test_under_ray_train_a_non_shared_output_dir_ends_the_run_at_once_as_a_config_error(ray_with_s3, tmp_path):
-    """Two Train workers given different directories (two nodes' own disks): every rank fails the check,
-    Ray does not restart the workers though max_failures allows it, and the driver gets the ConfigError."""
+def test_a_local_output_dir_the_nodes_do_not_share_stops_every_rank_before_training_and_is_not_retried(
+        ray_with_s3, tiny_run_overrides, tmp_path):
+    """Two Train workers stand for two nodes with their own local disks: the same output_dir path is a
+    different directory on each, here root/node<rank>. First both check a directory they do share (it
+    passes and leaves nothing behind); then the training loop itself stops on every rank before anything
+    is written, Ray does not restart the workers though max_failures allows it, and the driver gets the
+    ConfigError that names output_dir and both fixes."""
     import ray.train
 
     from mdpo_ray import cluster, launch
 
-    attempts = tmp_path / "attempts"
-    attempts.mkdir()
+    (tmp_path / "attempts").mkdir()
 
-    def check(config):
+    def two_nodes(config):
         from mdpo_ray.training import distributed
+        from mdpo_ray.training.train_loop import Worker, train
 
-        rank = ray.train.get_context().get_world_rank()
-        (attempts / f"{rank}-{os.getpid()}").touch()
-        distributed.check_shared_directory(Path(config["root"]) / f"node{rank}", key="output_dir", wait_s=0.5)
+        root, rank = Path(config["root"]), ray.train.get_context().get_world_rank()
+        (root / "attempts" / f"{rank}-{os.getpid()}").touch()
+        distributed.check_shared_directory(root / "shared", key="output_dir")
+        assert not list((root / "shared").iterdir())
+        train(load_config(None, [*config["overrides"], f"output_dir={root / f'node{rank}'}"]), Worker())
 
     trainer = cluster.trainer(
-        check, train_loop_config={"root": str(tmp_path)}, scaling_config=ray.train.ScalingConfig(num_workers=2),
+        two_nodes, train_loop_config={"root": str(tmp_path), "overrides": [*tiny_run_overrides, "scaling.num_workers=2"]},
+        scaling_config=ray.train.ScalingConfig(num_workers=2),
         run_config=ray.train.RunConfig(name="not-shared", storage_path=str(tmp_path / "ray"),
                                        failure_config=ray.train.FailureConfig(max_failures=3),
                                        callbacks=[launch._StopOnConfigError()]))
-    with pytest.raises(ConfigError, match=r"is not shared by the nodes of this run.*s3://bucket/prefix"):
+    with pytest.raises(ConfigError) as refused:
         launch._fit(trainer)
-    assert len(list(attempts.iterdir())) == 2  # one attempt of two workers: not retried
+    message = str(refused.value)
+    assert type(refused.value).__name__ == "StorageNotSharedError"
+    assert "is not shared by the nodes of this run" in message and "rank(s) 1 of 2 cannot see" in message
+    assert "shared filesystem path" in message and "s3://bucket/prefix" in message
+    assert len(list((tmp_path / "attempts").iterdir())) == 2  # one attempt of two workers: not retried
+    assert list((tmp_path / "node0").iterdir()) == []  # rank 0 made the directory; its marker is gone
+    assert not (tmp_path / "node1").exists()  # the other node's disk was never written
