@@ -106,17 +106,16 @@ def _sweep_command(args: argparse.Namespace) -> int:
     cfg = trial_config(base, shared | {"name": "probe"})
     check_storage_outlives_job(cfg)
     if args.command == "report":
-        from mdpo_ray.reports.report import write_report
         from mdpo_ray.reports.trials import find_sweep_parent
 
         mlflow_runs.require_reachable(cfg, "the report reads the sweep's trials from it")
         try:
             parent = find_sweep_parent(cfg.mlflow_uri, cfg.tracking.experiment, sweep.name)
-            report = write_report(cfg.mlflow_uri, parent, Path(cfg.output_dir) / "report")
+            report = sweeps.write_sweep_report(cfg, parent)
         except ValueError as exc:  # no such sweep in this store, or no trials yet
             print(f"mdpo-ray: {exc}", file=sys.stderr)
             return 1
-        print(f"report: {report.markdown_path} (+ {report.html_path.name}, {report.csv_path.name}, "
+        print(f"report: {report.markdown_path} (+ trials.html, trials.csv, "
               f"{len(report.plots)} plots); "
               f"best trial {report.best_trial_id}")
         if args.results:

@@ -11,7 +11,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from mdpo_ray import storage
 
 BUILTIN = "builtin:arith"  # the generated arithmetic task and its SFT-warmed tiny model
 # Where Ray unpacks a job's --working-dir (ray_constants.DEFAULT_RUNTIME_ENV_DIR_NAME, under the session dir).
@@ -298,8 +300,21 @@ class RunConfig(_Strict):
     eval: EvalConfig = EvalConfig()
     stop: StopConfig = StopConfig()
 
+    @field_validator("output_dir")
+    @classmethod
+    def _storage_location(cls, value: str) -> str:
+        return storage.check_location(value)
+
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
+        if storage.is_remote(self.output_dir) and self.tracking.mlflow_uri is None:
+            # A local default would be a file on whichever node opened it: the driver's and rank 0's
+            # (on another node) would be two stores, and the run rank 0 logs to would not be in its own.
+            raise ValueError(
+                f"output_dir is object storage ({self.output_dir}), where MLflow's default store, an sqlite file in "
+                "output_dir, cannot live: set tracking.mlflow_uri to an MLflow server every node reaches "
+                "(--set tracking.mlflow_uri=http://<head>:5000; cluster.yaml starts one), or on one machine to a "
+                "local file (--set tracking.mlflow_uri=sqlite:////abs/path/mlflow.db)")
         if self.optim.batch_size % self.scaling.num_workers:
             raise ValueError(
                 f"optim.batch_size ({self.optim.batch_size}) must be a multiple of scaling.num_workers "
@@ -361,7 +376,15 @@ class RunConfig(_Strict):
 
     @property
     def run_dir(self) -> Path:
+        """The run's local directory; an object-store output_dir has none: use run_location."""
+        if storage.is_remote(self.output_dir):
+            raise ValueError(f"output_dir {self.output_dir} is object storage, not a local directory: use run_location")
         return Path(self.output_dir) / self.name
+
+    @property
+    def run_location(self) -> str:
+        """output_dir/name: a path, or a URI for object storage."""
+        return storage.join(self.output_dir, self.name)
 
     @property
     def mlflow_uri(self) -> str:
@@ -375,7 +398,11 @@ class ConfigError(ValueError):
 def _absolute(raw: dict[str, Any], base: Path) -> dict[str, Any]:
     """Resolve relative local paths against `base` so that every Ray worker reads the same files."""
     out = dict(raw)
-    out["output_dir"] = str((base / os.path.expanduser(out.get("output_dir", "mdpo_runs"))).resolve())
+    output_dir = out.get("output_dir", "mdpo_runs")
+    if isinstance(output_dir, os.PathLike):
+        output_dir = out["output_dir"] = os.fspath(output_dir)
+    if isinstance(output_dir, str) and not storage.looks_like_uri(output_dir):  # a URI is checked by the schema
+        out["output_dir"] = str((base / os.path.expanduser(output_dir)).resolve())
     for section, keys in (("data", ("train", "eval", "generation_eval")), ("model", ("name_or_path", "tokenizer"))):
         sub = out.get(section)
         if not isinstance(sub, dict):
@@ -425,7 +452,17 @@ def check_storage_outlives_job(cfg: RunConfig) -> None:
     """A ConfigError if checkpoints, the export or the MLflow store would be written inside Ray's copy of a
     job's --working-dir (a relative output_dir under `ray job submit`): Ray deletes that copy with its
     cache, and a re-submitted job gets a new one, so nothing would be found again to resume or compare.
-    Refused rather than moved somewhere: only the user knows which storage every node reaches."""
+    Refused rather than moved somewhere: only the user knows which storage every node reaches.
+    An object-store output_dir is written to once (and the object deleted): a missing bucket, refused
+    credentials or an endpoint that does not answer are said now, before Ray starts."""
+    if storage.is_remote(cfg.output_dir):
+        try:
+            storage.probe_writable(cfg.output_dir)
+        except OSError as error:
+            raise ConfigError(
+                f"output_dir ({cfg.output_dir}) cannot be written to: {error}. Check that the bucket exists and that "
+                "this machine's AWS credentials may write there (an instance profile, or AWS_ACCESS_KEY_ID and "
+                "AWS_SECRET_ACCESS_KEY; AWS_ENDPOINT_URL for an S3-compatible store). Nothing has started") from None
     inside = [f"output_dir ({cfg.output_dir})"] if RAY_RUNTIME_RESOURCES in Path(cfg.output_dir).parts else []
     store = _local_store(cfg.mlflow_uri)
     if store is not None and RAY_RUNTIME_RESOURCES in (Path.cwd() / store).parts:
@@ -436,7 +473,8 @@ def check_storage_outlives_job(cfg: RunConfig) -> None:
             f"{' and '.join(inside)} would be inside Ray's copy of this job's working directory "
             f"({RAY_RUNTIME_RESOURCES}/...), which Ray deletes; a re-submitted job would not find the checkpoints, "
             "the export or the runs. Nothing has started. Set output_dir to an absolute path every node can reach "
-            "(--set output_dir=/mnt/shared/mdpo_runs) and tracking.mlflow_uri to an MLflow server "
+            "(--set output_dir=/mnt/shared/mdpo_runs) or to object storage (--set output_dir=s3://bucket/prefix), "
+            "and tracking.mlflow_uri to an MLflow server "
             "(--set tracking.mlflow_uri=http://<head>:5000)")
 
 
@@ -478,7 +516,7 @@ def _explain(error: ValidationError, source: str) -> str:
         if item["type"] == "extra_forbidden":
             lines.append(f"  {key}: unknown key; check the spelling against docs/configuration.md")
         elif item["loc"]:
-            lines.append(f"  {key}: {item['msg']} (got {item.get('input')!r})")
+            lines.append(f"  {key}: {item['msg'].removeprefix('Value error, ')} (got {item.get('input')!r})")
         else:  # a cross-field check: its message names the keys and the fix
             lines.append(f"  {item['msg'].removeprefix('Value error, ')}")
     return "\n".join(lines)

@@ -17,8 +17,8 @@ import ray
 import ray.train
 import ray.train.torch
 
-from mdpo_ray import cluster
-from mdpo_ray.config import BUILTIN, RunConfig, validate_config
+from mdpo_ray import cluster, storage
+from mdpo_ray.config import BUILTIN, ConfigError, RunConfig, validate_config
 from mdpo_ray.tracking import mlflow_runs, sinks
 from mdpo_ray.training import lora
 
@@ -28,8 +28,8 @@ class RunSummary:
     config: RunConfig
     mlflow_run_id: str | None  # None: MLflow was unreachable when the run started
     metrics: dict[str, float]
-    checkpoint: str | None
-    export_dir: Path
+    checkpoint: str | None  # a path, or a URI for object storage
+    export_dir: Path | str  # a str URI for object storage
 
 
 def resolve_builtin(cfg: RunConfig) -> RunConfig:
@@ -115,9 +115,10 @@ def _gpu(cfg: RunConfig) -> int:
 
 def precompute_reference(cfg: RunConfig) -> None:
     """Fill the reference log-prob cache with the run's own workers and sharding, then return."""
-    cluster.trainer(precompute_entry, train_loop_config={"config": cfg.model_dump(mode="json")},
-             scaling_config=_scaling(cfg),
-             run_config=ray.train.RunConfig(name=f"{cfg.name}-reference", storage_path=cfg.output_dir)).fit()
+    _fit(cluster.trainer(precompute_entry, train_loop_config={"config": cfg.model_dump(mode="json")},
+                         scaling_config=_scaling(cfg),
+                         run_config=ray.train.RunConfig(name=f"{cfg.name}-reference", storage_path=cfg.output_dir,
+                                                        callbacks=[_StopOnConfigError()])))
 
 
 def _scaling(cfg: RunConfig) -> ray.train.ScalingConfig:
@@ -156,18 +157,43 @@ def train(cfg: RunConfig, *, tags: dict[str, str] | None = None, callbacks: list
                 storage_path=cfg.output_dir,
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
-                callbacks=callbacks,
+                callbacks=[*(callbacks or []), _StopOnConfigError()],
             ),
         )
-        result = trainer.fit()
+        result = _fit(trainer)
         succeeded = True
     finally:
         if in_main:
             signal.signal(signal.SIGTERM, previous)
         mlflow_runs.close_run(cfg, run_id, succeeded=succeeded)
+    export = storage.join(cfg.run_location, "export")
     return RunSummary(config=cfg, mlflow_run_id=run_id, metrics=dict(result.metrics or {}),
-                      checkpoint=result.checkpoint.path if result.checkpoint else None,
-                      export_dir=cfg.run_dir / "export")
+                      checkpoint=storage.display(result.checkpoint.path, cfg.output_dir) if result.checkpoint else None,
+                      export_dir=export if storage.is_remote(export) else Path(export))
+
+
+class _StopOnConfigError(ray.train.UserCallback):
+    """A worker's ConfigError (output_dir not shared by the nodes) fails again on every attempt: end the run
+    at once rather than restart the workers scaling.max_failures times (for good at -1). Raised here, on
+    Ray Train's controller, it is a controller error, which Ray does not retry."""
+
+    def after_exception(self, run_context, worker_exceptions: dict[int, Exception]) -> None:
+        for error in worker_exceptions.values():
+            if isinstance(error, ConfigError):
+                raise error
+
+
+def _fit(trainer) -> ray.train.Result:
+    """trainer.fit(), with a ConfigError a worker raised taken out of Ray Train's error (the workers', or the
+    controller's when _StopOnConfigError raised it there): the CLI says it and exits 2, as for any config error."""
+    try:
+        return trainer.fit()
+    except ray.train.TrainingFailedError as error:
+        causes = [*getattr(error, "worker_failures", {}).values(), getattr(error, "controller_failure", None)]
+        config_error = next((cause for cause in causes if isinstance(cause, ConfigError)), None)
+        if config_error is None:
+            raise
+        raise config_error from error
 
 
 def runs_in_trial(cfg: RunConfig) -> bool:
@@ -221,8 +247,9 @@ def describe(summary: RunSummary) -> str:
     run = f"run {summary.mlflow_run_id}" if summary.mlflow_run_id else "unreachable: this run was not tracked"
     adapter = cfg.model.lora.r and cfg.export.lora == "adapter"
     load = f"PeftModel.from_pretrained over {cfg.model.name_or_path}" if adapter else "AutoModelForCausalLM.from_pretrained"
+    load = f"download it, then {load}" if storage.is_remote(str(summary.export_dir)) else load
     lines += [f"  MLflow store:   {sinks.shown_uri(cfg.mlflow_uri)} ({run})",
               f"  MLflow UI:      {mlflow_runs.ui_command(cfg)}",
-              f"  checkpoints:    {summary.checkpoint or cfg.run_dir}",
+              f"  checkpoints:    {summary.checkpoint or cfg.run_location}",
               f"  exported model: {summary.export_dir}  ({load})"]
     return "\n".join(lines)

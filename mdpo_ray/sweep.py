@@ -7,6 +7,7 @@ timestamps, so `--resume` finds each trial's checkpoints and MLflow child run ag
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
 import signal
@@ -21,7 +22,7 @@ import yaml
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
-from mdpo_ray import cluster, launch
+from mdpo_ray import cluster, launch, storage
 from mdpo_ray.config import ConfigError, RunConfig
 from mdpo_ray.reports.report import SweepReport, write_report
 from mdpo_ray.sweep_config import SweepConfig, flat_overrides, trial_config
@@ -66,7 +67,7 @@ def shared_run_keys(sweep: SweepConfig, base: dict[str, Any]) -> dict[str, Any]:
     """Keys every trial gets: one output dir, one MLflow store and experiment (named after the sweep)."""
     cfg = trial_config(base, {})
     experiment = (base.get("tracking") or {}).get("experiment", sweep.name)
-    return {"output_dir": str(Path(cfg.output_dir) / sweep.name), "tracking.mlflow_uri": cfg.mlflow_uri,
+    return {"output_dir": storage.join(cfg.output_dir, sweep.name), "tracking.mlflow_uri": cfg.mlflow_uri,
             "tracking.experiment": experiment}
 
 
@@ -180,10 +181,11 @@ def _tune_config(sweep: SweepConfig, max_concurrent: int, in_trial: bool, max_re
 def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False) -> SweepSummary:
     shared = shared_run_keys(sweep, base)
     first = trial_config(base, {k: d.probe_values()[0] for k, d in sweep.space.items()} | shared | {"name": sweep.name})
-    tune_dir = Path(first.output_dir) / "tune"
-    if resume and not tune.Tuner.can_restore(str(tune_dir / sweep.name)):
+    tune_dir = storage.join(first.output_dir, "tune")  # a path, or a URI Tune writes to through pyarrow.fs
+    experiment_dir = storage.join(tune_dir, sweep.name)
+    if resume and not tune.Tuner.can_restore(experiment_dir):
         raise ConfigError(f"nothing to resume: no sweep {sweep.name!r} under {tune_dir}")
-    if not resume and (tune_dir / sweep.name).exists():
+    if not resume and storage.exists(experiment_dir):
         raise ConfigError(f"sweep {sweep.name!r} already exists under {tune_dir}: pass --resume to continue it, "
                           "or give the sweep a new name")
     # Build the built-in task once here (trials would wait on its lock) and, if no trial changes the
@@ -219,7 +221,7 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False)
                              source=source, in_trial=in_trial),
         {"CPU": _trial_cpus(first, in_trial)})
     if resume:
-        tuner = tune.Tuner.restore(str(tune_dir / sweep.name), trainable=trainable, resume_unfinished=True,
+        tuner = tune.Tuner.restore(experiment_dir, trainable=trainable, resume_unfinished=True,
                                    resume_errored=True)
     else:
         tuner = tune.Tuner(
@@ -228,7 +230,7 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False)
             tune_config=_tune_config(sweep, _max_concurrent(sweep, first, in_trial), in_trial,
                                      _max_reports(sweep, first)),
             # In-trial runs have no Ray Train to restart them: Tune does, from the trial's last checkpoint.
-            run_config=tune.RunConfig(name=sweep.name, storage_path=str(tune_dir), verbose=1,
+            run_config=tune.RunConfig(name=sweep.name, storage_path=tune_dir, verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=first.scaling.max_failures)
                                       if in_trial else None),
         )
@@ -239,7 +241,7 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False)
     try:
         tuner.fit()
         # Tune swallows Ctrl-C: it saves its state, with the cut trials back to PENDING, and returns.
-        saved = tune.ExperimentAnalysis(str(tune_dir / sweep.name)).trials
+        saved = tune.ExperimentAnalysis(experiment_dir).trials
         unfinished = sum(trial.status not in ("TERMINATED", "ERROR") for trial in saved)
         status = "KILLED" if unfinished else "FINISHED"
     finally:
@@ -257,7 +259,7 @@ def _report(cfg: RunConfig, parent_run_id: str) -> SweepReport | None:
     """The sweep's report, or None (said) when MLflow is down by the end: the trials' outcome stands,
     and `mdpo-ray report` writes it from MLflow later."""
     try:
-        return write_report(cfg.mlflow_uri, parent_run_id, Path(cfg.output_dir) / "report")
+        return write_sweep_report(cfg, parent_run_id)
     except Exception as error:
         if not sinks.is_outage(error):
             raise
@@ -266,13 +268,29 @@ def _report(cfg: RunConfig, parent_run_id: str) -> SweepReport | None:
         return None
 
 
+def write_sweep_report(cfg: RunConfig, parent_run_id: str) -> SweepReport:
+    """write_report into output_dir/report. For object storage it is written in a temp dir and uploaded,
+    and its paths then name the uploaded objects (`report.out_dir` is a URI string)."""
+    location = storage.join(cfg.output_dir, "report")
+    with storage.local_dir(location) as out_dir:
+        report = write_report(cfg.mlflow_uri, parent_run_id, out_dir)
+    if not storage.is_remote(location):
+        return report
+    def uploaded(path: Path) -> str:
+        return storage.join(location, path.name)
+
+    return dataclasses.replace(report, out_dir=location, csv_path=uploaded(report.csv_path),
+                               markdown_path=uploaded(report.markdown_path), html_path=uploaded(report.html_path),
+                               table_path=uploaded(report.table_path), plots=[uploaded(p) for p in report.plots])
+
+
 def describe(summary: SweepSummary, cfg_ui: str) -> str:
     report = summary.report
     best = (f"{summary.best_trial} ({summary.sweep.metric} = {summary.best_value:.4g}; run {report.best_run_id})"
             if summary.best_trial else "none (no FINISHED trial reported the metric)")
     interrupted = (f"  INTERRUPTED: {summary.unfinished} trial(s) unfinished; continue with: "
                    f"mdpo-ray sweep <this file> --resume\n" if summary.unfinished else "")
-    written = (f"{report.markdown_path} (+ {report.html_path.name}, {report.csv_path.name}, "
+    written = (f"{report.markdown_path} (+ trials.html, trials.csv, "
                f"{len(report.plots)} plots)" if report else
                "not written (MLflow was unreachable at the end): mdpo-ray report <this file>, once it is back")
     return interrupted + "\n".join([

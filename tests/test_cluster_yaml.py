@@ -110,13 +110,24 @@ def test_no_secrets_in_the_file():
     assert not leaks
 
 
-def test_shared_storage_and_mlflow_match_the_gpu_run_config():
-    """sweeps/runs/hub_model_gpu.yaml (and beta_penalty.yaml, built on it) must run unchanged on this cluster."""
+def test_object_storage_and_mlflow_match_the_gpu_run_config():
+    """sweeps/runs/hub_model_gpu.yaml (and beta_penalty.yaml, built on it) must run unchanged on this cluster:
+    its output_dir is the bucket the nodes' instance profiles reach, and MLflow's artifacts go there too."""
     run = yaml.safe_load((ROOT / "sweeps" / "runs" / "hub_model_gpu.yaml").read_text())
-    mount = _shared_mount(CLUSTER)
-    assert any("mount" in cmd and mount in cmd for cmd in CLUSTER["initialization_commands"])
-    assert run["output_dir"].startswith(mount + "/")
+    bucket = re.fullmatch(r"s3://([a-z0-9.-]+)/\S+", run["output_dir"]).group(1)
+    nodes = CLUSTER["available_node_types"]
+    assert nodes["head"]["node_config"]["IamInstanceProfile"] == {"Name": "mdpo-ray-head"}
+    assert all(node["node_config"]["IamInstanceProfile"] == {"Name": "mdpo-ray-worker"}
+               for name, node in nodes.items() if name != CLUSTER["head_node_type"])
     host = re.fullmatch(r"http://([^:/]+):5000", run["tracking"]["mlflow_uri"]).group(1)
     assert any(f"{host}\" | sudo tee -a /etc/hosts" in cmd for cmd in CLUSTER["initialization_commands"])
     (mlflow,) = [cmd for cmd in _commands(CLUSTER) if "mlflow server" in cmd]
-    assert re.search(rf"--artifacts-destination {re.escape(mount)}/", mlflow)
+    assert re.search(rf"--artifacts-destination s3://{re.escape(bucket)}/", mlflow)
+
+
+def test_efs_is_the_alternative_mounted_only_when_asked_for():
+    """With EFS_ID empty (the default) nothing is mounted: /mnt/shared is then each node's own disk (and a
+    multi-node run refuses an output_dir there); set, it is the shared file system at the same path."""
+    mount = _shared_mount(CLUSTER)
+    (efs,) = [cmd for cmd in CLUSTER["initialization_commands"] if "mount -t nfs4" in cmd]
+    assert efs.startswith("EFS_ID=;") and 'if [ -n "$EFS_ID" ]; then' in efs and mount in efs

@@ -21,6 +21,7 @@ from mlflow.entities import Metric, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from mdpo_ray import storage
 from mdpo_ray.config import RunConfig
 
 # MLflow's REST client retries a failed call 7 times, backing off 2 * 2^n s (up to 120 s), with a 120 s
@@ -64,7 +65,7 @@ class MlflowSink:
     reached MLflow to `unlogged_path` as JSON lines.
     """
 
-    def __init__(self, tracking_uri: str, run_id: str, *, unlogged_path: Path | None = None,
+    def __init__(self, tracking_uri: str, run_id: str, *, unlogged_path: Path | str | None = None,
                  max_buffered: int = 100_000, retry_every_s: float = 30.0, system_metrics: bool = False) -> None:
         self.client = MlflowClient(tracking_uri=tracking_uri)
         self.uri, self.run_id, self.unlogged_path = tracking_uri, run_id, unlogged_path
@@ -139,10 +140,8 @@ class MlflowSink:
         rows = [{"run_id": self.run_id, "key": m.key, "value": m.value} |
                 ({"timestamp": m.timestamp, "step": m.step} if isinstance(m, Metric) else {"tag": True})
                 for m in unlogged]
-        try:
-            self.unlogged_path.parent.mkdir(parents=True, exist_ok=True)
-            with self.unlogged_path.open("a") as f:  # append: a resumed run keeps an earlier attempt's points
-                f.writelines(json.dumps(row) + "\n" for row in rows)
+        try:  # append: a resumed run keeps an earlier attempt's points (output_dir may be object storage)
+            storage.append_text(self.unlogged_path, "".join(json.dumps(row) + "\n" for row in rows))
         except OSError as error:
             return f"they are lost: writing {self.unlogged_path} failed ({error})"
         return f"they are in {self.unlogged_path} (JSON lines: run_id, key, value, timestamp, step)"
@@ -187,5 +186,5 @@ def sink_for(cfg: RunConfig, run_id: str | None, *, rank0: bool) -> MlflowSink |
     and when MLflow was unreachable as the run opened (run_id None)."""
     if not rank0 or run_id is None:
         return NullSink()
-    return MlflowSink(cfg.mlflow_uri, run_id, unlogged_path=cfg.run_dir / UNLOGGED_FILE,
+    return MlflowSink(cfg.mlflow_uri, run_id, unlogged_path=storage.join(cfg.run_location, UNLOGGED_FILE),
                       system_metrics=cfg.tracking.system_metrics)

@@ -1,4 +1,5 @@
-"""The only module that touches torch.distributed: process group, FSDP2 sharding, reductions, DCP.
+"""The only module that touches torch.distributed: process group, FSDP2 sharding, reductions, DCP, and
+the check that all ranks share one output directory.
 
 World size 1 runs exactly the same code path (a one-rank gloo group, a one-device mesh), so the tests
 of the training step exercise the FSDP2 code that a multi-GPU run uses. (torchtitan `parallelize`.)
@@ -6,6 +7,9 @@ of the training step exercise the FSDP2 code that a multi-GPU run uses. (torchti
 
 from __future__ import annotations
 
+import socket
+import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -34,6 +38,8 @@ from torch.distributed.fsdp import (
     register_fsdp_forward_method,
 )
 from torch.distributed.tensor import DTensor
+
+from mdpo_ray.config import ConfigError
 
 
 def ensure_process_group(backend: str = "gloo") -> None:
@@ -188,6 +194,42 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
     """Global grad norm before clipping (a plain tensor on every rank, sharded grads included)."""
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     return norm.full_tensor() if isinstance(norm, DTensor) else norm
+
+
+class StorageNotSharedError(ConfigError):
+    """A directory the run's ranks must share (output_dir) is each node's own."""
+
+
+def check_shared_directory(directory: Path, *, key: str, wait_s: float = 5.0) -> None:
+    """StorageNotSharedError on every rank unless all ranks see the same `directory`. A collective.
+
+    On a cluster of several nodes without a shared file system a local path is a different directory
+    on each node: checkpoints, the reference cache and the export would be scattered across the nodes'
+    disks and die with them. Rank 0 writes a file with a fresh random name there and every rank looks
+    for it (a new name has no stale NFS lookup cache; a rank that does not see it looks again for
+    `wait_s`); rank 0 then removes it. Ranks on one node always share it."""
+    if world_size() == 1:
+        return
+    token = torch.tensor([uuid.uuid4().int >> 65 if rank() == 0 else 0], dtype=torch.int64)  # rank 0's, to all
+    marker = directory / f".mdpo-shared-check-{int(all_reduce_sum(token)[0])}"
+    if rank() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    deadline = time.monotonic() + wait_s
+    while not (seen := marker.is_file()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    seen_by = gather_cat(torch.tensor([1 if seen else 0]))  # also the barrier before rank 0 removes it
+    if rank() == 0:
+        marker.unlink(missing_ok=True)
+    blind = [r for r, ok in enumerate(seen_by.tolist()) if not ok]
+    if blind:
+        raise StorageNotSharedError(
+            f"{key} ({directory}) is not shared by the nodes of this run: rank 0 wrote a file there that rank(s) "
+            f"{', '.join(map(str, blind))} of {world_size()} cannot see (this is rank {rank()}, on "
+            f"{socket.gethostname()}), so checkpoints, the reference cache and the export would be scattered across "
+            f"the nodes' own disks. Nothing was trained or saved. Set {key} to a shared filesystem path that every "
+            f"node mounts at the same place (e.g. --set {key}=/mnt/shared/mdpo_runs) or to object storage "
+            f"(--set {key}=s3://bucket/prefix): docs/cluster.md")
 
 
 def barrier() -> None:

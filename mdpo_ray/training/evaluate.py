@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mdpo_ray import storage
 from mdpo_ray.config import EvalConfig, LossConfig, RunConfig
 from mdpo_ray.data.pairs import DataError, collate_pairs
 from mdpo_ray.task.generation import greedy_answer_accuracy
@@ -92,5 +93,5 @@ def start_generation(policy: nn.Module, tokenizer, problems: list[dict], *, cfg:
 
     if len(problems) < distributed.world_size():  # some rank has nothing to decode: nothing to cache
         return eval_generation(policy, tokenizer, problems, eval_cfg=cfg.eval)
-    counts, _ = load_or_compute(Path(cfg.output_dir) / "reference_logps" / f"generation-{key}.pt", compute)
+    counts, _ = load_or_compute(storage.join(cfg.output_dir, "reference_logps", f"generation-{key}.pt"), compute)
     return {"eval/answer_accuracy": float(counts[0]), "eval/n_problems": float(counts[1])}

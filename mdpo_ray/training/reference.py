@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import io
 import json
-import os
 import time
-import uuid
 from collections.abc import Callable
 from contextlib import nullcontext
 from functools import lru_cache
@@ -22,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mdpo_ray import storage
 from mdpo_ray.config import RunConfig
 from mdpo_ray.data.pairs import collate_pairs
 from mdpo_ray.training import distributed, lora
@@ -110,19 +110,18 @@ def numerics(device: torch.device, mp_policy) -> dict[str, str]:
     return {"device": device.type, "compute_dtype": str(mp_policy.param_dtype or torch.float32)}
 
 
-def load_or_compute(cache_file: Path, compute) -> tuple[torch.Tensor, bool]:
-    """(table, reused). Ranks agree on reuse only if every one of them can read the cache."""
-    have = torch.tensor([1 if cache_file.is_file() else 0])
+def load_or_compute(cache_file: str | Path, compute) -> tuple[torch.Tensor, bool]:
+    """(table, reused). Ranks agree on reuse only if every one of them can read the cache, a file or
+    (output_dir on object storage) an object."""
+    have = torch.tensor([1 if storage.is_file(cache_file) else 0])
     if int(distributed.all_reduce_sum(have)) == distributed.world_size():
-        return torch.load(cache_file), True
+        return torch.load(io.BytesIO(storage.read_bytes(cache_file))), True
     table = compute()
-    if not cache_file.is_file():
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        # Every rank writes (a node-local output_dir needs its own copy), each to a random name: ranks on
-        # two nodes can share a pid (containers) and a file system. (mkstemp would make the cache 0600.)
-        tmp = cache_file.with_suffix(f".tmp{uuid.uuid4().hex}")
-        torch.save(table, tmp)
-        os.replace(tmp, cache_file)  # atomic: a concurrent reader never sees half a file
+    # Rank 0 writes: every rank sees the same output_dir (checked when the workers start, training/distributed.py).
+    if distributed.rank() == 0 and not storage.is_file(cache_file):
+        buffer = io.BytesIO()
+        torch.save(table, buffer)
+        storage.write_bytes(cache_file, buffer.getvalue())  # atomic: a concurrent reader never sees half a file
     return table, False
 
 
@@ -164,7 +163,7 @@ def build(cfg: RunConfig, datasets: tuple, pad_token_id: int, mesh, mp_policy, d
             continue
         key = cache_key(cfg.model.name_or_path, data=dataset._fingerprint, max_length=cfg.data.max_length,
                         average=average, **numerics(device, mp_policy))
-        cache_file = Path(cfg.output_dir) / "reference_logps" / f"{key}.pt"
+        cache_file = storage.join(cfg.output_dir, "reference_logps", f"{key}.pt")
         started = time.perf_counter()
         table, reused = load_or_compute(cache_file, lambda ds=dataset: compute_table(
             load_frozen(), ds, batch_size=cfg.eval.batch_size, pad_token_id=pad_token_id, average=average,

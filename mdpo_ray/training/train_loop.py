@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from mdpo_ray import storage
 from mdpo_ray.config import OptimConfig, RunConfig
 from mdpo_ray.data.pairs import collate_pairs, load_train_eval
 from mdpo_ray.tracking.mlflow_runs import EXPORT_PATH_TAG, EXPORT_URI_TAG, STOP_REASON_TAG, WORKER_NODES_TAG
@@ -85,6 +86,8 @@ def _setup(cfg: RunConfig, worker: Worker):
     device = distributed.device_for(worker.gpu, cfg.scaling.use_gpu)
     # Ray Train has made the group on its workers; elsewhere (tests, the benchmark) a one-rank group.
     distributed.ensure_process_group("nccl" if device.type == "cuda" else "gloo")
+    if not storage.is_remote(cfg.output_dir):  # before anything is written there; an object store is one for all
+        distributed.check_shared_directory(Path(cfg.output_dir), key="output_dir")
     say = print if distributed.rank() == 0 else (lambda *a, **k: None)
     tokenizer = load_tokenizer(cfg.model)
     data = load_train_eval(cfg.data, tokenizer, cfg.seed)
@@ -246,18 +249,20 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
     # A LoRA adapter export needs only the adapters: rank 0 gathers those, not the whole model.
     full = distributed.full_state_dict(policy, trainable_only=lora_on and cfg.export.lora == "adapter")
     if rank == 0:
-        out_dir = cfg.run_dir / "export"
-        export_dir = (lora.export(full, cfg.model, cfg.export, tokenizer, out_dir) if lora_on
-                      else export_pretrained(full, cfg.model, tokenizer, out_dir))
-        write_model_card(export_dir, cfg, RunFacts(
-            steps=state["step"], data_counts=[(split, stats.source, stats.counts()) for split, stats in
-                                              zip(("train", "eval"), data_stats, strict=False)],
-            n_train_pairs=len(train_ds), n_eval_pairs=len(eval_ds) if eval_ds else 0, n_problems=len(problems),
-            before=state["eval_start"], after=last_metrics, mlflow_run_id=worker.mlflow_run_id,
-            stop_reason=stop_reason))
-        say(f"exported the policy to {export_dir} (model card: README.md)")
-        worker.sink.tag(EXPORT_PATH_TAG, str(export_dir))
-        worker.sink.tag(EXPORT_URI_TAG, Path(export_dir).resolve().as_uri())
+        export_location = storage.join(cfg.run_location, "export")
+        with storage.local_dir(export_location) as out_dir:  # object storage: written here, then uploaded
+            export_dir = (lora.export(full, cfg.model, cfg.export, tokenizer, out_dir) if lora_on
+                          else export_pretrained(full, cfg.model, tokenizer, out_dir))
+            write_model_card(export_dir, cfg, RunFacts(
+                steps=state["step"], data_counts=[(split, stats.source, stats.counts()) for split, stats in
+                                                  zip(("train", "eval"), data_stats, strict=False)],
+                n_train_pairs=len(train_ds), n_eval_pairs=len(eval_ds) if eval_ds else 0, n_problems=len(problems),
+                before=state["eval_start"], after=last_metrics, mlflow_run_id=worker.mlflow_run_id,
+                stop_reason=stop_reason))
+        say(f"exported the policy to {export_location} (model card: README.md)")
+        worker.sink.tag(EXPORT_PATH_TAG, export_location)
+        worker.sink.tag(EXPORT_URI_TAG, export_location if storage.is_remote(export_location)
+                        else Path(export_location).resolve().as_uri())
     distributed.barrier()
     return state["eval_start"]
 
