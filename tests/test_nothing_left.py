@@ -46,7 +46,8 @@ def test_a_finished_and_a_failed_run_leave_no_ray_process_behind(tiny_run_overri
     finished = _train([*tiny_run_overrides, "name=finished"], own_ray, tmp_path / "finished.log")
     seen = _watch(finished, own_ray, timeout=400)
     assert finished.wait(timeout=60) == 0, (tmp_path / "finished.log").read_text()[-3000:]
-    assert {"raylet", "gcs_server", "ray::TrainController.run", "ray::RayTrainWorker.run_train_fn"} <= seen, seen
+    # titles are sampled every 0.5 s: a Train worker is seen in some state, not always inside run_train_fn
+    assert {"raylet", "gcs_server"} <= seen and any(t.startswith("ray::RayTrainWorker") for t in seen), seen
     _assert_nothing_left(own_ray)
 
     # The driver's check passes (every row is a good pair); only the workers' tokenizing finds every prompt
@@ -70,7 +71,7 @@ def test_an_interrupted_run_leaves_no_ray_process_behind(tiny_run_overrides, own
     driver = _train([*tiny_run_overrides, "name=interrupted", "optim.max_steps=2000", "checkpoint.every_steps=1000"],
                     own_ray, tmp_path / "interrupted.log", start_new_session=True)  # a terminal's job: its own group
     try:
-        seen = _watch(driver, own_ray, timeout=400, until=lambda titles: "ray::RayTrainWorker.run_train_fn" in titles)
+        seen = _watch(driver, own_ray, timeout=400, until=lambda titles: any(t.startswith("ray::RayTrainWorker") for t in titles))
         assert driver.poll() is None, (tmp_path / "interrupted.log").read_text()[-3000:]
         time.sleep(5)  # inside the run: its workers setting up or training
         os.killpg(driver.pid, signal.SIGINT)  # Ctrl-C
@@ -78,6 +79,6 @@ def test_an_interrupted_run_leaves_no_ray_process_behind(tiny_run_overrides, own
     finally:
         if driver.poll() is None:
             os.killpg(driver.pid, signal.SIGKILL)
-    assert {"raylet", "ray::TrainController.run"} <= seen, seen
+    assert "raylet" in seen and any(t.startswith("ray::RayTrainWorker") for t in seen), seen
     assert code != 0, (tmp_path / "interrupted.log").read_text()[-3000:]  # cut short, not finished
     _assert_nothing_left(own_ray)
