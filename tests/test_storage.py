@@ -274,7 +274,8 @@ def test_a_local_output_dir_the_nodes_do_not_share_stops_every_rank_before_train
         root, rank = Path(config["root"]), ray.train.get_context().get_world_rank()
         (root / "attempts" / f"{rank}-{os.getpid()}").touch()
         distributed.check_shared_directory(root / "shared", key="output_dir")
-        assert not list((root / "shared").iterdir())
+        if rank == 0:  # rank 0 removes its marker; the other rank may look before it has
+            assert not list((root / "shared").iterdir())
         train(load_config(None, [*config["overrides"], f"output_dir={root / f'node{rank}'}"]), Worker())
 
     trainer = cluster.trainer(
