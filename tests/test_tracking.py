@@ -50,6 +50,7 @@ def test_a_run_says_what_it_is_where_it_came_from_and_its_commit(store, monkeypa
     assert tags["mlflow.source.name"] == ("mdpo-ray train --set model.hf_token=***REDACTED*** --set "
                                           "tracking.mlflow_uri=https://***REDACTED***@mlflow.example")
     assert tags["mlflow.source.git.commit"] == labels.git_commit(Path.cwd()) or "mlflow.source.git.commit" not in tags
+    assert tags["mlflow.source.type"] == "JOB"  # the UI cuts a LOCAL source at its last '/' (a file's name)
 
 
 def test_the_git_commit_is_the_checkouts_head_and_absent_outside_one(tmp_path):
