@@ -151,6 +151,8 @@ def _find_or_create_run(client: MlflowClient, experiment_id: str, run_name: str,
                                max_results=1)
     if found:
         client.update_run(found[0].info.run_id, status="RUNNING")
+        if STOP_REASON_TAG in found[0].data.tags:  # why the last attempt stopped; this one says so if it stops too
+            client.delete_tag(found[0].info.run_id, STOP_REASON_TAG)
         return found[0].info.run_id, found[0].data.params
     return client.create_run(experiment_id, run_name=run_name, tags=identity).info.run_id, None
 
