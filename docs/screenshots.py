@@ -93,7 +93,9 @@ def build_store(workdir: Path, overrides: list[str]) -> dict:
         _mdpo(["train", *sets], workdir)
     if _newest_finished(uri, SWEEP_EXPERIMENT, "tags.`mdpo.role` = 'sweep'") is None:
         sweep = SWEEP_FILE.relative_to(workdir) if SWEEP_FILE.is_relative_to(workdir) else SWEEP_FILE
-        _mdpo(["sweep", str(sweep), *sets], workdir)
+        # An interrupted sweep left its Tune state (output_dir/<sweep>/tune/<sweep>): continue it.
+        resume = ["--resume"] if (workdir / STORE / SWEEP_EXPERIMENT / "tune" / SWEEP_EXPERIMENT).exists() else []
+        _mdpo(["sweep", str(sweep), *resume, *sets], workdir)
     run = _newest_finished(uri, DEFAULT_EXPERIMENT)
     parent = _newest_finished(uri, SWEEP_EXPERIMENT, "tags.`mdpo.role` = 'sweep'")
     if run is None or parent is None:
@@ -215,7 +217,10 @@ def _first_visit(page, experiment_url: str) -> None:
     from playwright.sync_api import TimeoutError as PlaywrightTimeoutError
 
     page.goto(experiment_url)
-    page.get_by_text("Model training", exact=True).first.click()
+    switch = page.get_by_text("Model training", exact=True).first
+    switch.wait_for()
+    # The GenAI overview may open a popover whose mask takes the pointer: send the switch its click.
+    switch.dispatch_event("click")
     page.get_by_text("Runs", exact=True).first.wait_for()
     close = page.locator('[data-component-id="mlflow.assistant.chat_panel.close"]')
     try:
