@@ -33,7 +33,8 @@ def test_the_mlflow_ui_draws_the_runs_charts_and_the_sweeps_trials(tiny_run_over
                            "--out", str(out), "--chromium", CHROMIUM, *[a for o in overrides for a in ("--set", o)]],
                           capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    print(f"docs/screenshots.py: {time.monotonic() - started:.0f} s")
+    phases = [line.strip() for line in done.stdout.splitlines() if line.startswith(("mdpo-ray ", "  done in"))]
+    print(f"docs/screenshots.py: {time.monotonic() - started:.0f} s ({'; '.join(phases)})")  # -s shows where it went
     shown = json.loads((out / "shots.json").read_text())
     assert set(shown) == {"run_overview.png", "run_charts.png", "run_rewards.png", "run_system_metrics.png",
                           "sweep_runs.png", "sweep_charts.png", "sweep_parent.png", "sweep_compare.png", "sweep_report.png"}
