@@ -167,6 +167,31 @@ def test_a_model_without_a_separable_head_falls_back_to_full_logits():
         torch.testing.assert_close(got, _naive_logps(model, batch, False), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("separable_head", [True, False])
+def test_mean_logits_are_each_sequences_mean_over_completion_positions_and_vocab(monkeypatch, separable_head):
+    """TRL's logits/chosen|rejected per pair: the full logits at the positions that score a completion token,
+    averaged over those positions and the vocabulary; the same through the head hook and the fallback."""
+    monkeypatch.setattr(logps, "CHUNK_FLOATS", 61 * 4)  # chunks of 4 of the 25 scored positions
+
+    class Opaque(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, **kwargs):
+            return self.inner(**kwargs)
+
+    model, batch = _tiny_causal_lm("llama"), _padded_pairs()
+    with torch.no_grad():
+        chosen, rejected, chosen_logits, rejected_logits = logps.concatenated_logps(
+            model if separable_head else Opaque(model), batch, mean_logits=True)
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
+    mask = batch["loss_mask"][:, 1:]
+    expected = torch.stack([full[row, :-1][mask[row]].mean() for row in range(6)])
+    torch.testing.assert_close(torch.cat([chosen_logits, rejected_logits]).double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(torch.cat([chosen, rejected]), _naive_logps(model, batch, False), rtol=1e-5, atol=1e-5)
+
+
 def _sharded_against_plain(kind: str, precision: str):
     """(log-probs, the unsharded model's, [(name, gradient, the unsharded model's)]) of one backward of
     the summed log-probs, the sharded model under FSDP2 with `precision`'s mixed-precision policy."""

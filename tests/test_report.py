@@ -25,16 +25,21 @@ GRID = {  # trial -> (beta, reject_threshold, final answer accuracy, final eval 
     "t_00002": (0.3, 0.0, 0.70, 0.25),
     "t_00003": (0.3, -1.0, 0.60, 1.0),
 }
+TRIALS = {**GRID, "t_00004": (0.1, 0.0, None, None)}  # and one that failed before logging anything
 STEPS = (0, 10, 20, 30)
+
+
+def _shown_name(beta: float, tau: float, trial: str) -> str:
+    return f"minor_dpo b={beta:g} tau={tau:g} [{trial}]"
 
 
 def _make_sweep(client: MlflowClient, experiment_id: str, name: str, mode: str) -> str:
     parent = client.create_run(experiment_id, run_name=name, tags={
         "mdpo.sweep": name, "mdpo.role": "sweep", "mdpo.search_keys": "loss.beta,loss.reject_threshold",
         "mdpo.metric": "eval/answer_accuracy", "mdpo.mode": mode}).info.run_id
-    trials = {**GRID, "t_00004": (0.1, 0.0, None, None)}
-    for trial, (beta, tau, accuracy, drift) in trials.items():
-        run_id = client.create_run(experiment_id, run_name=f"{name}-{trial}", tags={
+    for trial, (beta, tau, accuracy, drift) in TRIALS.items():
+        # Named in MLflow by its overrides, as a sweep names its trials; mdpo.run_name is the run's `name`.
+        run_id = client.create_run(experiment_id, run_name=_shown_name(beta, tau, trial), tags={
             "mlflow.parentRunId": parent, "mdpo.sweep": name, "mdpo.trial_id": trial,
             "mdpo.run_name": f"{name}-{trial}", "override.loss.beta": str(beta),
             "override.loss.reject_threshold": str(tau)}).info.run_id
@@ -91,6 +96,7 @@ def test_table_rows_and_final_values(max_report):
     rows = table.set_index("trial_id")
     for trial, (beta, tau, accuracy, drift) in GRID.items():
         assert rows.loc[trial, "loss.beta"] == beta and rows.loc[trial, "loss.reject_threshold"] == tau
+        assert rows.loc[trial, "run_name"] == _shown_name(beta, tau, trial)  # the name the MLflow UI shows
         assert rows.loc[trial, "eval/answer_accuracy"] == pytest.approx(accuracy)
         assert rows.loc[trial, "eval/answer_accuracy (best)"] == pytest.approx(max(accuracy, 0.5))
         assert rows.loc[trial, "logps/chosen"] == pytest.approx(-10.0 + drift)
@@ -149,7 +155,7 @@ def test_html_report_is_self_contained(max_report):
     assert text.count('src="') == len(max_report.plots) and "href=" not in text and "<script" not in text
     assert "Best trial: <code>t_00002</code>" in text and "<code>loss.beta=0.3</code>" in text
     # One row per trial, best first, each starting with its trial id and run name.
-    rows = [text.index(f"<td>{trial}</td>\n      <td>grid-max-{trial}</td>")
+    rows = [text.index(f"<td>{trial}</td>\n      <td>{_shown_name(*TRIALS[trial][:2], trial)}</td>")
             for trial in ("t_00002", "t_00003", "t_00001", "t_00000", "t_00004")]
     assert rows == sorted(rows) and text.count("<tr>") == len(rows)  # body rows; the header row has a style
 

@@ -50,6 +50,7 @@ def test_a_run_says_what_it_is_where_it_came_from_and_its_commit(store, monkeypa
     assert tags["mlflow.source.name"] == ("mdpo-ray train --set model.hf_token=***REDACTED*** --set "
                                           "tracking.mlflow_uri=https://***REDACTED***@mlflow.example")
     assert tags["mlflow.source.git.commit"] == labels.git_commit(Path.cwd()) or "mlflow.source.git.commit" not in tags
+    assert tags["mlflow.source.type"] == "JOB"  # the UI cuts a LOCAL source at its last '/' (a file's name)
 
 
 def test_the_git_commit_is_the_checkouts_head_and_absent_outside_one(tmp_path):
@@ -77,6 +78,17 @@ def test_a_trial_name_given_as_a_tag_renames_the_run(store):
     run_id, _ = mlflow_runs.open_run(cfg, {"mlflow.runName": "minor_dpo b=0.1 tau=-1"})
     assert client.get_run(run_id).info.run_name == "minor_dpo b=0.1 tau=-1"
     assert mlflow_runs.open_run(cfg, {"mlflow.runName": "minor_dpo b=0.1 tau=-1"})[0] == run_id  # found by mdpo.run_name
+
+
+def test_a_reopened_run_drops_the_stop_reason_of_its_last_attempt(store):
+    """A sweep interrupted mid-trial tags the trial stopped; resumed, it may finish: no stale reason then."""
+    cfg = _cfg(store, "tracking.experiment=stops", "name=interrupted")
+    client = MlflowClient(cfg.mlflow_uri)
+    run_id, _ = mlflow_runs.open_run(cfg)
+    client.set_tag(run_id, mlflow_runs.STOP_REASON_TAG, "stopped by the sweep")
+    mlflow_runs.close_run(cfg, run_id, status="KILLED")
+    assert mlflow_runs.open_run(cfg) == (run_id, True)
+    assert mlflow_runs.STOP_REASON_TAG not in client.get_run(run_id).data.tags
 
 
 def test_system_metrics_attach_to_the_run_from_the_workers_sink_and_stop_with_it(store, monkeypatch):

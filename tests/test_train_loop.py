@@ -73,7 +73,7 @@ def test_step_zero_is_ln2_and_every_policy_tensor_changes_but_no_reference_tenso
         assert rec.logged[step]["rewards/margins"] == pytest.approx(0, abs=1e-6)
     assert rec.logged[0]["delta_chosen/p90"] == pytest.approx(0, abs=1e-6) and "grad_norm" not in rec.logged[0]
     assert set(rec.logged) == {0, 1, 2, 3, 4}
-    for key in ("eval/answer_accuracy", "eval/rewards/accuracies"):
+    for key in ("eval/answer_accuracy", "eval/rewards/accuracies", "eval/logits/chosen", "logits/rejected"):
         assert key in rec.logged[0]
     assert rec.tags["data/train_rows"].isdigit()  # data counts are run tags: one number is not a curve
     assert "eval/answer_accuracy" in rec.logged[4]

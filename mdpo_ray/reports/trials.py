@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from mdpo_ray.tracking.mlflow_runs import OVERRIDE_PREFIX, ROLE_TAG, RUN_NAME_TAG, STOP_REASON_TAG, SWEEP_TAG, TRIAL_TAG
+from mdpo_ray.tracking.mlflow_runs import OVERRIDE_PREFIX, ROLE_TAG, STOP_REASON_TAG, SWEEP_TAG, TRIAL_TAG
 
 TABLE_METRICS = (
     "eval/answer_accuracy", "eval/rewards/accuracies", "eval/rewards/margins", "eval/delta_chosen/mean",
@@ -70,7 +70,7 @@ def trial_frame(client: MlflowClient, runs: list, keys: list[str], metric: str, 
         row = {
             "run_id": run.info.run_id,
             "trial_id": tags.get(TRIAL_TAG, run.info.run_id),
-            "run_name": tags.get(RUN_NAME_TAG, run.info.run_name),
+            "run_name": run.info.run_name,  # as the MLflow UI names the trial: by its overrides
             "status": run.info.status,
             "stop_reason": tags.get(STOP_REASON_TAG, ""),
             **{key: _parse(tags.get(OVERRIDE_PREFIX + key)) for key in keys},

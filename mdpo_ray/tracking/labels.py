@@ -94,7 +94,10 @@ def source_tags(argv: list[str], cwd: Path | None = None) -> dict[str, str]:
     caller) and the git commit of the working directory when it is a git checkout (else no commit tag)."""
     program = Path(argv[0]).name
     program = "mdpo-ray" if program == "__main__.py" else program  # python -m mdpo_ray: the same command
-    tags = {SOURCE_NAME_TAG: " ".join([program, *argv[1:]])[:500], SOURCE_TYPE_TAG: "LOCAL"}
+    # JOB, not LOCAL: the UI shows a LOCAL source as a file, by what follows its last '/', so any path in
+    # the command line cut it ("problems.jsonl --set ..."); a JOB source (without Databricks job ids) it
+    # shows whole.
+    tags = {SOURCE_NAME_TAG: " ".join([program, *argv[1:]])[:500], SOURCE_TYPE_TAG: "JOB"}
     commit = git_commit(cwd or Path.cwd())
     if commit:
         tags[GIT_COMMIT_TAG] = commit

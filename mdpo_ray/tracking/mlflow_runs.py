@@ -34,10 +34,13 @@ EXPORT_PATH_TAG, EXPORT_URI_TAG = "mdpo.export_path", "mdpo.export_uri"  # the f
 # Where the latest (re)start of the worker group ran: "<Ray node id>:<ranks>;..." (set again on each restart)
 WORKER_NODES_TAG = "mdpo.worker_nodes"
 OVERRIDE_PREFIX = "override."  # one tag per searched key on each trial run
-# The MLflow 3 UI opens an experiment by its kind: model development shows runs, metric charts and
-# params; an untagged experiment may open on the GenAI pages (traces, evaluations). Values as in the
-# UI's ExperimentKind enum (mlflow/server/js, "custom_model_development" is shown as "Machine learning").
+# The experiment's kind, as the UI's ExperimentKind enum writes it (mlflow/server/js;
+# "custom_model_development" is shown as "Machine learning"): a UI that opens an experiment by its kind
+# shows runs, metric charts and params, not the GenAI pages (traces, evaluations). MLflow 3.17's UI
+# follows its own GenAI / Model training switch instead (top left; GenAI in a new browser, then
+# remembered), so the printed hint asks the user to pick Model training once.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+MODEL_TRAINING_SWITCH = "and pick 'Model training' in the switch at the top left (once)"
 # A key ending like a credential (hf_token, api_key, db_password) is never logged; max_new_tokens is.
 SECRET_KEY = re.compile(r"(token|secret|password|passwd|api_?key|access_?key|secret_?key|private_?key|credentials?)$",
                         re.IGNORECASE)
@@ -148,6 +151,8 @@ def _find_or_create_run(client: MlflowClient, experiment_id: str, run_name: str,
                                max_results=1)
     if found:
         client.update_run(found[0].info.run_id, status="RUNNING")
+        if STOP_REASON_TAG in found[0].data.tags:  # why the last attempt stopped; this one says so if it stops too
+            client.delete_tag(found[0].info.run_id, STOP_REASON_TAG)
         return found[0].info.run_id, found[0].data.params
     return client.create_run(experiment_id, run_name=run_name, tags=identity).info.run_id, None
 
@@ -212,5 +217,6 @@ def close_unfinished_children(cfg: RunConfig, parent_run_id: str, *, reason: str
 
 def ui_command(cfg: RunConfig) -> str:
     if cfg.mlflow_uri.startswith("sqlite:///"):  # a local store: the UI has to be started
-        return f"mlflow ui --backend-store-uri {cfg.mlflow_uri} --port 5000  # then http://127.0.0.1:5000"
-    return f"open {shown_uri(cfg.mlflow_uri)} (experiment {cfg.tracking.experiment!r})"
+        return (f"mlflow ui --backend-store-uri {cfg.mlflow_uri} --port 5000  # then http://127.0.0.1:5000, "
+                f"{MODEL_TRAINING_SWITCH}")
+    return f"open {shown_uri(cfg.mlflow_uri)} (experiment {cfg.tracking.experiment!r}) {MODEL_TRAINING_SWITCH}"

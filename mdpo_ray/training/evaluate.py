@@ -34,15 +34,17 @@ def eval_pairs(policy: nn.Module, reference, dataset, *, loss_cfg: LossConfig, e
     columns: list[torch.Tensor] = []
     for chunk in batches(mine, eval_cfg.batch_size):
         batch = device_batch(collate_pairs(take(dataset, chunk), pad_token_id), device)
-        pc, pr = concatenated_logps(policy, batch, average=loss_cfg.average_log_prob)
+        pc, pr, chosen_logits, rejected_logits = concatenated_logps(policy, batch, average=loss_cfg.average_log_prob,
+                                                                    mean_logits=True)
         rc, rr = reference.logps(batch, chunk)
-        columns.append(torch.stack([pc, pr, rc, rr], dim=1).float().cpu())
+        columns.append(torch.stack([pc, pr, rc, rr, chosen_logits, rejected_logits], dim=1).float().cpu())
     policy.train(was_training)
-    pc, pr, rc, rr = distributed.gather_cat(torch.cat(columns)).unbind(1)
+    pc, pr, rc, rr, chosen_logits, rejected_logits = distributed.gather_cat(torch.cat(columns)).unbind(1)
     losses = LOSSES[loss_cfg.name](pc, pr, rc, rr, **loss_cfg.knobs()).losses
     out = pair_metrics(losses=losses, policy_chosen_logps=pc, policy_rejected_logps=pr,
                        reference_chosen_logps=rc, reference_rejected_logps=rr, beta=loss_cfg.beta,
-                       reject_threshold=loss_cfg.reject_threshold, prefix="eval/")
+                       reject_threshold=loss_cfg.reject_threshold, policy_chosen_logits=chosen_logits,
+                       policy_rejected_logits=rejected_logits, prefix="eval/")
     out["eval/n_pairs"] = float(len(pc))
     return out
 

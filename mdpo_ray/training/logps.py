@@ -139,9 +139,11 @@ def _head_on_scored_rows(head: nn.Module | None, shape: torch.Size, index: torch
 
 
 def concatenated_logps(
-    model: nn.Module, batch: dict[str, torch.Tensor], *, average: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(chosen_logps (B,), rejected_logps (B,)) from one forward over the (2B, T) batch, chosen rows first.
+    model: nn.Module, batch: dict[str, torch.Tensor], *, average: bool = False, mean_logits: bool = False
+) -> tuple[torch.Tensor, ...]:
+    """(chosen_logps (B,), rejected_logps (B,)) from one forward over the (2B, T) batch, chosen rows first;
+    with mean_logits, also each sequence's mean logit over its completion positions and the vocabulary
+    (detached, (B,) each: TRL's logits/chosen and logits/rejected, per pair).
 
     batch: a collate_pairs batch through `device_batch`. Nothing here reads a value back to the host
     beyond what the model's own forward does, so on a GPU the host queues the forward and backward
@@ -151,8 +153,11 @@ def concatenated_logps(
     get_head = getattr(model, "get_output_embeddings", None)
     with _head_on_scored_rows(get_head() if get_head else None, input_ids.shape, index) as calls:
         logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False).logits
+    scored_logits = None
     if not calls:  # no separable head (or an unusual one): score the full logits
         logps = sequence_logps(logits, input_ids, loss_mask, average=average)
+        if mean_logits:
+            scored_logits = logits.detach().flatten(0, 1).index_select(0, index)
     else:
         assert len(calls) == 1 and logits.shape[:2] == (1, index.numel()), (len(calls), logits.shape)
         # Flat position p scores token p + 1 of the same row (p is never a row's last position).
@@ -164,5 +169,19 @@ def concatenated_logps(
         logps = per_token.index_copy(0, index, tokens).view(input_ids.shape).sum(-1)
         if average:
             logps = logps / loss_mask[:, 1:].sum(-1).clamp(min=1)
+        scored_logits = logits[0].detach()
     n_pairs = logps.shape[0] // 2
-    return logps[:n_pairs], logps[n_pairs:]
+    if not mean_logits:
+        return logps[:n_pairs], logps[n_pairs:]
+    logit_means = _row_means(scored_logits, index, loss_mask)
+    return logps[:n_pairs], logps[n_pairs:], logit_means[:n_pairs], logit_means[n_pairs:]
+
+
+def _row_means(scored_logits: torch.Tensor, index: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Each sequence's mean logit over its scored positions and the vocabulary, (N,) fp32. scored_logits:
+    (n, V), the rows at `index`. In fp32 chunks, so a bf16 model never holds an fp32 copy of its logits."""
+    with torch.no_grad():
+        per_position = torch.cat([scored_logits[rows].float().mean(-1) for rows in _chunks(scored_logits)])
+        summed = torch.zeros(loss_mask.numel(), dtype=torch.float32, device=per_position.device)
+        summed = summed.index_copy(0, index, per_position).view(loss_mask.shape).sum(-1)
+        return summed / loss_mask[:, 1:].sum(-1).clamp(min=1)

@@ -44,6 +44,9 @@ _PAIR = [
     Metric("logps/rejected", "mean policy log-prob of the rejected completion", "pair"),
     Metric("logps/ref_chosen", "mean reference log-prob of the chosen completion", "pair"),
     Metric("logps/ref_rejected", "mean reference log-prob of the rejected completion", "pair"),
+    Metric("logits/chosen", "mean policy logit over the chosen completion's positions and the vocabulary, per pair, "
+           "then over the pairs (TRL's name; TRL averages over the batch's tokens)", "pair"),
+    Metric("logits/rejected", "the same for the rejected completion", "pair"),
     # MinorDPO's gate: the reject penalty is off for pairs whose rejected answer sits below τ.
     Metric("stability/penalty_off_frac", "fraction of pairs whose MinorDPO reject penalty is off (Δl < τ, "
            "`loss.reject_threshold`)", "pair"),
@@ -98,11 +101,14 @@ def pair_metrics(
     policy_rejected_logps: torch.Tensor,
     reference_chosen_logps: torch.Tensor,
     reference_rejected_logps: torch.Tensor,
+    policy_chosen_logits: torch.Tensor,
+    policy_rejected_logits: torch.Tensor,
     beta: float,
     reject_threshold: float,
     prefix: str = "",
 ) -> dict[str, float]:
-    """All inputs (N,). Δw = policy_chosen − reference_chosen, Δl likewise for the rejected answer.
+    """All inputs (N,). Δw = policy_chosen − reference_chosen, Δl likewise for the rejected answer; the logits
+    are each pair's mean policy logit over its completion positions and the vocabulary (logps.py).
     Returns exactly PAIR_METRICS, each name with `prefix`."""
     delta_w = policy_chosen_logps - reference_chosen_logps
     delta_l = policy_rejected_logps - reference_rejected_logps
@@ -116,6 +122,8 @@ def pair_metrics(
         "logps/rejected": policy_rejected_logps.mean(),
         "logps/ref_chosen": reference_chosen_logps.mean(),
         "logps/ref_rejected": reference_rejected_logps.mean(),
+        "logits/chosen": policy_chosen_logits.mean(),
+        "logits/rejected": policy_rejected_logits.mean(),
         "stability/penalty_off_frac": (delta_l < reject_threshold).float().mean(),
         "stability/chosen_below_ref_frac": (delta_w < 0).float().mean(),
     }

@@ -178,7 +178,8 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
             distributed.sync_gradients(policy, last or cfg.optim.sync_every_micro_batch)
             host_batch = collate_pairs(ref.take(train_ds, micro_indices), tokenizer.pad_token_id)
             batch = device_batch(host_batch, device)
-            policy_chosen, policy_rejected = concatenated_logps(policy, batch, average=average)
+            policy_chosen, policy_rejected, chosen_logits, rejected_logits = concatenated_logps(
+                policy, batch, average=average, mean_logits=True)
             ref_chosen, ref_rejected = reference.logps(batch, micro_indices)
             out = loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, **knobs)
             # Summed over the micro-batch and divided by the rank's whole slice, the accumulated gradient is
@@ -187,8 +188,8 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
             loss = out.losses.sum() / len(indices)
             loss.backward()
             step_loss += loss.detach()
-            columns.append(torch.stack([out.losses, policy_chosen, policy_rejected, ref_chosen, ref_rejected], 1)
-                           .detach().float())
+            columns.append(torch.stack([out.losses, policy_chosen, policy_rejected, ref_chosen, ref_rejected,
+                                        chosen_logits, rejected_logits], 1).detach().float())
             step_stats["tokens"] += float(host_batch["attention_mask"].sum())
         grad_norm = distributed.clip_grad_norm(policy, cfg.optim.grad_clip)
         # All ranks see the same global grad norm and summed loss, so they agree on skipping.
@@ -286,10 +287,11 @@ def _stop_reason(cfg: RunConfig, metrics: dict[str, float]) -> str | None:
 
 def _pair_window_metrics(cfg: RunConfig, window) -> dict[str, float]:
     """pair_metrics over the window's pairs of every rank (a collective: every rank calls it)."""
-    losses, pc, pr, rc, rr = distributed.gather_cat(torch.cat(window)).unbind(1)
+    losses, pc, pr, rc, rr, chosen_logits, rejected_logits = distributed.gather_cat(torch.cat(window)).unbind(1)
     return pair_metrics(losses=losses, policy_chosen_logps=pc, policy_rejected_logps=pr,
                         reference_chosen_logps=rc, reference_rejected_logps=rr, beta=cfg.loss.beta,
-                        reject_threshold=cfg.loss.reject_threshold)
+                        reject_threshold=cfg.loss.reject_threshold, policy_chosen_logits=chosen_logits,
+                        policy_rejected_logits=rejected_logits)
 
 
 def _window_metrics(cfg: RunConfig, window, step_stats, lr: float, nonfinite_steps: int) -> dict[str, float]:
