@@ -243,6 +243,11 @@ class TrackingConfig(_Strict):
     system_metrics: bool = Field(
         True, description="MLflow's system metrics of rank 0's node (CPU, memory, disk, network; GPU with "
         "nvidia-ml-py), sampled every 10 s as `system/*`; false: none.")
+    log_model: bool = Field(
+        False, description="Also log the final export as an MLflow transformers model, the run's `model` artifact, "
+        "which the Model Registry can register (`mlflow.register_model('runs:/<run id>/model', name)`). It is a "
+        "second full copy of the weights in MLflow's artifact store, loaded once into rank 0's memory: meant for "
+        "small models. Needs a full export (not `export.lora: adapter`).")
 
 
 class EvalConfig(_Strict):
@@ -343,6 +348,12 @@ class RunConfig(_Strict):
             raise ValueError(
                 f"eval.every_steps ({every}) must be a multiple of tracking.log_every_steps ({log}): evals run "
                 f"at logging steps, so the others would be skipped; e.g. eval.every_steps={max(log, every // log * log)}"
+            )
+        if self.tracking.log_model and self.model.lora.r > 0 and self.export.lora == "adapter":
+            raise ValueError(
+                "tracking.log_model=true logs the export as a whole transformers model, but export.lora=adapter "
+                "exports only the LoRA adapters: set export.lora=merged, or tracking.log_model=false and register "
+                "the adapter directory yourself"
             )
         if self.model.name_or_path == BUILTIN and self.data.train != BUILTIN:
             raise ValueError(

@@ -6,6 +6,7 @@ same loading code a user's model goes through.
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Every Ray instance of this test session lives in a temp dir of its own (short: Ray's socket paths must fit
+# in 107 bytes), where it also leaves its address file: ray.init() never joins a cluster that a `ray start`
+# elsewhere on this machine left in /tmp/ray, nor the one another session's test started (pytest -n 2).
+os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray")
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -109,6 +114,29 @@ class OwnRay:
             except psutil.Error:  # gone meanwhile, or not ours to read
                 continue
         return found
+
+
+    def stop(self, grace_s: float = 10.0) -> None:
+        """Stop this instance's processes, and only these (`ray stop` would stop every Ray on the machine)."""
+        import psutil
+
+        procs = []
+        for line in self.processes():
+            try:
+                procs.append(psutil.Process(int(line.split(" ")[0])))
+            except psutil.Error:
+                continue
+        for proc in procs:
+            try:
+                proc.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=grace_s)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
 
 
 @pytest.fixture

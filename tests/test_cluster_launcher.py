@@ -109,7 +109,7 @@ def test_cluster_yaml_head_starts_a_gpu_worker_when_work_asks_for_a_gpu():
     config.write_text(yaml.safe_dump(_fake_copy(address)))
     # Token auth, as cluster.yaml turns on in every container; a token of this test's own.
     env = os.environ | {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1", "RAY_AUTH_MODE": "token",
-                        "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+                        "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_TMPDIR": temp_dir}  # its address file there
     env.pop("RAY_ADDRESS", None)
     log = (Path(temp_dir) / "head.log").open("w")
     head = subprocess.Popen(

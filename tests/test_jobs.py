@@ -19,16 +19,17 @@ ADDRESS = "http://127.0.0.1:8275"  # not the default ports: never touch a Ray th
 
 
 @pytest.fixture
-def head(tmp_path, monkeypatch):
+def head(own_ray, monkeypatch):
+    """A head of its own: its temp dir (no other test's ray.init() finds it), stopped by its processes alone."""
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # token auth is on by default in Ray 2.60 (STACK_NOTES)
-    env = dict(os.environ)
+    env = own_ray.env | {"RAY_AUTH_MODE": "disabled"}
     subprocess.run(["ray", "start", "--head", "--port=6390", "--num-cpus=2", "--include-dashboard=true",
                     "--dashboard-host=127.0.0.1", "--dashboard-port=8275", "--disable-usage-stats"], env=env,
                    check=True, capture_output=True, timeout=120)
     try:
         yield env
     finally:
-        subprocess.run(["ray", "stop", "--force"], env=env, capture_output=True, timeout=120, check=False)
+        own_ray.stop()
 
 
 def _job(env, verb, *args, timeout=300):

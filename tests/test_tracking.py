@@ -103,3 +103,29 @@ def test_system_metrics_attach_to_the_run_from_the_workers_sink_and_stop_with_it
     off = sinks.sink_for(load_config(None, [f"output_dir={store}", "tracking.system_metrics=false"]), run_id,
                          rank0=True)
     assert off._monitor is None
+
+
+@pytest.mark.slow  # MLflow's transformers flavor: seconds to import and save
+def test_log_model_puts_the_export_in_the_run_as_a_registrable_transformers_model(store, tiny_task, capsys):
+    import mlflow
+    import mlflow.transformers
+
+    cfg = _cfg(store, "tracking.experiment=models", "name=logged", "tracking.log_model=true")
+    run_id, _ = mlflow_runs.open_run(cfg)
+    sink = sinks.sink_for(cfg, run_id, rank0=True)
+    sink.log_model(tiny_task["model"])
+    sink.log_model(store / "no-such-export")  # a failure is said, and the run goes on
+    sink.close()
+    out = capsys.readouterr()
+    assert f"runs:/{run_id}/model" in out.out
+    assert "tracking.log_model: logging the export as an MLflow model failed" in out.err
+    mlflow.set_tracking_uri(cfg.mlflow_uri)
+    pipeline = mlflow.transformers.load_model(f"runs:/{run_id}/model")
+    assert pipeline.task == "text-generation" and isinstance(pipeline("Q: 1+2= A:", max_new_tokens=2), list)
+    version = mlflow.register_model(f"runs:/{run_id}/model", "mdpo-tiny")
+    assert int(version.version) == 1 and version.run_id == run_id
+
+
+def test_log_model_needs_a_whole_model_export():
+    with pytest.raises(Exception, match="export.lora=adapter exports only the LoRA adapters"):
+        load_config(None, ["tracking.log_model=true", "model.lora.r=8", "export.lora=adapter"])

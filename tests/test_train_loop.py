@@ -23,12 +23,16 @@ class Recorder:
         self.keep = keep_checkpoints_in
 
         self.tags: dict[str, str] = {}
+        self.logged_models: list = []
 
     def log(self, metrics, step):
         self.logged.setdefault(step, {}).update(metrics)
 
     def tag(self, key, value):
         self.tags[key] = value
+
+    def log_model(self, export_dir):
+        self.logged_models.append(export_dir)
 
     def report(self, metrics, checkpoint_dir, step):
         self.reports.append(metrics)
@@ -63,8 +67,9 @@ def test_step_zero_is_ln2_and_every_policy_tensor_changes_but_no_reference_tenso
     monkeypatch.setattr(reference.ResidentReference, "__init__", capture)
     before = _params(tiny_task["model"])
     # A tracking URI with credentials: the model card must name the server without them.
-    cfg, rec = _run([*tiny_run_overrides, "tracking.mlflow_uri=http://alice:s3cret@mlflow.example:5000"],
-                    mlflow_run_id="0123abcd")
+    cfg, rec = _run([*tiny_run_overrides, "tracking.mlflow_uri=http://alice:s3cret@mlflow.example:5000",
+                     "tracking.log_model=true"], mlflow_run_id="0123abcd")
+    assert rec.logged_models == [cfg.run_dir / "export"]  # the export with its card, before it is uploaded
 
     # Policy == reference at step 1: Δw = Δl = 0, so every pair's loss is ln 2 (MinorDPO == DPO there).
     # The curves' step-0 point is that forward (before the first update), beside the step-0 eval.

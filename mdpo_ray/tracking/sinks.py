@@ -11,6 +11,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import time
 from collections import deque
 from itertools import islice
@@ -42,12 +43,17 @@ class MetricSink(Protocol):
 
     def tag(self, key: str, value: str) -> None: ...
 
+    def log_model(self, export_dir: Path) -> None: ...
+
 
 class NullSink:
     def log(self, metrics: dict[str, float], step: int) -> None:
         pass
 
     def tag(self, key: str, value: str) -> None:
+        pass
+
+    def log_model(self, export_dir: Path) -> None:
         pass
 
     def close(self) -> None:
@@ -83,6 +89,21 @@ class MlflowSink:
 
     def tag(self, key: str, value: str) -> None:
         self._push([RunTag(key, str(value))])
+
+    def log_model(self, export_dir: Path) -> None:
+        """The export as the run's `model` artifact, an MLflow transformers model (`tracking.log_model`).
+        A failure is said and does not fail the run: the export itself is already written."""
+        from mdpo_ray.tracking.logged_model import save_mlflow_model
+
+        try:
+            with tempfile.TemporaryDirectory() as tmp:
+                save_mlflow_model(Path(export_dir), Path(tmp) / "model")
+                self.client.log_artifacts(self.run_id, str(Path(tmp) / "model"), "model")
+        except Exception as error:  # noqa: BLE001  (the export is written; MLflow's copy is extra)
+            warn(f"tracking.log_model: logging the export as an MLflow model failed ({type(error).__name__}: {error}); "
+                 f"the export itself is unaffected")
+            return
+        print(f"logged the export as an MLflow model: runs:/{self.run_id}/model", flush=True)
 
     def close(self) -> None:
         """A last flush; then say what could not be logged and write it to `unlogged_path`."""

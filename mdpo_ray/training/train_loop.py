@@ -260,6 +260,8 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
                 n_train_pairs=len(train_ds), n_eval_pairs=len(eval_ds) if eval_ds else 0, n_problems=len(problems),
                 before=state["eval_start"], after=last_metrics, mlflow_run_id=worker.mlflow_run_id,
                 stop_reason=stop_reason))
+            if cfg.tracking.log_model:
+                worker.sink.log_model(export_dir)
         say(f"exported the policy to {export_location} (model card: README.md)")
         worker.sink.tag(EXPORT_PATH_TAG, export_location)
         worker.sink.tag(EXPORT_URI_TAG, export_location if storage.is_remote(export_location)
