@@ -4,9 +4,14 @@ Nothing is downloaded: the model is built from a transformers config and loaded 
 same loading code a user's model goes through.
 """
 
+import contextlib
 import json
 import os
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -147,3 +152,50 @@ def own_ray(request):
     tmp = tempfile.mkdtemp(prefix="ray")  # short: Ray's socket paths under it must fit in 107 bytes
     yield OwnRay(request.node.name, tmp)
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def s3_server(bucket: str):
+    """An S3 server on 127.0.0.1 (moto's, the test extra) with one bucket; while it lasts the AWS settings
+    point this process, and a Ray instance or node it starts (whose workers inherit them), at it. Yields a
+    boto3 client. pyarrow (Ray's checkpoint uploads and mdpo_ray.storage) reaches it through
+    AWS_ENDPOINT_URL, as it would reach MinIO or AWS itself."""
+    import boto3
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, server.stderr.read().decode()[-2000:]
+                time.sleep(0.2)
+        env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
+               "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+               "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": os.devnull,
+               "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
+        with pytest.MonkeyPatch.context() as patch:
+            for key, value in env.items():
+                patch.setenv(key, value)
+            client = boto3.client("s3")
+            client.create_bucket(Bucket=bucket)
+            yield client
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def s3_keys(client, bucket: str, prefix: str = "") -> list[str]:
+    """The objects under `prefix`, less the empty `dir/` markers pyarrow writes to make directories."""
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []) if not obj["Key"].endswith("/"))

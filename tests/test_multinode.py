@@ -9,10 +9,10 @@ import signal
 import socket
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import s3_keys, s3_server
 from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM
 
@@ -22,6 +22,7 @@ from mdpo_ray.tracking.mlflow_runs import WORKER_NODES_TAG
 
 pytestmark = pytest.mark.slow
 
+BUCKET = "mdpo-multinode"
 NODE_CPUS = 2  # a node fits both workers of a run: PACK puts them on one node, SPREAD on two
 STEPS, EVERY, LOG_EVERY = 30, 10, 2
 
@@ -33,8 +34,9 @@ def two_nodes():
 
     from mdpo_ray.cluster import RAY_ENV
 
-    with pytest.MonkeyPatch.context() as env:
-        for key, value in RAY_ENV.items():  # before the nodes start, so their workers get them too
+    # The S3 server's settings, like RAY_ENV, before the nodes start, so their workers get them too.
+    with s3_server(BUCKET), pytest.MonkeyPatch.context() as env:
+        for key, value in RAY_ENV.items():
             env.setenv(key, value)
         # CPU 0: as on cluster.yaml's head, nothing trains there. The dashboard (Ray's State API) on a
         # free port: another Ray on this machine may hold the default one.
@@ -209,11 +211,18 @@ mode: max
 
 def test_a_sweep_spreads_its_trials_over_both_nodes_sharing_one_reference_table(two_nodes, tiny_overrides_under,
                                                                                  tmp_path):
+    import boto3
+
+    from mdpo_ray import storage
     from mdpo_ray import sweep as sweeps
 
     path = tmp_path / "spread.yaml"
     path.write_text(SWEEP)
-    sweep, base = load_sweep(path, tiny_overrides_under(tmp_path))
+    # Nodes without a shared file system keep a sweep on object storage: its reference tables, the trials'
+    # checkpoints and exports, and its report (MLflow's store is a server on a cluster; here a local file).
+    overrides = [*tiny_overrides_under(tmp_path), f"output_dir=s3://{BUCKET}/sweeps",
+                 f"tracking.mlflow_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    sweep, base = load_sweep(path, overrides)
     summary = sweeps.run_sweep(sweep, base)
     cfg = trial_config(base, sweeps.shared_run_keys(sweep, base) | {"name": "x"})
     client = _client(cfg)
@@ -224,5 +233,12 @@ def test_a_sweep_spreads_its_trials_over_both_nodes_sharing_one_reference_table(
     assert len(set(nodes)) == 2 and set(nodes) <= _worker_nodes(two_nodes), nodes
     # One table pair (train, held-out) computed before the trials, then read by each trial on its node.
     assert {c.data.tags["mdpo.reference_cache"] for c in children} == {"reused,reused"}
-    tables = [p for p in Path(cfg.output_dir).glob("reference_logps/*.pt") if not p.name.startswith("generation-")]
-    assert len(tables) == 2, tables
+    keys = s3_keys(boto3.client("s3"), BUCKET, "sweeps/spread-sweep/")
+    tables = [k for k in keys if "/reference_logps/" in k and not k.rsplit("/", 1)[1].startswith("generation-")]
+    assert len(tables) == 2, keys
+    for child in children:  # each trial's export, from whichever node ran it
+        assert f"sweeps/spread-sweep/{child.data.tags['mdpo.run_name']}/export/model.safetensors" in keys, keys
+    assert sum("/checkpoint_" in k and k.endswith(".metadata") for k in keys) >= 2, keys  # a checkpoint a trial
+    assert "sweeps/spread-sweep/report/trials.md" in keys and summary.report.markdown_path.startswith("s3://")
+    assert not list(tmp_path.rglob("s3:*"))  # nothing went to a local folder named like the URI
+    assert storage.is_remote(cfg.output_dir)

@@ -10,15 +10,11 @@ as it would reach MinIO or AWS itself.
 import io
 import json
 import os
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-import boto3
 import pytest
 import torch
+from conftest import s3_keys, s3_server
 
 from mdpo_ray import cli, storage
 from mdpo_ray.config import ConfigError, check_storage_outlives_job, load_config
@@ -28,42 +24,12 @@ BUCKET = "mdpo-test"
 
 @pytest.fixture(scope="module")
 def s3():
-    """An S3 server on 127.0.0.1 with one bucket; the AWS settings point this process (and a Ray instance
-    it starts, whose workers inherit them) at it."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert server.poll() is None and time.monotonic() < deadline, server.stderr.read().decode()[-2000:]
-            time.sleep(0.2)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "testing",
-           "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_EC2_METADATA_DISABLED": "true", "AWS_CONFIG_FILE": os.devnull, "AWS_SHARED_CREDENTIALS_FILE": os.devnull}
-    with pytest.MonkeyPatch.context() as patch:
-        for key, value in env.items():
-            patch.setenv(key, value)
-        client = boto3.client("s3")
-        client.create_bucket(Bucket=BUCKET)
+    with s3_server(BUCKET) as client:
         yield client
-    server.terminate()
-    try:
-        server.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        server.kill()
-        server.wait()
 
 
 def _keys(client, prefix: str = "") -> list[str]:
-    """The objects under `prefix`, less the empty `dir/` markers pyarrow writes to make directories."""
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=BUCKET, Prefix=prefix)
-    return sorted(obj["Key"] for page in pages for obj in page.get("Contents", []) if not obj["Key"].endswith("/"))
+    return s3_keys(client, BUCKET, prefix)
 
 
 def _colon_dirs(*roots: Path) -> list[Path]:
