@@ -79,6 +79,7 @@ dist.destroy_process_group()
 """
 
 
+@pytest.mark.slow  # two gloo processes
 def test_across_ranks_only_rank0_reads_the_weights_and_every_rank_gets_them(tmp_path):
     """A node must not hold one full copy of the model per GPU while loading: the other ranks build the
     bare architecture on the meta device and receive their shards and buffers from rank 0. Checked for

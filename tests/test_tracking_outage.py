@@ -98,6 +98,7 @@ def test_a_full_buffer_drops_the_oldest_points_and_says_how_many(tmp_path, capsy
     assert "2 older ones were dropped" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # starts an MLflow server twice
 def test_an_outage_is_buffered_and_flushed_once_when_the_server_is_back(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a stopped server refuses at once; keep it quick
     port, root = _free_port(), tmp_path / "store"
