@@ -58,8 +58,9 @@ def pairs(n: int, *, seed: int = 0, max_length: int = 2048) -> list[dict[str, st
 
 def summary(lengths: list[tuple[int, int, int]]) -> str:
     def spread(values: list[int]) -> str:
-        q = statistics.quantiles(values, n=20)
-        return f"min {min(values)}, p5 {q[0]:.0f}, median {statistics.median(values):.0f}, p95 {q[-1]:.0f}, max {max(values)}"
+        q = statistics.quantiles(values, n=20, method="inclusive")
+        median = statistics.median(values)
+        return f"min {min(values)}, p5 {q[0]:.0f}, median {median:.0f}, p95 {q[-1]:.0f}, max {max(values)}"
 
     prompts = [p for p, _, _ in lengths]
     completions = [c for _, c, _ in lengths] + [r for _, _, r in lengths]
