@@ -1,6 +1,7 @@
 """Variable-length preference pairs for throughput benchmarks, long-tailed like UltraFeedback's.
 
-    python benchmarks/varlen_pairs.py out.jsonl --pairs 512          # standard-format JSONL + a summary
+    python benchmarks/varlen_pairs.py out.jsonl --pairs 512   # standard-format JSONL, its lengths, and what
+                                                              # padded, grouped and packed batches compute
 
 Real preference sets are long-tailed: in UltraFeedback and HH, prompts run from a few tokens to over a
 thousand, and a pair's two answers often differ in length several times over. The fixed-length
@@ -71,16 +72,51 @@ def summary(lengths: list[tuple[int, int, int]]) -> str:
             f"pair: median {ratio:.2f}x")
 
 
+def layouts(lengths: list[tuple[int, int, int]], *, batch_size: int, micro_batch_size: int,
+            steps: int) -> dict[str, tuple[float, float]]:
+    """What each batch layout computes over the first `steps` steps of the seeded order, one worker:
+    {layout: (real tokens / token positions computed, sum of rows x width^2 relative to padded's)}.
+    The second is what sdpa and eager attention cost, dense over a row whatever its mask."""
+    from mdpo_ray.data.pairs import collate_pairs, real_tokens
+    from mdpo_ray.training.train_loop import micro_batches
+
+    rows = [{"prompt_input_ids": [1] * p, "chosen_input_ids": [2] * c, "rejected_input_ids": [3] * r}
+            for p, c, r in lengths]
+    longer = [p + max(c, r) for p, c, r in lengths]
+    out = {}
+    for name, grouped, packed in (("padded", False, False), ("grouped", True, False), ("packed", False, True),
+                                  ("grouped+packed", True, True)):
+        real = computed = attention = 0
+        for step in range(1, steps + 1):
+            for micro in micro_batches(step, n=len(rows), batch_size=batch_size, micro_batch_size=micro_batch_size,
+                                       seed=0, rank=0, world=1, lengths=longer if grouped else None):
+                batch = collate_pairs([rows[i] for i in micro], 0, padding_free=packed)
+                n_rows, width = batch["input_ids"].shape
+                real, computed, attention = real + real_tokens(batch), computed + n_rows * width, \
+                    attention + n_rows * width**2
+        out[name] = (real / computed, attention)
+    return {name: (share, attention / out["padded"][1]) for name, (share, attention) in out.items()}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("out", type=Path, help="the JSONL file to write")
     p.add_argument("--pairs", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-length", type=int, default=2048, help="prompt + completion tokens, as data.max_length")
+    p.add_argument("--batch", type=int, default=8, help="pairs a step, for the layout figures")
+    p.add_argument("--micro-batch", type=int, nargs="+", default=[2, 8], help="pairs a forward, for the layout figures")
     args = p.parse_args()
     rows = pairs(args.pairs, seed=args.seed, max_length=args.max_length)
     args.out.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    print(f"{args.out}: " + summary(pair_lengths(args.pairs, seed=args.seed, max_length=args.max_length)))
+    lengths = pair_lengths(args.pairs, seed=args.seed, max_length=args.max_length)
+    print(f"{args.out}: " + summary(lengths))
+    steps = max(1, args.pairs // args.batch)  # one epoch
+    for micro in args.micro_batch:
+        figures = layouts(lengths, batch_size=args.batch, micro_batch_size=micro, steps=steps)
+        print(f"batch {args.batch}, micro-batch {micro}, {steps} steps: real tokens / positions computed (attention "
+              "cost, rows x width^2, against padded): " + "; ".join(
+                  f"{name} {share:.1%} ({attention:.2f}x)" for name, (share, attention) in figures.items()))
 
 
 if __name__ == "__main__":
