@@ -215,10 +215,9 @@ def check_packed_attention(model: nn.Module, device: torch.device) -> None:
     crosstalk = float((packed[0] - packed[1]).abs().max() / scale)
     moved = float((packed - alone).abs().max() / scale)
     if crosstalk > 1e-4 or moved > 2e-2:
-        name = type(getattr(model, "base_model", model)).__name__
         attention = getattr(model.config, "_attn_implementation", "?")
         raise ConfigError(
-            f"data.padding_free: {name} (attention: {attention}) does not keep packed sequences apart: a sequence's "
+            f"data.padding_free: {type(model).__name__} (attention: {attention}) does not keep packed sequences apart: a sequence's "
             f"logits change by {crosstalk:.2g} (relative) with the sequence packed before it, and by {moved:.2g} "
             f"from those it gets alone. Packing needs attention that honours position_ids resets (transformers' "
             f"sdpa, eager or flash-attention); set data.padding_free=false (data.group_by_length=true with "
