@@ -8,12 +8,16 @@ then prints the table and checks the targets of the performance issue:
     python benchmarks/vs_trl.py --configs trl minor_dpo --windows 3      # a quick subset
     python benchmarks/vs_trl.py --profile --configs trl minor_dpo       # + torch.profiler top ops per config
     python benchmarks/vs_trl.py --configs minor_dpo ray_minor_dpo --rounds 5   # Ray's overhead, paired rounds
+    python benchmarks/vs_trl.py --varlen --micro-batch 2   # long-tailed lengths (varlen_pairs.py), max_length 2048
     benchmarks/gpu.sh                                  # one GPU, bf16, a ~0.5B Llama
 
 The model is a randomly initialised LlamaForCausalLM (hidden 256, 4 layers, vocab 32k by default)
 saved with save_pretrained; the pairs are the built-in arithmetic task's (mdpo_ray/task/arith.py) with
 few-shot prompts (--shots solved problems before the question, ~200 tokens a sequence), written to one
-JSONL that both sides read, tokenized by the same saved character tokenizer.
+JSONL that both sides read, tokenized by the same saved character tokenizer. With --varlen the pairs are
+benchmarks/varlen_pairs.py's instead: prompt and completion lengths long-tailed like UltraFeedback's
+(median sequence ~470 tokens, up to max_length, 2048 by default), where padding to a batch's longest
+sequence costs most.
 
 Configurations:
   trl, trl_precompute          TRL DPOTrainer, sigmoid loss; reference resident / precompute_ref_log_probs
@@ -23,6 +27,8 @@ Configurations:
   ray_minor_dpo                mdpo_ray.launch.train: Ray Train, 1 worker, MLflow tracking
   trl_checkpointing,           both sides with activation checkpointing: TRL's default gradient_checkpointing
   minor_dpo_checkpointing      (DPOConfig's own default) against scaling.activation_checkpointing
+  minor_dpo_grouped            data.group_by_length: micro-batches of similar lengths (needs --micro-batch)
+  minor_dpo_packed             data.padding_free: each forward's sequences packed without padding
 
 Speed is steady state: the first --warmup windows of --window steps are warm-up; then --windows windows, each
 timed from the end of one window to the end of the next (TRL: a callback's on_step_end; mdpo-ray:
@@ -54,6 +60,8 @@ import threading
 import time
 from pathlib import Path
 
+import varlen_pairs  # benchmarks/, this script's own folder
+
 CONFIGS = {  # name: (side, loss, reference)
     "trl": ("trl", "sigmoid", "resident"),
     "trl_precompute": ("trl", "sigmoid", "precompute"),
@@ -65,7 +73,11 @@ CONFIGS = {  # name: (side, loss, reference)
     "ray_minor_dpo": ("ray", "minor_dpo", "resident"),
     "trl_checkpointing": ("trl", "sigmoid", "resident"),
     "minor_dpo_checkpointing": ("ours", "minor_dpo", "resident"),
+    "minor_dpo_grouped": ("ours", "minor_dpo", "resident"),
+    "minor_dpo_packed": ("ours", "minor_dpo", "resident"),
 }
+DATA_MODES = {"minor_dpo_grouped": {"group_by_length": True}, "minor_dpo_packed": {"padding_free": True}}
+VARLEN_CONFIGS = set(DATA_MODES)  # run by default only with --varlen: on the fixed-length pairs they save nothing
 CHECKPOINTED = {"trl_checkpointing", "minor_dpo_checkpointing"}  # recompute each decoder block in backward
 BETA, LR = 0.1, 1e-4
 
@@ -78,7 +90,8 @@ def _positive(text: str) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    p.add_argument("--configs", nargs="+", default=None, choices=list(CONFIGS),
+                   help="default: all; without --varlen all but the length-grouped and packed ones")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: bf16 mixed precision")
     p.add_argument("--threads", type=int, default=2, help="torch threads (CPU), also on the Ray worker")
     p.add_argument("--hidden", type=int, default=256)
@@ -89,7 +102,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=int, default=3, help="solved problems before each question (~55 tokens each)")
     p.add_argument("--pairs", type=int, default=128, help="distinct pairs in the data set (epochs repeat)")
     p.add_argument("--batch", type=int, default=8, help="pairs per optimizer step")
-    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--micro-batch", type=int, default=None, help="pairs per forward, accumulated to --batch on both "
+                   "sides (mdpo-ray optim.micro_batch_size, TRL gradient_accumulation_steps); default: --batch")
+    p.add_argument("--max-length", type=int, default=None, help="data.max_length (default 512; 2048 with --varlen)")
+    p.add_argument("--varlen", action="store_true", help="variable-length pairs (benchmarks/varlen_pairs.py)")
     p.add_argument("--window", type=int, default=4, help="steps per timed window")
     p.add_argument("--warmup", type=_positive, default=3, help="warm-up windows, not timed (Ray's own start-up, e.g. its "
                    "Train helper actors importing their modules, overlaps the first ~15 s of training)")
@@ -151,6 +167,9 @@ def prepare(args, workdir: Path) -> dict:
     torch.manual_seed(0)
     LlamaForCausalLM(_model_config(args)).save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
+    if args.varlen:
+        rows = varlen_pairs.pairs(args.pairs, max_length=args.max_length)
+        return _write_pairs(rows, model_dir, pairs_path)
     task = generate_task(BuiltinTaskConfig(n_sft_problems=max(10, 4 * args.shots), n_pref_pairs=args.pairs,
                                            n_eval_pairs=1, n_eval_problems=1))
     rng, solved = random.Random(0), task["sft"]
@@ -158,6 +177,10 @@ def prepare(args, workdir: Path) -> dict:
     for pair in task["pairs"]:
         shots = " ".join(s["prompt"] + s["chosen"] for s in rng.sample(solved, args.shots))
         rows.append({"prompt": f"{shots} {pair['prompt']}", "chosen": pair["chosen"], "rejected": pair["rejected"]})
+    return _write_pairs(rows, model_dir, pairs_path)
+
+
+def _write_pairs(rows: list[dict], model_dir: Path, pairs_path: Path) -> dict:
     pairs_path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     # Tokens as mdpo_ray.data.pairs makes them: BOS + prompt, completion + EOS (TRL's are checked against these).
     lengths = [(1 + len(r["prompt"]), len(r["chosen"]) + 1, len(r["rejected"]) + 1) for r in rows]
@@ -224,7 +247,8 @@ def run_trl(args, assets: dict, precompute: bool) -> dict:
     model = AutoModelForCausalLM.from_pretrained(assets["model_dir"], dtype=torch.float32)
     config = DPOConfig(
         output_dir=str(args.workdir / args.one),
-        per_device_train_batch_size=args.batch, gradient_accumulation_steps=1, max_steps=_total_steps(args),
+        per_device_train_batch_size=args.micro_batch or args.batch,
+        gradient_accumulation_steps=args.batch // (args.micro_batch or args.batch), max_steps=_total_steps(args),
         learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
         optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0,
         bf16=gpu, fp16=False, use_cpu=not gpu,  # DPOConfig defaults to bf16=True
@@ -275,10 +299,10 @@ def _run_config(args, assets: dict, name: str, loss: str, reference: str):
     return RunConfig.model_validate({
         "name": f"bench-{name}", "output_dir": str(args.workdir / name), "seed": 0, "reference": reference,
         "model": {"name_or_path": assets["model_dir"]},
-        "data": {"train": assets["pairs"], "max_length": args.max_length},
+        "data": {"train": assets["pairs"], "max_length": args.max_length} | DATA_MODES.get(name, {}),
         "loss": {"name": loss, "beta": BETA},
         "optim": {"lr": LR, "warmup_steps": 0, "max_steps": _total_steps(args), "batch_size": args.batch,
-                  "grad_clip": 1.0},
+                  "micro_batch_size": args.micro_batch, "grad_clip": 1.0},
         "scaling": {"num_workers": 1, "use_gpu": gpu, "cpus_per_worker": args.threads,
                     "mixed_precision": "bf16" if gpu else "fp32", "activation_checkpointing": name in CHECKPOINTED},
         "checkpoint": {"every_steps": _total_steps(args), "num_to_keep": 1},
@@ -477,7 +501,8 @@ def _table(args, assets: dict, results: dict, rate: float, n_matmul: int, n_head
         cores += f"+{r['ray_cores']:.2f}" if r.get("ray_cores") is not None else ""
         what = {"trl": "TRL DPOTrainer", "ours": "mdpo-ray in-process", "ours_full_logits": "mdpo-ray, head on all",
                 "ray": "mdpo-ray Ray Train, 1 worker"}[side] + f", {loss}, {reference} reference" \
-            + (", activation checkpointing" if name in CHECKPOINTED else "")
+            + (", activation checkpointing" if name in CHECKPOINTED else "") \
+            + "".join(f", {key}" for key in DATA_MODES.get(name, {}))
         lines.append(f"{name:22s} {pairs:7.2f} {pairs * assets['tokens_per_pair']:8.0f} {speed:>6s} "
                      f"{mem:>9s} {mem_ratio:>6s} {model_flops / rate:6.1%} {executed / rate:5.0%} {cores:>9s}  {what}")
     lines += ["MFU: (6N + 2N with a resident reference) x tokens/s over the matmul rate, N the multiplying parameters",
@@ -503,6 +528,15 @@ def _targets(results: dict) -> list[str]:
             m = results[ours]["peak_memory"] / results[trl]["peak_memory"]
             lines.append(f"  {ours} vs {trl}: {s:.2f}x pairs/s (target >= 1.5x: {'met' if s >= 1.5 else 'MISSED'}), "
                          f"{m:.2f}x peak memory (target <= 0.5x: {'met' if m <= 0.5 else 'MISSED'})")
+    for ours in ("minor_dpo_packed", "minor_dpo_grouped"):  # issue 24's targets, on --varlen pairs
+        if ours in results and "trl" in results:
+            s, m = speed(ours) / speed("trl"), results[ours]["peak_memory"] / results["trl"]["peak_memory"]
+            lines.append(f"  {ours} vs trl: {s:.2f}x pairs/s (target >= 3x: {'met' if s >= 3 else 'MISSED'}), "
+                         f"{m:.2f}x peak memory (target <= 0.4x: {'met' if m <= 0.4 else 'MISSED'})")
+        if ours in results and "minor_dpo" in results:
+            s = speed(ours) / speed("minor_dpo")
+            lines.append(f"  {ours} vs minor_dpo (padded): {s:.2f}x pairs/s (target >= 2x: "
+                         f"{'met' if s >= 2 else 'MISSED'})")
     if "ray_minor_dpo" in results and "minor_dpo" in results:
         ray, local = results["ray_minor_dpo"], results["minor_dpo"]
         paired = [r / i - 1 for r, i in zip(ray["round_medians"], local["round_medians"], strict=False)]
@@ -558,8 +592,15 @@ def check_args(args) -> None:
                                                                   "steps_per_config": _total_steps(args)}, indent=1))
 
 
+def _resolve(args):
+    """The defaults that depend on --varlen."""
+    args.max_length = args.max_length or (2048 if args.varlen else 512)
+    args.configs = args.configs or [name for name in CONFIGS if args.varlen or name not in VARLEN_CONFIGS]
+    return args
+
+
 def main() -> None:
-    args = _parser().parse_args()
+    args = _resolve(_parser().parse_args())
     if args.check_args:
         return check_args(args)
     if args.one:
@@ -581,9 +622,13 @@ def main() -> None:
     device = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU, {args.threads} torch threads"
     print(f"model: random Llama, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}: "
           f"{n_total / 1e6:.1f}M parameters ({n_matmul / 1e6:.1f}M multiply); {device}; {precision}")
-    print(f"pairs: {args.pairs} built-in arithmetic pairs, {args.shots}-shot prompts, "
-          f"{assets['tokens_per_pair'] / 2:.0f} tokens per sequence on average "
-          f"({assets['completion_tokens_per_pair'] / 2:.0f} of them completion); batch {args.batch} pairs")
+    kind = "variable-length pairs (benchmarks/varlen_pairs.py)" if args.varlen else \
+        f"built-in arithmetic pairs, {args.shots}-shot prompts"
+    print(f"pairs: {args.pairs} {kind}, {assets['tokens_per_pair'] / 2:.0f} tokens per sequence on average "
+          f"({assets['completion_tokens_per_pair'] / 2:.0f} of them completion); batch {args.batch} pairs"
+          + (f" in micro-batches of {args.micro_batch}" if args.micro_batch else ""))
+    if args.varlen:
+        print("  " + varlen_pairs.summary(varlen_pairs.pair_lengths(args.pairs, max_length=args.max_length)))
     print(f"measured {size}x{size} matmul rate: {rate / 1e9:.1f} GFLOP/s; timing: {args.warmup * args.window}-step "
           f"warm-up, median of {args.windows} windows of {args.window} steps")
     print("set equal on both sides: precision as above, gradient checkpointing only in the *_checkpointing pair "

@@ -126,6 +126,17 @@ class DataConfig(_Strict):
         "`drop` it and count it (`data/train_bad_rows`), or `error`: stop, naming the row.")
     generation_eval: str | None = Field(None, description="JSONL of {prompt, answer}: greedy decoding is scored "
                                         "by the integer after `####` (`eval/answer_accuracy`); null: none.")
+    group_by_length: bool = Field(
+        False, description="Sort each step's pairs by length (the longer of chosen and rejected) before cutting them "
+        "into micro-batches, dealt to the workers in turn, so each micro-batch pads only to about its own pairs' "
+        "length. Each step trains on the same pairs, so the loss and gradient are unchanged; needs "
+        "`optim.micro_batch_size` below the per-worker batch or several workers to make any difference.")
+    padding_free: bool = Field(
+        False, description="Pack each forward's chosen and rejected sequences end to end into as few rows as fit "
+        "its longest sequence, without padding between them; each sequence attends only to itself, with its own "
+        "`position_ids`. Log-probs equal the padded ones up to float rounding (tested to 1e-5 in fp32). Needs a "
+        "model whose attention honours `position_ids` resets (transformers' sdpa, eager or flash-attention; "
+        "checked when the run starts).")
 
 
 class LossConfig(_Strict):
@@ -331,6 +342,12 @@ class RunConfig(_Strict):
                 f"optim.micro_batch_size ({micro}) must divide the per-worker batch, optim.batch_size "
                 f"({self.optim.batch_size}) / scaling.num_workers ({self.scaling.num_workers}) = "
                 f"{self.per_worker_batch_size}: each optimizer step accumulates whole micro-batches"
+            )
+        if self.data.group_by_length and self.accumulation_steps == 1 and self.scaling.num_workers == 1:
+            raise ValueError(
+                f"data.group_by_length groups a step's pairs into micro-batches, but one worker runs the whole batch "
+                f"({self.optim.batch_size} pairs) in one forward: set optim.micro_batch_size to a divisor of it "
+                f"(e.g. {max(1, self.optim.batch_size // 4)}), or data.group_by_length=false"
             )
         if self.scaling.mixed_precision == "bf16" and not self.scaling.use_gpu:
             raise ValueError("scaling.mixed_precision=bf16 needs scaling.use_gpu=true; use auto or fp32 on CPU")

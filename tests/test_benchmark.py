@@ -35,3 +35,37 @@ def test_the_benchmark_runs_the_in_process_step_with_the_head_on_every_position_
         assert name in results, (proc.stdout + proc.stderr)[-3000:]
         result = results[name]
         assert len(result["windows"]) == 2 and all(w > 0 for w in result["windows"]), result
+
+
+def test_the_variable_length_pairs_have_the_stated_long_tailed_lengths_and_tokenize_to_them(tmp_path, monkeypatch):
+    """benchmarks/varlen_pairs.py: clipped log-normal lengths (prompt median 150 in [20, 1500], completion
+    median 250 in [10, 1000], each pair fitting max_length), which mdpo-ray's tokenization reproduces exactly,
+    so the benchmark's tokens per pair are the ones trained on."""
+    import statistics
+
+    from mdpo_ray.data.pairs import load_pairs
+    from mdpo_ray.task.arith import build_tokenizer
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import varlen_pairs
+
+    lengths = varlen_pairs.pair_lengths(2000, max_length=1024)
+    prompts = [p for p, _, _ in lengths]
+    completions = [c for _, c, _ in lengths] + [r for _, _, r in lengths]
+    assert 20 <= min(prompts) and max(prompts) <= 1014 and 130 <= statistics.median(prompts) <= 170
+    assert 10 <= min(completions) and 220 <= statistics.median(completions) <= 280
+    assert max(p + max(c, r) for p, c, r in lengths) <= 1024  # nothing to truncate
+    assert sum(p > 800 for p in prompts) > 20  # a long tail, not a bell
+    assert statistics.median(max(c, r) / min(c, r) for _, c, r in lengths) > 1.5  # chosen, rejected independent
+
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in varlen_pairs.pairs(40, seed=3, max_length=1024)))
+    pairs, stats = load_pairs(str(path), split="train", tokenizer=build_tokenizer(), max_length=1024)
+    assert stats.n_kept == 40 and stats.n_truncated == 0
+    tokenized = [(len(p), len(c), len(r)) for p, c, r in
+                 zip(pairs["prompt_input_ids"], pairs["chosen_input_ids"], pairs["rejected_input_ids"], strict=True)]
+    assert tokenized == varlen_pairs.pair_lengths(40, seed=3, max_length=1024)
+    # The benchmark's layout figures: a padded forward of 8 pairs is mostly padding, a packed one is not.
+    figures = varlen_pairs.layouts(lengths[:64], batch_size=8, micro_batch_size=8, steps=8)
+    assert figures["padded"][0] < 0.6 and figures["packed"][0] > 0.85 and figures["packed"][1] < 0.6

@@ -145,6 +145,24 @@ def test_precompute_gives_the_same_losses_as_a_resident_reference(tiny_run_overr
     assert precomputed.logged[4]["eval/loss"] == pytest.approx(resident.logged[4]["eval/loss"], rel=1e-4)
 
 
+def test_packed_and_length_grouped_steps_give_the_padded_losses(tiny_run_overrides):
+    """data.padding_free and data.group_by_length change how a step's pairs are laid out, not which pairs it
+    trains on: every logged loss and log-prob matches the padded run's, with a resident and a precomputed
+    reference, and a packed policy's step 0 against its resident reference is still exactly Δw = Δl = 0."""
+    micro = [*tiny_run_overrides, "optim.micro_batch_size=2"]
+    _, padded = _run(micro)
+    runs = {"packed": ["data.padding_free=true"], "grouped": ["data.group_by_length=true"],
+            "packed_precompute": ["data.padding_free=true", "reference=precompute"]}
+    for name, overrides in runs.items():
+        _, run = _run([*micro, *overrides, f"name={name}"])
+        for step in (1, 2, 3, 4):
+            for key in ("loss", "logps/chosen", "logps/rejected", "logps/ref_chosen", "rewards/margins"):
+                assert run.logged[step][key] == pytest.approx(padded.logged[step][key], rel=1e-5, abs=1e-6), (name, key)
+        assert run.logged[4]["eval/loss"] == pytest.approx(padded.logged[4]["eval/loss"], rel=1e-5), name
+        if name == "packed":
+            assert run.logged[0]["delta_chosen/mean"] == 0 and run.logged[0]["delta_rejected/mean"] == 0
+
+
 def test_resume_from_a_checkpoint_continues_the_same_trajectory(tiny_run_overrides, tmp_path):
     overrides = [*tiny_run_overrides, "optim.warmup_steps=3"]  # steps 1-3 warm up: the schedule must carry over
     _, straight = _run(overrides)

@@ -27,7 +27,8 @@ import torch
 from mdpo_ray.config import DataConfig
 from mdpo_ray.data.rows import TEXT_COLUMNS, DataError, column_values, read_pair_texts, read_rows
 
-__all__ = ["DataError", "DataStats", "collate_pairs", "load_pairs", "load_train_eval", "read_pairs", "read_rows"]
+__all__ = ["DataError", "DataStats", "collate_pairs", "load_pairs", "load_train_eval", "pair_lengths", "read_pairs",
+           "read_rows", "real_tokens"]
 
 
 @dataclass
@@ -201,12 +202,21 @@ def _hold_out_prompts(pairs: datasets.Dataset, fraction: float, seed: int, sourc
 # -------------------------------------------------------------------------------------------- batching
 
 
-def collate_pairs(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+def pair_lengths(pairs: datasets.Dataset) -> list[int]:
+    """Tokens of each pair's longer sequence, prompt + the longer completion: what a pair adds to the
+    width of a padded batch (the key of data.group_by_length)."""
+    columns = pairs.select_columns(["prompt_input_ids", "chosen_input_ids", "rejected_input_ids"])
+    return [len(prompt) + max(len(chosen), len(rejected)) for batch in columns.iter(batch_size=4096)
+            for prompt, chosen, rejected in zip(*batch.values(), strict=True)]
+
+
+def collate_pairs(rows: list[dict], pad_token_id: int, *, padding_free: bool = False) -> dict[str, torch.Tensor]:
     """B pairs -> one (2B, T) batch: the B chosen sequences, then the B rejected ones, right-padded.
 
     input_ids (2B, T) long: prompt + completion, then pad_token_id; attention_mask (2B, T) long;
     loss_mask (2B, T) bool: True exactly at completion tokens, i.e. where log p(input_ids[t] | <t)
     counts towards the sequence log-prob. T is the longest sequence in the batch.
+    With padding_free, the same sequences packed into rows without padding between them (_pack).
     """
     assert rows, "collate_pairs needs at least one pair"
     sequences = [(r["prompt_input_ids"], r["chosen_input_ids"]) for r in rows]
@@ -221,4 +231,60 @@ def collate_pairs(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor
         input_ids[i, start:end] = torch.as_tensor(completion, dtype=torch.long)
         attention_mask[i, :end] = 1
         loss_mask[i, start:end] = True
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
+    return _pack(batch, pad_token_id) if padding_free else batch
+
+
+def _pack(batch: dict[str, torch.Tensor], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """A padded (2B, T) batch as R packed rows: the 2B sequences end to end, first fit, longest first,
+    in rows of at most T tokens (the padded width, so no row attends over more than a padded one would:
+    sdpa and eager attention cost a row's width squared, whatever its mask).
+
+    Each sequence has position_ids 0, 1, ... of its own and no attention_mask is passed: transformers
+    then builds a block-diagonal causal mask from the position resets (masking_utils
+    find_packed_sequence_indices; flash-attention reads them as varlen boundaries), so each sequence
+    attends only to itself. A row shorter than the fullest ends in pad tokens that restart at position 0:
+    a sequence of their own that no other attends to and nothing scores.
+
+    input_ids, position_ids (R, W) long, W the fullest row; loss_mask (2B, T) bool as collated: the
+    sequences' own layout, in which their log-probs are summed; scored_index (n,): the flat (R*W)
+    positions whose next token is a completion token, the rows the LM head sees; scored_slot (n,): the
+    same positions in the (2B, T) layout; sequence_lengths (2B,).
+    """
+    lengths = batch["attention_mask"].sum(1)
+    n, width_limit = batch["input_ids"].shape
+    rows: list[list[int]] = []
+    fill: list[int] = []
+    for i in sorted(range(n), key=lambda i: -int(lengths[i])):  # first fit decreasing: few rows, little slack
+        length = int(lengths[i])
+        row = next((r for r, used in enumerate(fill) if used + length <= width_limit), len(rows))
+        if row == len(rows):
+            rows.append([])
+            fill.append(0)
+        rows[row].append(i)
+        fill[row] += length
+    width = max(fill)
+    input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros_like(input_ids)
+    start = torch.zeros(n, dtype=torch.long)  # each sequence's first flat position in the packed rows
+    for r, row in enumerate(rows):
+        offset = 0
+        for i in row:
+            length = int(lengths[i])
+            input_ids[r, offset : offset + length] = batch["input_ids"][i, :length]
+            position_ids[r, offset : offset + length] = torch.arange(length)
+            start[i] = r * width + offset
+            offset += length
+        position_ids[r, offset:] = torch.arange(width - offset)
+    scored = torch.zeros_like(batch["loss_mask"])
+    scored[:, :-1] = batch["loss_mask"][:, 1:]  # position t scores token t+1, of the same sequence
+    slot = scored.flatten().nonzero().squeeze(1)
+    return {"input_ids": input_ids, "position_ids": position_ids, "loss_mask": batch["loss_mask"],
+            "scored_index": start[slot // width_limit] + slot % width_limit, "scored_slot": slot,
+            "sequence_lengths": lengths}
+
+
+def real_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens of a collated batch that are not padding, padded or packed."""
+    lengths = batch.get("sequence_lengths")
+    return int(lengths.sum() if lengths is not None else batch["attention_mask"].sum())

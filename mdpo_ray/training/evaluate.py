@@ -25,7 +25,7 @@ from mdpo_ray.training.reference import batches, cache_key, load_or_compute, ran
 
 @torch.no_grad()
 def eval_pairs(policy: nn.Module, reference, dataset, *, loss_cfg: LossConfig, eval_cfg: EvalConfig,
-               pad_token_id: int, device: torch.device) -> dict[str, float]:
+               pad_token_id: int, device: torch.device, padding_free: bool = False) -> dict[str, float]:
     mine = rank_shard(len(dataset), distributed.rank(), distributed.world_size())
     if not mine:
         return {}
@@ -33,7 +33,7 @@ def eval_pairs(policy: nn.Module, reference, dataset, *, loss_cfg: LossConfig, e
     policy.eval()
     columns: list[torch.Tensor] = []
     for chunk in batches(mine, eval_cfg.batch_size):
-        batch = device_batch(collate_pairs(take(dataset, chunk), pad_token_id), device)
+        batch = device_batch(collate_pairs(take(dataset, chunk), pad_token_id, padding_free=padding_free), device)
         pc, pr, chosen_logits, rejected_logits = concatenated_logps(policy, batch, average=loss_cfg.average_log_prob,
                                                                     mean_logits=True)
         rc, rr = reference.logps(batch, chunk)

@@ -25,6 +25,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from mdpo_ray.config import ConfigError
+
 CHUNK_FLOATS = 2**24  # fp32 elements per log-softmax chunk (64 MiB): rows per chunk = this / V
 
 
@@ -97,16 +99,18 @@ def sequence_logps(
 
 def device_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """A collate_pairs batch on `device`, plus `scored_index`: the flat (row-major) positions whose next
-    token is a completion token, the rows the LM head sees.
+    token is a completion token, the rows the LM head sees (a packed batch brings its own).
 
     The positions are counted here, on the host that built the batch: counting them on a GPU (boolean
     indexing) stopped the host until the device had caught up, three times a forward, and the device
     then idled while the host queued the rest. The copies are pinned and non-blocking, so the host collates and
     queues the next step while the device still runs this one's optimizer step.
     """
-    scored = torch.zeros_like(batch["loss_mask"])
-    scored[:, :-1] = batch["loss_mask"][:, 1:]  # position t scores token t+1
-    host = batch | {"scored_index": scored.flatten().nonzero().squeeze(1)}
+    host = dict(batch)
+    if "scored_index" not in host:
+        scored = torch.zeros_like(batch["loss_mask"])
+        scored[:, :-1] = batch["loss_mask"][:, 1:]  # position t scores token t+1
+        host["scored_index"] = scored.flatten().nonzero().squeeze(1)
     return {key: to_device(value, device) for key, value in host.items()}
 
 
@@ -145,35 +149,36 @@ def concatenated_logps(
     with mean_logits, also each sequence's mean logit over its completion positions and the vocabulary
     (detached, (B,) each: TRL's logits/chosen and logits/rejected, per pair).
 
-    batch: a collate_pairs batch through `device_batch`. Nothing here reads a value back to the host
-    beyond what the model's own forward does, so on a GPU the host queues the forward and backward
-    ahead of the device (tests/test_logps.py).
+    batch: a collate_pairs batch through `device_batch`, padded or packed (data.padding_free: the model
+    sees the packed rows and their position_ids; `scored_slot` puts each scored position back in the
+    sequences' (2B, T) layout). Nothing here reads a value back to the host beyond what the model's own
+    forward does, so on a GPU the host queues the forward and backward ahead of the device
+    (tests/test_logps.py).
     """
     input_ids, index, loss_mask = batch["input_ids"], batch["scored_index"], batch["loss_mask"]
+    inputs = {key: batch[key] for key in ("input_ids", "attention_mask", "position_ids") if key in batch}
     get_head = getattr(model, "get_output_embeddings", None)
     with _head_on_scored_rows(get_head() if get_head else None, input_ids.shape, index) as calls:
-        logits = model(input_ids=input_ids, attention_mask=batch["attention_mask"], use_cache=False).logits
-    scored_logits = None
-    if not calls:  # no separable head (or an unusual one): score the full logits
-        logps = sequence_logps(logits, input_ids, loss_mask, average=average)
-        if mean_logits:
-            scored_logits = logits.detach().flatten(0, 1).index_select(0, index)
-    else:
+        logits = model(**inputs, use_cache=False).logits
+    if calls:
         assert len(calls) == 1 and logits.shape[:2] == (1, index.numel()), (len(calls), logits.shape)
-        # Flat position p scores token p + 1 of the same row (p is never a row's last position).
-        tokens = picked_logps(logits[0], input_ids.flatten()[index + 1])
-        # Back in place and summed per row: a dense sum is deterministic on CUDA (index_add's atomics are
-        # not), so the policy and a resident reference sum identical token log-probs to identical totals
-        # and step 0's Δw, Δl are exactly 0 (MinorDPO's first step is then DPO's).
-        per_token = torch.zeros(input_ids.numel(), dtype=torch.float32, device=tokens.device)
-        logps = per_token.index_copy(0, index, tokens).view(input_ids.shape).sum(-1)
-        if average:
-            logps = logps / loss_mask[:, 1:].sum(-1).clamp(min=1)
-        scored_logits = logits[0].detach()
+        scored_logits = logits[0]
+    else:  # no separable head (or an unusual one): the full logits, of which only the scored rows count
+        scored_logits = logits.flatten(0, 1).index_select(0, index)
+    # Flat position p scores token p + 1 of the same row (p is never a row's last position).
+    tokens = picked_logps(scored_logits, input_ids.flatten()[index + 1])
+    # Back in place, in the (2B, T) layout, and summed per sequence: a dense sum is deterministic on CUDA
+    # (index_add's atomics are not), so the policy and a resident reference sum identical token log-probs to
+    # identical totals and step 0's Δw, Δl are exactly 0 (MinorDPO's first step is then DPO's).
+    slots = batch.get("scored_slot", index)
+    per_token = torch.zeros(loss_mask.numel(), dtype=torch.float32, device=tokens.device)
+    logps = per_token.index_copy(0, slots, tokens).view(loss_mask.shape).sum(-1)
+    if average:
+        logps = logps / loss_mask[:, 1:].sum(-1).clamp(min=1)
     n_pairs = logps.shape[0] // 2
     if not mean_logits:
         return logps[:n_pairs], logps[n_pairs:]
-    logit_means = _row_means(scored_logits, index, loss_mask)
+    logit_means = _row_means(scored_logits.detach(), slots, loss_mask)
     return logps[:n_pairs], logps[n_pairs:], logit_means[:n_pairs], logit_means[n_pairs:]
 
 
@@ -185,3 +190,36 @@ def _row_means(scored_logits: torch.Tensor, index: torch.Tensor, loss_mask: torc
         summed = torch.zeros(loss_mask.numel(), dtype=torch.float32, device=per_position.device)
         summed = summed.index_copy(0, index, per_position).view(loss_mask.shape).sum(-1)
         return summed / loss_mask[:, 1:].sum(-1).clamp(min=1)
+
+
+@torch.no_grad()
+def check_packed_attention(model: nn.Module, device: torch.device) -> None:
+    """Raise a ConfigError unless `model` keeps packed sequences apart (data.padding_free), found by
+    running it: transformers isolates them only for attention that builds its mask from position_ids
+    (sdpa, eager, flex) or reads them as varlen boundaries (flash-attention); linear-attention and
+    convolution layers, or a model that ignores position_ids, let one sequence see another.
+
+    Two packed rows, [first, second] and [other, second], must give `second` the same logits (it attends
+    to nothing before it, so they are the same computation), and the logits it gets alone (loosely: the
+    rows' shapes differ, and a bf16 model rounds differently).
+    """
+    vocab = model.config.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    first, other, second = (torch.randint(vocab, (n,), generator=gen) for n in (6, 6, 7))
+    positions = torch.cat([torch.arange(6), torch.arange(7)]).expand(2, -1)
+    rows = torch.stack([torch.cat([first, second]), torch.cat([other, second])])
+    packed = model(input_ids=rows.to(device), position_ids=positions.to(device), use_cache=False).logits[:, 6:]
+    alone = model(input_ids=second[None].to(device), use_cache=False).logits[0]
+    packed, alone = packed.float(), alone.float()
+    scale = alone.abs().max().clamp(min=1e-6)
+    crosstalk = float((packed[0] - packed[1]).abs().max() / scale)
+    moved = float((packed - alone).abs().max() / scale)
+    if crosstalk > 1e-4 or moved > 2e-2:
+        attention = getattr(model.config, "_attn_implementation", "?")
+        raise ConfigError(
+            f"data.padding_free: {type(model).__name__} (attention: {attention}) does not keep packed sequences apart: a sequence's "
+            f"logits change by {crosstalk:.2g} (relative) with the sequence packed before it, and by {moved:.2g} "
+            f"from those it gets alone. Packing needs attention that honours position_ids resets (transformers' "
+            f"sdpa, eager or flash-attention); set data.padding_free=false (data.group_by_length=true with "
+            f"optim.micro_batch_size also saves padding)"
+        )

@@ -25,7 +25,7 @@ from mdpo_ray import storage
 from mdpo_ray.config import RunConfig
 from mdpo_ray.data.pairs import collate_pairs
 from mdpo_ray.training import distributed, lora
-from mdpo_ray.training.logps import concatenated_logps, device_batch, to_device
+from mdpo_ray.training.logps import check_packed_attention, concatenated_logps, device_batch, to_device
 from mdpo_ray.training.model import load_causal_lm
 
 
@@ -69,7 +69,7 @@ class PrecomputedReference:
 
 @torch.no_grad()
 def compute_table(model: nn.Module, dataset, *, batch_size: int, pad_token_id: int, average: bool,
-                  device: torch.device) -> torch.Tensor:
+                  device: torch.device, padding_free: bool = False) -> torch.Tensor:
     """(N, 2) reference log-probs for every row, each rank computing its shard; all ranks get the table."""
     n, rank, world = len(dataset), distributed.rank(), distributed.world_size()
     mine = rank_shard(n, rank, world)
@@ -78,7 +78,7 @@ def compute_table(model: nn.Module, dataset, *, batch_size: int, pad_token_id: i
     mine.append(leftover[rank] if rank < len(leftover) else (mine[0] if mine else 0))
     values = []
     for chunk in batches(mine, batch_size):
-        batch = device_batch(collate_pairs(take(dataset, chunk), pad_token_id), device)
+        batch = device_batch(collate_pairs(take(dataset, chunk), pad_token_id, padding_free=padding_free), device)
         chosen, rejected = concatenated_logps(model, batch, average=average)
         values.append(torch.stack([chosen, rejected], dim=1).cpu())
     local = torch.cat(values)
@@ -146,7 +146,10 @@ def build(cfg: RunConfig, datasets: tuple, pad_token_id: int, mesh, mp_policy, d
     @lru_cache(maxsize=1)
     def load_frozen() -> nn.Module:
         model = load_causal_lm(cfg.model, trainable=False, weights=distributed.rank() == 0)
-        return distributed.shard_model(_in_compute_dtype(model, mp_policy), mesh, mp_policy, frozen=True)
+        model = distributed.shard_model(_in_compute_dtype(model, mp_policy), mesh, mp_policy, frozen=True)
+        if cfg.data.padding_free:
+            check_packed_attention(model, device)  # a table computed packed must be right before it is cached
+        return model
 
     average = cfg.loss.average_log_prob
     if cfg.reference == "resident":
@@ -161,13 +164,15 @@ def build(cfg: RunConfig, datasets: tuple, pad_token_id: int, mesh, mp_policy, d
         if dataset is None:
             tables.append(None)
             continue
+        # Packed forwards round differently (~1e-6): a key of their own; padded tables keep the keys they had.
+        packed = {"padding_free": True} if cfg.data.padding_free else {}
         key = cache_key(cfg.model.name_or_path, data=dataset._fingerprint, max_length=cfg.data.max_length,
-                        average=average, **numerics(device, mp_policy))
+                        average=average, **packed, **numerics(device, mp_policy))
         cache_file = storage.join(cfg.output_dir, "reference_logps", f"{key}.pt")
         started = time.perf_counter()
         table, reused = load_or_compute(cache_file, lambda ds=dataset: compute_table(
             load_frozen(), ds, batch_size=cfg.eval.batch_size, pad_token_id=pad_token_id, average=average,
-            device=device))
+            device=device, padding_free=cfg.data.padding_free))
         say(f"reference log-probs for {len(dataset)} pairs {'reused' if reused else 'computed'} "
             f"({time.perf_counter() - started:.1f} s): {cache_file}")
         tables.append(PrecomputedReference(table))

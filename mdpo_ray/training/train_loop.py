@@ -20,12 +20,12 @@ import torch
 
 from mdpo_ray import storage
 from mdpo_ray.config import OptimConfig, RunConfig
-from mdpo_ray.data.pairs import collate_pairs, load_train_eval
+from mdpo_ray.data.pairs import collate_pairs, load_train_eval, pair_lengths, real_tokens
 from mdpo_ray.tracking.mlflow_runs import EXPORT_PATH_TAG, EXPORT_URI_TAG, STOP_REASON_TAG, WORKER_NODES_TAG
 from mdpo_ray.tracking.sinks import MetricSink, NullSink
 from mdpo_ray.training import distributed, evaluate, lora
 from mdpo_ray.training import reference as ref
-from mdpo_ray.training.logps import concatenated_logps, device_batch
+from mdpo_ray.training.logps import check_packed_attention, concatenated_logps, device_batch
 from mdpo_ray.training.losses import LOSSES
 from mdpo_ray.training.metrics import EVAL_PREFIX, EVAL_START_PREFIX, data_tags, pair_metrics
 from mdpo_ray.training.model import export_pretrained, load_causal_lm, load_tokenizer
@@ -64,6 +64,26 @@ def batch_indices(step: int, *, n: int, batch_size: int, seed: int, rank: int, w
     per_rank = batch_size // world
     positions = range((step - 1) * batch_size + rank * per_rank, (step - 1) * batch_size + (rank + 1) * per_rank)
     return [int(_epoch_order(n, seed, p // n)[p % n]) for p in positions]
+
+
+def micro_batches(step: int, *, n: int, batch_size: int, micro_batch_size: int, seed: int, rank: int, world: int,
+                  lengths: list[int] | None = None) -> list[list[int]]:
+    """This rank's micro-batches of global batch `step`: its batch_indices slice cut in order, or, given
+    `lengths` (each pair's longer sequence, data.group_by_length), the whole global batch sorted by length,
+    cut into micro-batches and dealt to the ranks in turn.
+
+    Grouped, each rank still gets batch_size / world pairs and the global batch is the same set of pairs,
+    so the step's loss (the sum over the global batch over its size) and gradient do not change; its order
+    is a function of the step, so a resumed run sees what an uninterrupted one would. Dealing in turn gives
+    the ranks micro-batches of about the same length at each accumulation step: they wait on each other
+    inside every forward (FSDP's all-gathers).
+    """
+    if lengths is None:
+        indices = batch_indices(step, n=n, batch_size=batch_size, seed=seed, rank=rank, world=world)
+        return ref.batches(indices, micro_batch_size)
+    everything = batch_indices(step, n=n, batch_size=batch_size, seed=seed, rank=0, world=1)
+    ordered = sorted(everything, key=lambda i: lengths[i])  # stable: equal lengths keep the seeded order
+    return ref.batches(ordered, micro_batch_size)[rank::world]
 
 
 def lr_at(cfg: OptimConfig, step: int) -> float:
@@ -134,6 +154,8 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
     trainable = [p for p in policy.parameters() if p.requires_grad]  # LoRA: the adapters (no state for frozen weights)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   weight_decay=cfg.optim.weight_decay)
+    if cfg.data.padding_free:  # after the optimizer took the sharded parameters: a forward leaves the root gathered
+        check_packed_attention(policy, device)
     state = {"step": 0, "nonfinite_steps": 0, "eval_start": {}}
     if worker.restore_dir is not None:
         distributed.load_sharded(worker.restore_dir, policy, optimizer)
@@ -146,7 +168,8 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
 
     def run_eval(start: bool = False) -> dict[str, float]:
         out = evaluate.eval_pairs(policy, eval_reference, eval_ds, loss_cfg=cfg.loss, eval_cfg=cfg.eval,
-                                  pad_token_id=tokenizer.pad_token_id, device=device) if eval_ds else {}
+                                  pad_token_id=tokenizer.pad_token_id, device=device,
+                                  padding_free=cfg.data.padding_free) if eval_ds else {}
         if not problems:
             return out
         # Before training the policy is the loaded model: every run (sweep trial) from it scores the same.
@@ -162,6 +185,7 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
         say("before training: " + _describe(state["eval_start"]))
 
     loss_fn, knobs = LOSSES[cfg.loss.name], cfg.loss.knobs()
+    lengths = pair_lengths(train_ds) if cfg.data.group_by_length else None
     window: list[torch.Tensor] = []  # per-pair columns since the last log
     step_stats = {"grad_norm": 0.0, "tokens": 0.0, "seconds": 0.0, "steps": 0}
     consecutive_nonfinite, last_metrics, stop_reason = 0, {}, None
@@ -170,13 +194,16 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
         lr = lr_at(cfg.optim, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        indices = batch_indices(step, n=len(train_ds), batch_size=cfg.optim.batch_size, seed=cfg.seed,
-                                rank=rank, world=world)
+        micros = micro_batches(step, n=len(train_ds), batch_size=cfg.optim.batch_size,
+                               micro_batch_size=cfg.micro_batch_size, seed=cfg.seed, rank=rank, world=world,
+                               lengths=lengths)
+        n_pairs = sum(map(len, micros))  # this rank's share of the global batch
         step_loss, columns = torch.zeros((), device=device), []  # columns: per-pair values of each micro-batch
-        for micro, micro_indices in enumerate(ref.batches(indices, cfg.micro_batch_size)):
+        for micro, micro_indices in enumerate(micros):
             last = micro == cfg.accumulation_steps - 1
             distributed.sync_gradients(policy, last or cfg.optim.sync_every_micro_batch)
-            host_batch = collate_pairs(ref.take(train_ds, micro_indices), tokenizer.pad_token_id)
+            host_batch = collate_pairs(ref.take(train_ds, micro_indices), tokenizer.pad_token_id,
+                                       padding_free=cfg.data.padding_free)
             batch = device_batch(host_batch, device)
             policy_chosen, policy_rejected, chosen_logits, rejected_logits = concatenated_logps(
                 policy, batch, average=average, mean_logits=True)
@@ -185,12 +212,12 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
             # Summed over the micro-batch and divided by the rank's whole slice, the accumulated gradient is
             # that of the rank's mean loss; FSDP2 averages it over ranks: the global batch's mean, whatever
             # the micro-batch size.
-            loss = out.losses.sum() / len(indices)
+            loss = out.losses.sum() / n_pairs
             loss.backward()
             step_loss += loss.detach()
             columns.append(torch.stack([out.losses, policy_chosen, policy_rejected, ref_chosen, ref_rejected,
                                         chosen_logits, rejected_logits], 1).detach().float())
-            step_stats["tokens"] += float(host_batch["attention_mask"].sum())
+            step_stats["tokens"] += real_tokens(host_batch)
         grad_norm = distributed.clip_grad_norm(policy, cfg.optim.grad_clip)
         # All ranks see the same global grad norm and summed loss, so they agree on skipping.
         global_loss = distributed.all_reduce_sum(step_loss.float().reshape(1))

@@ -1,0 +1,149 @@
+"""Padding-free (packed) batches and length-grouped micro-batches, against the padded path they replace."""
+
+import pytest
+import torch
+
+from mdpo_ray.config import ConfigError, load_config
+from mdpo_ray.data.pairs import collate_pairs, real_tokens
+from mdpo_ray.training import logps
+from mdpo_ray.training.train_loop import batch_indices, micro_batches
+
+# (prompt, chosen, rejected) tokens of 4 pairs: 1 to 131 tokens a sequence, a 100x spread within a batch.
+SPANS = [(2, 90, 3), (60, 1, 40), (5, 7, 126), (1, 2, 2)]
+
+
+def _rows(spans=SPANS, vocab=61, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(1, vocab, (n,), generator=gen).tolist()
+    return [{"prompt_input_ids": ids(p), "chosen_input_ids": ids(c), "rejected_input_ids": ids(r)} for p, c, r in spans]
+
+
+def _tiny_causal_lm(kind: str):
+    from transformers import Gemma2Config, Gemma2ForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    shape = {"vocab_size": 61, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+    if kind == "gemma2":  # logit soft-capping, and a sliding-window layer beside a global one
+        return Gemma2ForCausalLM(Gemma2Config(**shape, head_dim=8, final_logit_softcapping=0.5, sliding_window=32))
+    return LlamaForCausalLM(LlamaConfig(**shape, attn_implementation=kind.removeprefix("llama_")))
+
+
+class Opaque(torch.nn.Module):
+    """A model whose head cannot be found (no get_output_embeddings) and that drops `drop` from its inputs."""
+
+    def __init__(self, inner, drop=()):
+        super().__init__()
+        self.inner, self.drop, self.config = inner, drop, inner.config
+
+    def forward(self, **kwargs):
+        return self.inner(**{k: v for k, v in kwargs.items() if k not in self.drop})
+
+
+def _both(rows):
+    cpu = torch.device("cpu")
+    return (logps.device_batch(collate_pairs(rows, 0), cpu),
+            logps.device_batch(collate_pairs(rows, 0, padding_free=True), cpu))
+
+
+def test_packing_lays_every_sequence_out_once_with_its_own_positions_in_rows_no_wider_than_padded():
+    padded, packed = _both(_rows())
+    lengths = padded["attention_mask"].sum(1)
+    assert packed["input_ids"].shape[1] <= padded["input_ids"].shape[1]
+    assert packed["input_ids"].shape[0] < padded["input_ids"].shape[0]  # 4 rows for 8 sequences here
+    assert "attention_mask" not in packed  # with one, transformers would not look for the position resets
+    assert real_tokens(packed) == real_tokens(padded) == int(lengths.sum())
+    starts = (packed["position_ids"].flatten() == 0).nonzero().squeeze(1).tolist()
+    found = []
+    for start in starts:  # every segment is a whole sequence (or a row's padded tail), positions 0, 1, ...
+        ids, end = packed["input_ids"].flatten(), start + 1
+        while end < ids.numel() and packed["position_ids"].flatten()[end] != 0:
+            end += 1
+        matches = [i for i in range(8) if lengths[i] == end - start and
+                   torch.equal(padded["input_ids"][i, : end - start], ids[start:end])]
+        found += matches[:1]
+    assert sorted(found) == list(range(8))
+    # The head's rows score the same tokens as the padded batch's, and go back to the same places.
+    assert torch.equal(packed["scored_slot"], padded["scored_index"])
+    assert torch.equal(packed["input_ids"].flatten()[packed["scored_index"] + 1],
+                       padded["input_ids"].flatten()[padded["scored_index"] + 1])
+
+
+@pytest.mark.parametrize("kind", ["llama_sdpa", "llama_eager", "gemma2"])
+@pytest.mark.parametrize("average", [False, True])
+def test_packed_log_probs_and_gradients_equal_the_padded_ones(kind, average):
+    """fp32, sequences of 1 to 131 tokens: the same per-pair log-probs to 1e-5 and the same gradient of a
+    loss of them, with the LM head seeing only the scored rows either way."""
+    model = _tiny_causal_lm(kind)
+    results = []
+    for batch in _both(_rows()):
+        calls = []
+        head = model.get_output_embeddings()
+        hook = head.register_forward_hook(lambda m, a, out, calls=calls: calls.append(a[0].shape))
+        chosen, rejected = logps.concatenated_logps(model, batch, average=average)
+        hook.remove()
+        assert calls == [(1, batch["scored_index"].numel(), 32)]
+        (chosen.sum() - 2 * rejected.sum()).backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters()}
+        results.append((torch.cat([chosen, rejected]).detach(), grads))
+        model.zero_grad()
+    (padded, padded_grads), (packed, packed_grads) = results
+    torch.testing.assert_close(packed, padded, rtol=0, atol=1e-5)
+    for name, grad in padded_grads.items():  # a weight's gradient sums over the tokens, in another order packed
+        torch.testing.assert_close(packed_grads[name], grad, rtol=1e-4, atol=1e-6 * float(grad.abs().max()), msg=name)
+
+
+def test_packed_mean_logits_and_the_full_logits_fallback_equal_the_padded_ones():
+    model = _tiny_causal_lm("llama_sdpa")
+    padded, packed = _both(_rows())
+    with torch.no_grad():
+        expected = torch.cat(logps.concatenated_logps(model, padded, mean_logits=True))
+        hooked = torch.cat(logps.concatenated_logps(model, packed, mean_logits=True))
+        full = torch.cat(logps.concatenated_logps(Opaque(model), packed, mean_logits=True))
+    torch.testing.assert_close(hooked, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(full, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("kind", ["llama_sdpa", "llama_eager", "gemma2"])
+def test_the_attention_check_passes_models_that_keep_packed_sequences_apart(kind):
+    logps.check_packed_attention(_tiny_causal_lm(kind), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("drop", [("position_ids",), ("position_ids", "attention_mask")])
+def test_a_model_that_lets_packed_sequences_see_each_other_is_refused_with_the_fix(drop):
+    model = Opaque(_tiny_causal_lm("llama_sdpa"), drop=drop)
+    with pytest.raises(ConfigError, match="does not keep packed sequences apart.*data.padding_free=false"):
+        logps.check_packed_attention(model, torch.device("cpu"))
+    padded, packed = _both(_rows())  # what the check prevents: log-probs that depend on the neighbours
+    with torch.no_grad():
+        assert not torch.allclose(torch.cat(logps.concatenated_logps(model, packed)),
+                                  torch.cat(logps.concatenated_logps(model, padded)), atol=1e-3)
+
+
+# ------------------------------------------------------------------------------------- grouped micro-batches
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_grouped_micro_batches_hold_the_steps_pairs_sorted_by_length_and_depend_only_on_the_step(world):
+    lengths = [int(x) for x in torch.randint(10, 2000, (37,), generator=torch.Generator().manual_seed(0))]
+    options = dict(n=37, batch_size=8, micro_batch_size=2, seed=5, world=world)
+    for step in range(1, 12):  # three epochs
+        grouped = [micro_batches(step, rank=r, lengths=lengths, **options) for r in range(world)]
+        plain = [micro_batches(step, rank=r, **options) for r in range(world)]
+        assert all(len(mine) == 4 // world and all(len(m) == 2 for m in mine) for mine in grouped)
+        step_pairs = sorted(batch_indices(step, n=37, batch_size=8, seed=5, rank=0, world=1))
+        assert sorted(i for mine in grouped for m in mine for i in m) == step_pairs
+        assert sorted(i for mine in plain for m in mine for i in m) == step_pairs
+        # Dealt in turn: accumulation step j of every rank holds the (j * world + rank)-th shortest pairs.
+        dealt = [grouped[r][j] for j in range(4 // world) for r in range(world)]
+        keys = [lengths[i] for m in dealt for i in m]
+        assert keys == sorted(keys)
+        assert grouped == [micro_batches(step, rank=r, lengths=lengths, **options) for r in range(world)]
+
+
+def test_group_by_length_without_micro_batches_is_refused_with_the_fix():
+    with pytest.raises(ValueError, match="optim.micro_batch_size"):
+        load_config(None, ["data.group_by_length=true", "optim.batch_size=8", "scaling.num_workers=1"])
+    load_config(None, ["data.group_by_length=true", "optim.batch_size=8", "scaling.num_workers=1",
+                       "optim.micro_batch_size=2"])
+    load_config(None, ["data.group_by_length=true", "optim.batch_size=8", "scaling.num_workers=2"])
