@@ -159,6 +159,10 @@ class LossConfig(_Strict):
                                    "pairs whose labels are flipped.")
     average_log_prob: bool = Field(False, description="Length-average the sequence log-probs instead of summing "
                                    "them over completion tokens (IPO's definition uses this).")
+    nll_weight: float = Field(0.0, ge=0, description="λ: adds λ times the chosen answer's token-mean negative "
+                              "log-likelihood, −(1/|y_w|)·Σ log π(y_w,t), to every pair's loss, whichever "
+                              "`loss.name` (the Iterative RPO recipe uses 1 with DPO); token-mean with or without "
+                              "`loss.average_log_prob`. 0: no NLL term, the loss is exactly the named one.")
 
     def knobs(self) -> dict[str, float]:
         """The keyword arguments every loss in mdpo_ray.training.losses accepts."""
