@@ -1,0 +1,148 @@
+"""Iterative on-policy training's pure parts: the iterate: config, the verifiers and the pairing rules."""
+
+import sys
+import textwrap
+
+import pytest
+
+from mdpo_ray.config import ConfigError, load_config
+from mdpo_ray.iterate.verify import final_answer_check, load_verifier, make_pairs, score
+
+ROW = {"prompt": "Q: 2+3-1= A:", "chosen": " 2+3=5; 5-1=4. #### 4", "rejected": " 2+3=5; 5-1=3. #### 3"}
+RIGHT, WRONG, NO_ANSWER = " 2+3=5; 5-1=4. #### 4", " 2+3=6; 6-1=5. #### 5", " 2+3=5; 5-1"
+
+
+@pytest.fixture
+def user_module(tmp_path, monkeypatch):
+    """An importable module `my_checks` with a float verifier, a bool one, a non-function and a broken return."""
+    (tmp_path / "my_checks.py").write_text(textwrap.dedent("""
+        def contains_four(prompt, completion, row):
+            return 1.0 if "4" in completion else 0.0
+
+        def always(prompt, completion, row):
+            return True
+
+        def broken(prompt, completion, row):
+            return "yes"
+
+        THRESHOLD = 3
+    """))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield "my_checks"
+    sys.modules.pop("my_checks", None)
+
+
+# --- iterate: config -------------------------------------------------------------------------------
+
+
+def test_iterate_defaults_to_a_single_run():
+    cfg = load_config()
+    assert cfg.iterate.rounds == 0 and cfg.iterate.verifier is None and cfg.iterate.reference == "previous"
+    assert load_verifier(cfg.iterate) is final_answer_check
+
+
+@pytest.mark.parametrize(("spec", "needle"), [
+    ("no_such_module_xyz:check", "cannot import 'no_such_module_xyz'"),
+    ("my_checks:missing", "'my_checks' has no function 'missing'"),
+    ("my_checks:THRESHOLD", "my_checks:THRESHOLD is not a function (it is a int value)"),
+    ("my_checks.contains_four", "not of the form package.module:function"),
+])
+def test_a_verifier_that_does_not_resolve_is_a_config_error_naming_the_key(user_module, spec, needle):
+    with pytest.raises(ConfigError, match="iterate.verifier") as info:
+        load_config(None, [f"iterate.verifier={spec}"])
+    assert needle in str(info.value)
+
+
+def test_a_user_verifier_is_loaded_from_its_module(user_module):
+    cfg = load_config(None, ["iterate.verifier=my_checks:contains_four"])
+    verifier = load_verifier(cfg.iterate)
+    assert verifier("p", "#### 4", {}) == 1.0 and verifier("p", "#### 5", {}) == 0.0
+
+
+@pytest.mark.parametrize(("override", "needle"), [
+    ("iterate.samples_per_prompt=1", "iterate.samples_per_prompt"),
+    ("iterate.temperature=0", "iterate.temperature"),
+    ("iterate.reference=sft", "iterate.reference"),
+    ("iterate.prompts_per_round=0", "iterate.prompts_per_round"),
+    ("iterate.rounds=2", "iterative training is not wired into `mdpo-ray train` yet"),
+])
+def test_bad_iterate_values_are_refused_with_the_key(override, needle):
+    with pytest.raises(ConfigError, match="iterate") as info:
+        load_config(None, [override])
+    assert needle in str(info.value)
+
+
+# --- verifiers -------------------------------------------------------------------------------------
+
+
+def test_final_answer_check_compares_the_integer_after_the_last_marker():
+    assert final_answer_check(ROW["prompt"], RIGHT, ROW) is True  # truth from the chosen answer
+    assert final_answer_check(ROW["prompt"], WRONG, ROW) is False
+    assert final_answer_check(ROW["prompt"], NO_ANSWER, ROW) is False  # no final answer: wrong
+    assert final_answer_check("p", "#### 5", {"prompt": "p", "answer": 5}) is True  # an int answer wins
+    assert final_answer_check("p", "#### 5", {"prompt": "p", "answer": "5"}) is True
+    assert final_answer_check("p", "#### 5", {"prompt": "p", "answer": "so #### 1,005"}) is False
+    assert final_answer_check("p", "#### 1005", {"prompt": "p", "answer": "so #### 1,005"}) is True
+    with pytest.raises(ValueError, match="iterate.verifier"):
+        final_answer_check("p", "#### 5", {"prompt": "p", "chosen": "five"})
+
+
+def test_scores_read_bools_and_numbers_against_one_half(user_module):
+    assert score(lambda p, c, r: True, "p", "c", {}) and not score(lambda p, c, r: False, "p", "c", {})
+    assert score(lambda p, c, r: 0.5, "p", "c", {}) and not score(lambda p, c, r: 0.49, "p", "c", {})
+    assert score(lambda p, c, r: 1, "p", "c", {})
+    from my_checks import broken
+    with pytest.raises(ValueError, match="broken returned 'yes'"):
+        score(broken, "p", "c", {})
+    with pytest.raises(ValueError, match="must return a bool or a number"):
+        score(lambda p, c, r: float("nan"), "p", "c", {})
+
+
+# --- pairing ---------------------------------------------------------------------------------------
+
+
+def _rows(n):
+    return [{"prompt": f"Q: {i}+0= A:", "answer": i} for i in range(n)]
+
+
+def test_pairs_are_a_correct_and_an_incorrect_completion_and_one_sided_prompts_are_counted():
+    rows = _rows(4)
+    completions = [
+        ["#### 0", "#### 7", "#### 0", "#### 9"],  # mixed: one pair
+        ["#### 1", "#### 1", "#### 1", "#### 1"],  # all correct
+        ["#### 5", "", "nothing", "#### 6"],  # all wrong (the empty one too)
+        ["#### 3", "   ", "#### 3", "#### 3"],  # correct but the other is empty: nothing to reject
+    ]
+    out = make_pairs(rows, completions, final_answer_check, seed=0)
+    assert [p["prompt"] for p in out.pairs] == [rows[0]["prompt"]]
+    assert out.pairs[0]["chosen"] == "#### 0" and out.pairs[0]["rejected"] in ("#### 7", "#### 9")
+    assert (out.prompts_all_correct, out.prompts_all_wrong) == (2, 1)
+    assert (out.samples, out.correct) == (16, 2 + 4 + 0 + 3)
+    assert out.metrics() == {"iterate/pairs": 1.0, "iterate/prompts_all_correct": 2.0,
+                             "iterate/prompts_all_wrong": 1.0, "iterate/sample_accuracy": 9 / 16}
+
+
+def test_pairing_is_seeded_deterministic_and_each_prompt_draws_alone():
+    rows = _rows(30)
+    completions = [[f"#### {i}", f"#### {i} ok", f"#### {i + 1}", f"#### {i + 2}", f"#### {i + 3}"]
+                   for i in range(30)]
+    first = make_pairs(rows, completions, final_answer_check, seed=7)
+    assert make_pairs(rows, completions, final_answer_check, seed=7) == first
+    assert make_pairs(rows, completions, final_answer_check, seed=8).pairs != first.pairs  # 30 draws of 2 x 3
+    # Prompt i's pair depends on (seed, i) and its own samples only: changing the others leaves it alone.
+    changed = [completions[0]] + [["#### 99", "#### 98"]] * 29
+    assert make_pairs(rows, changed, final_answer_check, seed=7).pairs == first.pairs[:1]
+    for pair, row in zip(first.pairs, rows, strict=True):
+        assert final_answer_check(row["prompt"], pair["chosen"], row)
+        assert not final_answer_check(row["prompt"], pair["rejected"], row)
+
+
+def test_a_user_verifier_decides_the_pairs(user_module):
+    verifier = load_verifier(load_config(None, ["iterate.verifier=my_checks:contains_four"]).iterate)
+    out = make_pairs([{"prompt": "p"}], [["has 4", "has 5"]], verifier, seed=0)
+    assert out.pairs == [{"prompt": "p", "chosen": "has 4", "rejected": "has 5"}]
+
+
+def test_mismatched_rows_and_samples_are_refused():
+    with pytest.raises(ValueError, match="2 rows but 1"):
+        make_pairs(_rows(2), [["#### 0"]], final_answer_check, seed=0)
