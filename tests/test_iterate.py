@@ -5,7 +5,8 @@ import textwrap
 
 import pytest
 
-from mdpo_ray.config import ConfigError, load_config
+from mdpo_ray.config import ConfigError, IterateConfig, load_config
+from mdpo_ray.iterate.sample import HFGenerator, round_rows, sample_round
 from mdpo_ray.iterate.verify import final_answer_check, load_verifier, make_pairs, score
 
 ROW = {"prompt": "Q: 2+3-1= A:", "chosen": " 2+3=5; 5-1=4. #### 4", "rejected": " 2+3=5; 5-1=3. #### 3"}
@@ -146,3 +147,60 @@ def test_a_user_verifier_decides_the_pairs(user_module):
 def test_mismatched_rows_and_samples_are_refused():
     with pytest.raises(ValueError, match="2 rows but 1"):
         make_pairs(_rows(2), [["#### 0"]], final_answer_check, seed=0)
+
+
+# --- sampling a round ------------------------------------------------------------------------------
+
+
+def test_a_round_draws_distinct_prompts_seeded_and_anew_each_round():
+    rows = [{"prompt": f"Q: {i % 20}+0= A:", "answer": i % 20, "copy": i // 20} for i in range(40)]  # each twice
+    everything = round_rows(rows, IterateConfig(), seed=0, round_index=0)
+    assert [r["prompt"] for r in everything] == [f"Q: {i}+0= A:" for i in range(20)]
+    assert all(r["copy"] == 0 for r in everything)  # a prompt's first row
+    cfg = IterateConfig(prompts_per_round=5)
+    first = round_rows(rows, cfg, seed=0, round_index=0)
+    assert len(first) == 5 and len({r["prompt"] for r in first}) == 5
+    assert [r["answer"] for r in first] == sorted(r["answer"] for r in first)  # in data order
+    assert round_rows(rows, cfg, seed=0, round_index=0) == first
+    assert round_rows(rows, cfg, seed=0, round_index=1) != first
+    with pytest.raises(ValueError, match="conversational"):
+        round_rows([{"prompt": [{"role": "user", "content": "hi"}]}], cfg, seed=0, round_index=0)
+
+
+@pytest.fixture(scope="module")
+def generator():
+    """transformers sampling on a random tiny model of the built-in task (wide init: varied outputs)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from mdpo_ray.config import BuiltinTaskConfig
+    from mdpo_ray.task import arith
+
+    tokenizer = arith.build_tokenizer()
+    config = arith.model_config(BuiltinTaskConfig(hidden_size=64, intermediate_size=128), tokenizer)
+    config.initializer_range = 1.0
+    torch.manual_seed(0)
+    return HFGenerator(LlamaForCausalLM(config).eval(), tokenizer, max_new_tokens=8, batch_size=3)
+
+
+def test_the_transformers_backend_samples_n_per_prompt_reproducibly(generator):
+    import torch
+
+    prompts = ["Q: 1+2= A:", "Q: 97-53-5-33= A:", "Q: 9+9-1= A:", "Q: 40-4+17= A:"]
+    state = torch.random.get_rng_state()
+    first = generator.sample(prompts, n=3, temperature=1.0, seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is untouched
+    assert [len(c) for c in first] == [3, 3, 3, 3] and all(isinstance(t, str) for c in first for t in c)
+    assert generator.sample(prompts, n=3, temperature=1.0, seed=1) == first
+    assert generator.sample(prompts, n=3, temperature=1.0, seed=2) != first
+
+
+def test_a_sampled_round_accounts_for_every_prompt_and_sample(generator):
+    rows = [{"prompt": f"Q: {i}+{i}= A:", "answer": 2 * i} for i in range(6)]
+    cfg = IterateConfig(samples_per_prompt=4, prompts_per_round=5, temperature=1.5)
+    has_digit_one = lambda prompt, completion, row: "1" in completion  # splits random samples
+    out = sample_round(generator, rows, cfg, has_digit_one, seed=0, round_index=2)
+    assert out.pairs and len(out.pairs) + out.prompts_all_correct + out.prompts_all_wrong == 5
+    assert out.samples == 5 * 4
+    assert all("1" in p["chosen"] and "1" not in p["rejected"] for p in out.pairs)
+    assert sample_round(generator, rows, cfg, has_digit_one, seed=0, round_index=2) == out
