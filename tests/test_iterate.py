@@ -204,3 +204,11 @@ def test_a_sampled_round_accounts_for_every_prompt_and_sample(generator):
     assert out.samples == 5 * 4
     assert all("1" in p["chosen"] and "1" not in p["rejected"] for p in out.pairs)
     assert sample_round(generator, rows, cfg, has_digit_one, seed=0, round_index=2) == out
+
+
+def test_the_run_description_and_trial_names_say_the_nll_term():
+    from mdpo_ray.tracking.labels import SHORT_KEYS, describe_loss
+
+    assert describe_loss(load_config(None, ["loss.name=dpo"]).loss) == "dpo β=0.1"
+    assert describe_loss(load_config(None, ["loss.name=dpo", "loss.nll_weight=1"]).loss) == "dpo β=0.1 + nll 1"
+    assert SHORT_KEYS["loss.nll_weight"] == "nll"
