@@ -212,3 +212,43 @@ def test_the_run_description_and_trial_names_say_the_nll_term():
     assert describe_loss(load_config(None, ["loss.name=dpo"]).loss) == "dpo β=0.1"
     assert describe_loss(load_config(None, ["loss.name=dpo", "loss.nll_weight=1"]).loss) == "dpo β=0.1 + nll 1"
     assert SHORT_KEYS["loss.nll_weight"] == "nll"
+
+
+# --- saved rounds ----------------------------------------------------------------------------------
+
+
+def test_a_saved_round_is_read_back_instead_of_resampled(tmp_path):
+    from mdpo_ray.iterate.store import PAIRING_FILE, load_pairing, round_location, sampled_once
+
+    location = round_location(str(tmp_path / "run"), 2)
+    assert location.endswith("iterate/round_002")
+    completions = [["#### 0", "#### 9"], ["#### 1", "#### 1"], ["#### 7", "#### 8"]]
+    calls = []
+
+    def sample():
+        calls.append(1)
+        return make_pairs(_rows(3), completions, final_answer_check, seed=3)
+
+    first, reused = sampled_once(location, sample)
+    assert not reused and len(calls) == 1 and first.pairs
+    again, reused = sampled_once(location, sample)
+    assert reused and len(calls) == 1 and again == first
+    # A save killed before its counts file: the round is not complete, so it is sampled again.
+    (tmp_path / "run" / "iterate" / "round_002" / PAIRING_FILE).unlink()
+    assert load_pairing(location) is None
+    assert sampled_once(location, sample) == (first, False) and len(calls) == 2
+
+
+def test_saved_pairs_are_a_training_file(tmp_path):
+    """pairs.jsonl is what the round trains on: data.train reads it as standard {prompt, chosen, rejected} rows."""
+    from mdpo_ray.iterate.store import PAIRS_FILE, round_location, save_pairing
+
+    location = round_location(str(tmp_path / "run"), 0)
+    save_pairing(location, make_pairs(_rows(2), [["#### 0", "#### 5"], ["#### 6", "#### 1"]], final_answer_check,
+                                      seed=0))
+    from mdpo_ray.data.rows import read_rows_as
+
+    rows, fmt = read_rows_as(f"{location}/{PAIRS_FILE}", split="train", format="auto")
+    assert fmt == "standard"
+    assert rows.to_list() == [{"prompt": "Q: 0+0= A:", "chosen": "#### 0", "rejected": "#### 5"},
+                              {"prompt": "Q: 1+0= A:", "chosen": "#### 1", "rejected": "#### 6"}]
