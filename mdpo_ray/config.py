@@ -6,7 +6,10 @@ here so that Ray workers, whose working directory differs from the driver's, see
 
 from __future__ import annotations
 
+import importlib
 import os
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -159,6 +162,10 @@ class LossConfig(_Strict):
                                    "pairs whose labels are flipped.")
     average_log_prob: bool = Field(False, description="Length-average the sequence log-probs instead of summing "
                                    "them over completion tokens (IPO's definition uses this).")
+    nll_weight: float = Field(0.0, ge=0, description="λ: adds λ times the chosen answer's token-mean negative "
+                              "log-likelihood, −(1/|y_w|)·Σ log π(y_w,t), to every pair's loss, whichever "
+                              "`loss.name` (the Iterative RPO recipe uses 1 with DPO); token-mean with or without "
+                              "`loss.average_log_prob`. 0: no NLL term, the loss is exactly the named one.")
 
     def knobs(self) -> dict[str, float]:
         """The keyword arguments every loss in mdpo_ray.training.losses accepts."""
@@ -288,6 +295,56 @@ class StopConfig(_Strict):
                                           "(`delta_chosen/mean`, nats) falls below minus this; null: never.")
 
 
+class IterateConfig(_Strict):
+    """Iterative on-policy training (issue 25; Iterative RPO, Pang et al. 2024): each round samples completions of
+    the training prompts from the current policy, labels them with a verifier, pairs a correct with an incorrect
+    completion of the same prompt, and trains one round of the configured loss on those pairs."""
+
+    rounds: int = Field(0, ge=0, description="Rounds of sample, verify, train; 0: a single run on `data.train` as it "
+                        "is (no sampling). Values above 0 are refused for now: the rounds loop is not wired into "
+                        "`mdpo-ray train` yet.")
+    samples_per_prompt: int = Field(4, ge=2, description="Completions sampled per training prompt each round; a "
+                                    "prompt yields a pair only if at least one is correct and one incorrect.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature (full distribution: no top-k, no "
+                               "top-p).")
+    prompts_per_round: int | None = Field(None, ge=1, description="Training prompts sampled each round, a seeded "
+                                          "draw that changes with the round; null: every prompt of `data.train`.")
+    reference: Literal["previous", "initial"] = Field(
+        "previous", description="The reference of each round: `previous`, the policy the round starts from (Iterative "
+        "RPO); `initial`, the starting model throughout.")
+    verifier: str | None = Field(
+        None, description="`package.module:function` called as function(prompt, completion, row) -> float or bool, "
+        "`row` being the training row the prompt came from; a completion is correct when the result is at least "
+        "0.5 (True is 1). null: the built-in final-answer check, the integer after the last `####` of the "
+        "completion against the row's `answer` (or the integer after `####` in its chosen answer).")
+
+    @field_validator("verifier")
+    @classmethod
+    def _verifier_imports(cls, value: str | None) -> str | None:
+        if value is not None:
+            import_function(value)
+        return value
+
+
+def import_function(spec: str) -> Callable:
+    """The function a `package.module:function` string names (iterate.verifier); a ValueError that says what is
+    wrong (format, import, attribute, not callable), which the config reports under its key."""
+    if not re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec):
+        raise ValueError(f"{spec!r} is not of the form package.module:function (e.g. my_pkg.checks:is_right)")
+    module_name, _, name = spec.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # noqa: BLE001 (any failure of the user's module: ImportError, SyntaxError, its own)
+        raise ValueError(f"cannot import {module_name!r} ({type(error).__name__}: {error}); install it or put its "
+                         "folder on PYTHONPATH") from None
+    function = getattr(module, name, None)
+    if not callable(function):  # a ValueError, which pydantic reports under the key (a TypeError it would not)
+        raise ValueError(  # noqa: TRY004
+            f"{module_name!r} has no function {name!r}" if function is None else
+            f"{spec} is not a function (it is a {type(function).__name__} value)")
+    return function
+
+
 class RunConfig(_Strict):
     """The top-level keys of a run YAML; the sections below are nested mappings (`loss: {beta: 0.3}`) or dotted
     `--set` keys (`--set loss.beta=0.3`)."""
@@ -315,6 +372,7 @@ class RunConfig(_Strict):
     tracking: TrackingConfig = TrackingConfig()
     eval: EvalConfig = EvalConfig()
     stop: StopConfig = StopConfig()
+    iterate: IterateConfig = IterateConfig()
 
     @field_validator("output_dir")
     @classmethod
@@ -372,6 +430,11 @@ class RunConfig(_Strict):
                 "exports only the LoRA adapters: set export.lora=merged, or tracking.log_model=false and register "
                 "the adapter directory yourself"
             )
+        if self.iterate.rounds:
+            # Refused rather than ignored: the sampling, verifying and pairing pieces exist, the rounds loop does not.
+            raise ValueError(
+                f"iterate.rounds={self.iterate.rounds}: iterative training is not wired into `mdpo-ray train` yet "
+                "(issue 25); set iterate.rounds=0 for a single run")
         if self.model.name_or_path == BUILTIN and self.data.train != BUILTIN:
             raise ValueError(
                 "model.name_or_path=builtin:arith is the SFT model of the built-in task and only fits "

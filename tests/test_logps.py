@@ -54,6 +54,17 @@ def test_average_divides_by_completion_length():
     torch.testing.assert_close(mean, total / torch.tensor([4.0, 2.0]))
 
 
+def test_chosen_token_mean_nll_divides_by_chosen_completion_tokens():
+    """Two pairs, chosen rows first: the chosen rows score 3 and 1 tokens (loss_mask[:, 1:]), so summed
+    log-probs (−6, −2) give token-mean NLL (2, 2); already length-averaged log-probs are only negated.
+    The rejected rows' tokens do not count."""
+    mask = torch.tensor([[False, False, True, True, True], [False, False, False, False, True],
+                         [False, True, True, True, True], [False, True, True, True, True]])
+    summed = torch.tensor([-6.0, -2.0])
+    torch.testing.assert_close(logps.chosen_token_mean_nll(summed, mask, average=False), torch.tensor([2.0, 2.0]))
+    torch.testing.assert_close(logps.chosen_token_mean_nll(summed, mask, average=True), torch.tensor([6.0, 2.0]))
+
+
 def test_bf16_logits_are_reduced_in_fp32():
     torch.manual_seed(3)
     logits = torch.randn(2, 8, 50) * 5

@@ -233,3 +233,43 @@ def test_finite_across_dtypes_and_large_margins(name, dtype, scale):
     assert torch.isfinite(out.losses).all()
     for g in grads(L.LOSSES[name], inputs, **FULL_KNOBS):
         assert g is None or torch.isfinite(g).all()
+
+
+# --- loss.nll_weight: the Iterative RPO NLL term on the chosen answer, for any loss ----------------
+
+
+@pytest.mark.parametrize("name", L.LOSS_NAMES)
+def test_nll_weight_zero_changes_nothing_bitwise(name):
+    """λ = 0 hands back the loss's own output: the same tensors, not merely equal values."""
+    out = L.LOSSES[name](*pair([0.3, -1.2], [0.8, -0.4]), **FULL_KNOBS)
+    same = L.with_chosen_nll(out, torch.tensor([1.5, 2.5]), nll_weight=0.0)
+    assert same is out
+    assert torch.equal(same.losses, out.losses)
+
+
+@pytest.mark.parametrize("name", L.LOSS_NAMES)
+@pytest.mark.parametrize("weight", [0.5, 1.0, 3.0])
+def test_nll_weight_adds_exactly_weight_times_the_chosen_nll(name, weight):
+    """L' = L + λ·NLL per pair; the rewards are the loss's own. NLL (2.0, 0.25) at λ = 0.5 adds (1.0, 0.125)."""
+    inputs = pair([0.3, -1.2], [0.8, -0.4])
+    out = L.LOSSES[name](*inputs, **FULL_KNOBS)
+    chosen_nll = torch.tensor([2.0, 0.25])
+    plus = L.with_chosen_nll(out, chosen_nll, nll_weight=weight)
+    torch.testing.assert_close(plus.losses - out.losses, weight * chosen_nll)
+    assert torch.equal(plus.chosen_rewards, out.chosen_rewards)
+    assert torch.equal(plus.rejected_rewards, out.rejected_rewards)
+
+
+def test_nll_term_gradient_reaches_the_chosen_log_prob():
+    """With the token-mean NLL −logπ(y_w)/n, d(λ·NLL)/d logπ(y_w) = −λ/n on top of the loss's own
+    gradient; here DPO at step 0 (dL/dΔw = −β/2 = −0.05), λ = 2, n = 4: −0.05 − 0.5 = −0.55."""
+    pc, pr, rc, rr = pair([0.0], [0.0], requires_grad=True)
+    out = L.with_chosen_nll(L.dpo(pc, pr, rc, rr, beta=0.1), -pc / 4, nll_weight=2.0)
+    out.losses.sum().backward()
+    torch.testing.assert_close(pc.grad, torch.tensor([-0.55]))
+
+
+def test_negative_nll_weight_raises():
+    out = L.dpo(*pair([0.0], [0.0]), beta=0.1)
+    with pytest.raises(ValueError, match="nll_weight"):
+        L.with_chosen_nll(out, torch.tensor([1.0]), nll_weight=-1.0)

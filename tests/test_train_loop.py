@@ -145,6 +145,16 @@ def test_precompute_gives_the_same_losses_as_a_resident_reference(tiny_run_overr
     assert precomputed.logged[4]["eval/loss"] == pytest.approx(resident.logged[4]["eval/loss"], rel=1e-4)
 
 
+def test_nll_weight_adds_the_chosen_token_mean_nll_to_training_and_held_out_losses(tiny_run_overrides):
+    """At step 0 the policy is the reference, so MinorDPO's loss is ln 2 for every pair; with length-averaged
+    log-probs the chosen answer's token-mean NLL is −logps/chosen, so with λ = 0.5 the logged loss is
+    ln 2 + 0.5·(−logps/chosen), on the training batch and on the held-out pairs alike."""
+    _, run = _run([*tiny_run_overrides, "loss.average_log_prob=true", "loss.nll_weight=0.5", "optim.max_steps=1"])
+    for prefix in ("", "eval/"):
+        start = run.logged[0]
+        assert start[prefix + "loss"] == pytest.approx(math.log(2) - 0.5 * start[prefix + "logps/chosen"], rel=1e-5)
+
+
 def test_packed_and_length_grouped_steps_give_the_padded_losses(tiny_run_overrides):
     """data.padding_free and data.group_by_length change how a step's pairs are laid out, not which pairs it
     trains on: every logged loss and log-prob matches the padded run's, with a resident and a precomputed

@@ -31,13 +31,14 @@ LOSS_KNOBS = {
 }
 # Short names for a trial's overrides: "minor_dpo b=0.1 tau=-1 lr=3e-5"; any other key by its last segment.
 SHORT_KEYS = {"loss.beta": "b", "loss.reject_threshold": "tau", "loss.reject_weight": "w", "loss.dpop_lambda": "lambda",
-              "loss.label_smoothing": "eps", "optim.lr": "lr"}
+              "loss.label_smoothing": "eps", "loss.nll_weight": "nll", "optim.lr": "lr"}
 
 
 def describe_loss(loss: LossConfig) -> str:
-    """'minor_dpo β=0.1 τ=0 w=1' (length-averaged log-probs said when on)."""
+    """'minor_dpo β=0.1 τ=0 w=1' (length-averaged log-probs and an NLL term said when on: '+ nll 1')."""
     knobs = " ".join(f"{symbol}={getattr(loss, field):g}" for symbol, field in LOSS_KNOBS[loss.name])
-    return " ".join(filter(None, (loss.name, knobs, "avg-logp" if loss.average_log_prob else "")))
+    nll = f"+ nll {loss.nll_weight:g}" if loss.nll_weight else ""
+    return " ".join(filter(None, (loss.name, knobs, nll, "avg-logp" if loss.average_log_prob else "")))
 
 
 def run_description(cfg: RunConfig) -> str:

@@ -17,8 +17,8 @@ from mdpo_ray.config import EvalConfig, LossConfig, RunConfig
 from mdpo_ray.data.pairs import DataError, collate_pairs
 from mdpo_ray.task.generation import greedy_answer_accuracy
 from mdpo_ray.training import distributed
-from mdpo_ray.training.logps import concatenated_logps, device_batch
-from mdpo_ray.training.losses import LOSSES
+from mdpo_ray.training.logps import chosen_token_mean_nll, concatenated_logps, device_batch
+from mdpo_ray.training.losses import LOSSES, with_chosen_nll
 from mdpo_ray.training.metrics import pair_metrics
 from mdpo_ray.training.reference import batches, cache_key, load_or_compute, rank_shard, take
 
@@ -37,10 +37,12 @@ def eval_pairs(policy: nn.Module, reference, dataset, *, loss_cfg: LossConfig, e
         pc, pr, chosen_logits, rejected_logits = concatenated_logps(policy, batch, average=loss_cfg.average_log_prob,
                                                                     mean_logits=True)
         rc, rr = reference.logps(batch, chunk)
-        columns.append(torch.stack([pc, pr, rc, rr, chosen_logits, rejected_logits], dim=1).float().cpu())
+        chosen_nll = chosen_token_mean_nll(pc, batch["loss_mask"], average=loss_cfg.average_log_prob)
+        columns.append(torch.stack([pc, pr, rc, rr, chosen_logits, rejected_logits, chosen_nll], dim=1).float().cpu())
     policy.train(was_training)
-    pc, pr, rc, rr, chosen_logits, rejected_logits = distributed.gather_cat(torch.cat(columns)).unbind(1)
-    losses = LOSSES[loss_cfg.name](pc, pr, rc, rr, **loss_cfg.knobs()).losses
+    pc, pr, rc, rr, chosen_logits, rejected_logits, chosen_nll = distributed.gather_cat(torch.cat(columns)).unbind(1)
+    losses = with_chosen_nll(LOSSES[loss_cfg.name](pc, pr, rc, rr, **loss_cfg.knobs()), chosen_nll,
+                             nll_weight=loss_cfg.nll_weight).losses
     out = pair_metrics(losses=losses, policy_chosen_logps=pc, policy_rejected_logps=pr,
                        reference_chosen_logps=rc, reference_rejected_logps=rr, beta=loss_cfg.beta,
                        reject_threshold=loss_cfg.reject_threshold, policy_chosen_logits=chosen_logits,

@@ -97,6 +97,21 @@ def sequence_logps(
     return summed / mask.sum(-1).clamp(min=1) if average else summed
 
 
+def chosen_token_mean_nll(policy_chosen_logps: torch.Tensor, loss_mask: torch.Tensor, *,
+                          average: bool) -> torch.Tensor:
+    """Per-pair token-mean NLL of the chosen completion, −(1/|y_w|)·Σ_t log π(y_w,t | …): the term
+    `loss.nll_weight` weighs (mdpo_ray.training.losses.with_chosen_nll), whether the loss sums or averages.
+
+    policy_chosen_logps: (B,) as concatenated_logps returned them (length-averaged when `average`);
+    loss_mask: the batch's (2B, T) mask, chosen rows first. Returns (B,) fp32.
+    """
+    if average:
+        return -policy_chosen_logps
+    n_pairs = policy_chosen_logps.shape[0]
+    tokens = loss_mask[:n_pairs, 1:].sum(-1).clamp(min=1).to(policy_chosen_logps.dtype)
+    return -policy_chosen_logps / tokens
+
+
 def device_batch(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
     """A collate_pairs batch on `device`, plus `scored_index`: the flat (row-major) positions whose next
     token is a completion token, the rows the LM head sees (a packed batch brings its own).

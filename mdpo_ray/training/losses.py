@@ -12,7 +12,7 @@ takes (B,) summed completion log-probs, ignores the knobs that are not its own, 
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -234,6 +234,22 @@ def sft(
     delta_w = policy_chosen_logps - reference_chosen_logps
     delta_l = policy_rejected_logps - reference_rejected_logps
     return _output(-policy_chosen_logps, delta_w, delta_l, beta)
+
+
+def with_chosen_nll(out: LossOutput, chosen_nll: torch.Tensor, *, nll_weight: float) -> LossOutput:
+    """Any loss plus an NLL term on the chosen answer: L + λ·NLL(y_w), λ = nll_weight.
+
+    The Iterative RPO recipe (Pang et al. 2024, arXiv 2404.19733, eq. 3) adds the chosen answer's
+    length-normalised NLL to DPO so that the chosen log-prob keeps rising while the margin grows.
+    chosen_nll: (B,) per-pair token-mean NLL of the chosen completion, −(1/|y_w|)·Σ_t log π(y_w,t | …)
+    (mdpo_ray.training.logps.chosen_token_mean_nll). λ = 0 returns `out` itself, so the default
+    changes nothing, bit for bit. The rewards are unchanged.
+    """
+    if nll_weight < 0:
+        raise ValueError(f"nll_weight must be >= 0 (0: no NLL term; Iterative RPO uses 1); got {nll_weight}")
+    if nll_weight == 0:
+        return out
+    return replace(out, losses=out.losses + nll_weight * chosen_nll)
 
 
 LOSSES: dict[str, Callable[..., LossOutput]] = {

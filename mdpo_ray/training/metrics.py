@@ -34,7 +34,8 @@ def _quantiles(name: str, symbol: str, gloss: str) -> list[Metric]:
 
 
 _PAIR = [
-    Metric("loss", "mean per-pair loss of the configured `loss.name`", "pair"),
+    Metric("loss", "mean per-pair loss of the configured `loss.name` (plus `loss.nll_weight` times the chosen "
+           "answer's token-mean NLL when that is > 0)", "pair"),
     Metric("rewards/chosen", "β·mean(Δw): the implicit reward of the chosen answers", "pair"),
     Metric("rewards/rejected", "β·mean(Δl): the implicit reward of the rejected answers", "pair"),
     Metric("rewards/margins", "β·mean(Δw − Δl)", "pair"),

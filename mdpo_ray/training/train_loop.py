@@ -25,8 +25,8 @@ from mdpo_ray.tracking.mlflow_runs import EXPORT_PATH_TAG, EXPORT_URI_TAG, STOP_
 from mdpo_ray.tracking.sinks import MetricSink, NullSink
 from mdpo_ray.training import distributed, evaluate, lora
 from mdpo_ray.training import reference as ref
-from mdpo_ray.training.logps import check_packed_attention, concatenated_logps, device_batch
-from mdpo_ray.training.losses import LOSSES
+from mdpo_ray.training.logps import check_packed_attention, chosen_token_mean_nll, concatenated_logps, device_batch
+from mdpo_ray.training.losses import LOSSES, with_chosen_nll
 from mdpo_ray.training.metrics import EVAL_PREFIX, EVAL_START_PREFIX, data_tags, pair_metrics
 from mdpo_ray.training.model import export_pretrained, load_causal_lm, load_tokenizer
 from mdpo_ray.training.model_card import RunFacts, write_model_card
@@ -208,7 +208,9 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
             policy_chosen, policy_rejected, chosen_logits, rejected_logits = concatenated_logps(
                 policy, batch, average=average, mean_logits=True)
             ref_chosen, ref_rejected = reference.logps(batch, micro_indices)
-            out = loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, **knobs)
+            out = with_chosen_nll(loss_fn(policy_chosen, policy_rejected, ref_chosen, ref_rejected, **knobs),
+                                  chosen_token_mean_nll(policy_chosen, batch["loss_mask"], average=average),
+                                  nll_weight=cfg.loss.nll_weight)
             # Summed over the micro-batch and divided by the rank's whole slice, the accumulated gradient is
             # that of the rank's mean loss; FSDP2 averages it over ranks: the global batch's mean, whatever
             # the micro-batch size.

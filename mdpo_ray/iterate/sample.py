@@ -1,0 +1,73 @@
+"""A round's samples: which training prompts, and the backend that samples completions from the current policy.
+
+The backend is one method, `sample(prompts, n=, temperature=, seed=)`, so a vLLM engine can stand in for the
+transformers one on GPUs; a Ray actor holding the policy calls `sample_round` with its own backend.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from mdpo_ray.config import IterateConfig
+from mdpo_ray.iterate.verify import Pairing, Verifier, make_pairs
+from mdpo_ray.task.generation import sample_completions
+
+
+class Generator(Protocol):
+    def sample(self, prompts: list[str], *, n: int, temperature: float, seed: int) -> list[list[str]]:
+        """`n` completions per prompt, in prompt order, reproducible from `seed`."""
+        ...
+
+
+@dataclass
+class HFGenerator:
+    """transformers `generate` on the policy in this process: batched, left-padded, seeded
+    (mdpo_ray.task.generation.sample_completions); the caller's RNG is left as it was."""
+
+    model: Any
+    tokenizer: Any
+    max_new_tokens: int
+    batch_size: int
+
+    def sample(self, prompts: list[str], *, n: int, temperature: float, seed: int) -> list[list[str]]:
+        return sample_completions(self.model, self.tokenizer, prompts, n=n, temperature=temperature,
+                                  max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, seed=seed)
+
+
+def round_seed(seed: int, round_index: int) -> int:
+    """The seed of round `round_index`'s prompt draw, sampling and pairing: a function of (seed, round), so a
+    restarted round draws what the first attempt drew."""
+    return seed * 1_000_003 + round_index
+
+
+def round_rows(rows: Sequence[dict], cfg: IterateConfig, *, seed: int, round_index: int) -> list[dict]:
+    """The training rows whose prompts round `round_index` samples: one row per distinct prompt (its first),
+    then `iterate.prompts_per_round` of them drawn without replacement, a new draw each round, in data order."""
+    firsts: dict[str, dict] = {}
+    for row in rows:
+        prompt = row["prompt"]
+        if not isinstance(prompt, str):  # the user's data: a ValueError, as the data checks raise
+            raise ValueError(  # noqa: TRY004
+                f"iterate samples from text prompts; this row's prompt is a {type(prompt).__name__} "
+                "(conversational data is not supported by iterate yet)")
+        firsts.setdefault(prompt, row)
+    distinct = list(firsts.values())
+    k = cfg.prompts_per_round
+    if k is None or k >= len(distinct):
+        return distinct
+    picked = random.Random(round_seed(seed, round_index)).sample(range(len(distinct)), k)
+    return [distinct[i] for i in sorted(picked)]
+
+
+def sample_round(generator: Generator, rows: Sequence[dict], cfg: IterateConfig, verifier: Verifier, *, seed: int,
+                 round_index: int) -> Pairing:
+    """Round `round_index`'s pairs: draw its prompts, sample `iterate.samples_per_prompt` completions of each at
+    `iterate.temperature`, verify them, pair a correct with an incorrect one per prompt."""
+    chosen_rows = round_rows(rows, cfg, seed=seed, round_index=round_index)
+    this_round = round_seed(seed, round_index)
+    completions = generator.sample([row["prompt"] for row in chosen_rows], n=cfg.samples_per_prompt,
+                                   temperature=cfg.temperature, seed=this_round)
+    return make_pairs(chosen_rows, completions, verifier, seed=this_round)
