@@ -19,6 +19,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Before torch loads OpenMP: its threads sleep when idle instead of spinning, which on 2 shared cores made
+# every torch op several times slower whenever a Ray worker or a subprocess also ran.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Every Ray instance of this test session lives in a temp dir of its own (short: Ray's socket paths must fit
 # in 107 bytes), where it also leaves its address file: ray.init() never joins a cluster that a `ray start`
 # elsewhere on this machine left in /tmp/ray, nor the one another session's test started (pytest -n 2).
