@@ -10,7 +10,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mdpo_ray.config import BuiltinTaskConfig
-from mdpo_ray.task.builtin import MARKER, cache_key, prepare_builtin
+from mdpo_ray.task.builtin import MARKER, SFT_EVAL_PROBLEMS, SFT_SCREEN_PROBLEMS, cache_key, prepare_builtin
 from mdpo_ray.task.generation import extract_answer, greedy_answer_accuracy
 
 TINY = dict(
@@ -128,3 +128,17 @@ def test_unreachable_target_runs_to_max_steps_with_a_warning(tmp_path):
     assert any(m.startswith("WARNING") and "sft_max_steps" in m for m in messages)
     assert torch.equal(torch.random.get_rng_state(), rng_before)  # seeding did not touch the caller's RNG
     assert (assets.root / MARKER).is_file()
+
+
+def test_stopping_evals_screen_a_quarter_until_they_reach_half_the_target(tmp_path):
+    """An untrained model (a few % right) is screened on SFT_SCREEN_PROBLEMS; a target it passes gets all 200."""
+    cfg = tiny(tmp_path, n_eval_problems=SFT_EVAL_PROBLEMS + 20, sft_target_accuracy=0.9, sft_max_steps=10)
+    messages: list[str] = []
+    prepare_builtin(cfg, log=messages.append)
+    screened = [m for m in messages if "SFT step" in m]
+    assert len(screened) == 1 and f"/{SFT_SCREEN_PROBLEMS} =" in screened[0], screened
+    assert any(f"/{cfg.n_eval_problems} =" in m for m in messages if "built in" in m)  # the final figure: all of them
+    messages.clear()
+    prepare_builtin(cfg.model_copy(update={"sft_target_accuracy": 0.0, "seed": 1}), log=messages.append)
+    stopped = [m for m in messages if "SFT step" in m]
+    assert len(stopped) == 1 and f"/{SFT_EVAL_PROBLEMS} =" in stopped[0], stopped
