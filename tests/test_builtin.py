@@ -7,10 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from mdpo_ray.config import BuiltinTaskConfig
-from mdpo_ray.task.builtin import MARKER, SFT_EVAL_PROBLEMS, SFT_SCREEN_PROBLEMS, cache_key, prepare_builtin
+from mdpo_ray.task import arith
+from mdpo_ray.task.builtin import (
+    MARKER,
+    SFT_EVAL_PROBLEMS,
+    SFT_SCREEN_PROBLEMS,
+    _sft_backward,
+    _sft_tensors,
+    cache_key,
+    prepare_builtin,
+)
 from mdpo_ray.task.generation import extract_answer, greedy_answer_accuracy
 
 TINY = dict(
@@ -142,3 +151,23 @@ def test_stopping_evals_screen_a_quarter_until_they_reach_half_the_target(tmp_pa
     prepare_builtin(cfg.model_copy(update={"sft_target_accuracy": 0.0, "seed": 1}), log=messages.append)
     stopped = [m for m in messages if "SFT step" in m]
     assert len(stopped) == 1 and f"/{SFT_EVAL_PROBLEMS} =" in stopped[0], stopped
+
+
+def test_sft_step_in_length_groups_has_the_one_padded_batchs_loss_and_gradient(tmp_path):
+    """The length-sorted micro-batches' summed loss is the padded batch's token mean (the HF loss), and so are
+    the gradients: 2-step and 3-step problems mixed, so the groups are cut to different widths."""
+    cfg = tiny(tmp_path)
+    tokenizer = arith.build_tokenizer()
+    input_ids, labels, lengths = _sft_tensors(arith.generate_task(cfg)["sft"][:16], tokenizer)
+    assert len(set(lengths.tolist())) > 2 and int(lengths.max()) == input_ids.shape[1]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(arith.model_config(cfg, tokenizer))
+
+    reference = model(input_ids=input_ids, labels=labels).loss  # one batch, padded to its longest row
+    reference.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss = _sft_backward(model, input_ids, labels, lengths)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    for param, grad in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(param.grad, grad, rtol=1e-4, atol=1e-6)
