@@ -1,8 +1,10 @@
 """Prepare the built-in default once: generate the arithmetic task, SFT-warm a tiny Llama, cache both.
 
 The preference stage needs a reference that already solves part of the task. SFT accuracy has a phase
-transition (~1-6% for 600-1,100 steps, then a jump, measured on 2 CPU cores), so a fixed step
-count is unreliable: SFT stops at the first held-out eval that reaches `sft_target_accuracy`.
+transition: with the default config it stays at 0-8% for 500-750 steps, then reaches 40% within 150-200
+more, at a step that depends on the seed and the CPU (900 and 750 for seeds 0 and 1 on 2 CPU cores; see
+docs/builtin_task.md). So a fixed step count is unreliable: SFT stops at the first held-out eval that
+reaches `sft_target_accuracy`.
 
 The result lives in `<cache_dir>/builtin-<hash of the task config>`, built under a file lock in a temp
 dir and renamed into place, so concurrent sweep trials build it once and never see half of it. The SFT
@@ -78,7 +80,7 @@ def cache_key(cfg: BuiltinTaskConfig) -> str:
 
 
 def prepare_builtin(cfg: BuiltinTaskConfig, log: Callable[[str], None] = print) -> BuiltinAssets:
-    """Return the cached assets for `cfg`, building them first (data + SFT, ~2-3 min on 2 cores) if needed."""
+    """Return the cached assets for `cfg`, building them first (data + SFT, ~2 min on 2 cores) if needed."""
     cache_dir = Path(cfg.cache_dir).expanduser()
     cache_dir.mkdir(parents=True, exist_ok=True)
     root = cache_dir / f"builtin-{cache_key(cfg)}"
@@ -90,7 +92,7 @@ def prepare_builtin(cfg: BuiltinTaskConfig, log: Callable[[str], None] = print) 
             _ensure_pairs(cfg, root, log)
             return _assets(root, figures, reused=True, kind=cfg.rejected_kind)
         log(f"builtin task: building {root} (SFT until {cfg.sft_target_accuracy:.0%} held-out accuracy; "
-            "about 2-3 minutes on 2 CPU cores, once per task config)")
+            "about 2 minutes on 2 CPU cores, once per task config)")
         for stale in cache_dir.glob(f".{root.name}-*"):  # left by a killed build: only the lock holder writes them
             shutil.rmtree(stale, ignore_errors=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{root.name}-", dir=cache_dir))
