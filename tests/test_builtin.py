@@ -7,10 +7,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from mdpo_ray.config import BuiltinTaskConfig
-from mdpo_ray.task.builtin import MARKER, cache_key, prepare_builtin
+from mdpo_ray.task import arith
+from mdpo_ray.task.builtin import (
+    MARKER,
+    SFT_EVAL_PROBLEMS,
+    SFT_SCREEN_PROBLEMS,
+    _sft_backward,
+    _sft_tensors,
+    cache_key,
+    prepare_builtin,
+)
 from mdpo_ray.task.generation import extract_answer, greedy_answer_accuracy
 
 TINY = dict(
@@ -128,3 +137,37 @@ def test_unreachable_target_runs_to_max_steps_with_a_warning(tmp_path):
     assert any(m.startswith("WARNING") and "sft_max_steps" in m for m in messages)
     assert torch.equal(torch.random.get_rng_state(), rng_before)  # seeding did not touch the caller's RNG
     assert (assets.root / MARKER).is_file()
+
+
+def test_stopping_evals_screen_a_quarter_until_they_reach_half_the_target(tmp_path):
+    """An untrained model (a few % right) is screened on SFT_SCREEN_PROBLEMS; a target it passes gets all 200."""
+    cfg = tiny(tmp_path, n_eval_problems=SFT_EVAL_PROBLEMS + 20, sft_target_accuracy=0.9, sft_max_steps=10)
+    messages: list[str] = []
+    prepare_builtin(cfg, log=messages.append)
+    screened = [m for m in messages if "SFT step" in m]
+    assert len(screened) == 1 and f"/{SFT_SCREEN_PROBLEMS} =" in screened[0], screened
+    assert any(f"/{cfg.n_eval_problems} =" in m for m in messages if "built in" in m)  # the final figure: all of them
+    messages.clear()
+    prepare_builtin(cfg.model_copy(update={"sft_target_accuracy": 0.0, "seed": 1}), log=messages.append)
+    stopped = [m for m in messages if "SFT step" in m]
+    assert len(stopped) == 1 and f"/{SFT_EVAL_PROBLEMS} =" in stopped[0], stopped
+
+
+def test_sft_step_in_length_groups_has_the_one_padded_batchs_loss_and_gradient(tmp_path):
+    """The length-sorted micro-batches' summed loss is the padded batch's token mean (the HF loss), and so are
+    the gradients: 2-step and 3-step problems mixed, so the groups are cut to different widths."""
+    cfg = tiny(tmp_path)
+    tokenizer = arith.build_tokenizer()
+    input_ids, labels, lengths = _sft_tensors(arith.generate_task(cfg)["sft"][:16], tokenizer)
+    assert len(set(lengths.tolist())) > 2 and int(lengths.max()) == input_ids.shape[1]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(arith.model_config(cfg, tokenizer))
+
+    reference = model(input_ids=input_ids, labels=labels).loss  # one batch, padded to its longest row
+    reference.backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    loss = _sft_backward(model, input_ids, labels, lengths)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    for param, grad in zip(model.parameters(), expected, strict=True):
+        torch.testing.assert_close(param.grad, grad, rtol=1e-4, atol=1e-6)
