@@ -130,36 +130,3 @@ def test_across_ranks_only_rank0_reads_the_weights_and_every_rank_gets_them(tmp_
             plain = plain(input_ids=torch.arange(12).reshape(2, 6) % 20).logits
         torch.testing.assert_close(rank0["logits"].float(), plain.float(), msg=case)
 
-
-def test_decoding_with_gathered_blocks_generates_the_same_tokens_and_reshards_after():
-    """Greedy decoding inside gathered_blocks generates what it does with FSDP2's per-forward all-gathers;
-    the decoder blocks keep their gathered (plain) parameters until the decoding ends, and their shards
-    (DTensors) after it. One gloo rank, in process: the path a CPU Ray worker's generation eval takes."""
-    from torch.distributed.tensor import DTensor
-    from transformers import LlamaForCausalLM
-
-    from mdpo_ray.config import BuiltinTaskConfig
-    from mdpo_ray.task import arith
-
-    distributed.ensure_process_group("gloo")
-    cfg = BuiltinTaskConfig(hidden_size=32, n_heads=2, intermediate_size=64)
-    tokenizer = arith.build_tokenizer()
-    torch.manual_seed(0)
-    cpu = torch.device("cpu")
-    model = distributed.shard_model(LlamaForCausalLM(arith.model_config(cfg, tokenizer)), distributed.make_mesh(cpu),
-                                    distributed.mixed_precision("fp32", cpu))
-    blocks = list(model.model.layers)
-    prompts = tokenizer(["Q: 12+7-3= A:", "Q: 97-53-5-33= A:"], add_special_tokens=True, padding=True,
-                        padding_side="left", return_tensors="pt")
-
-    def decode() -> torch.Tensor:
-        with torch.no_grad():
-            return model.generate(**prompts, do_sample=False, max_new_tokens=12, pad_token_id=tokenizer.pad_token_id)
-
-    sharded = decode()
-    assert all(isinstance(p, DTensor) for block in blocks for p in block.parameters())  # resharded after each forward
-    with distributed.gathered_blocks(model):
-        gathered = decode()
-        assert not any(isinstance(p, DTensor) for block in blocks for p in block.parameters())
-    assert all(isinstance(p, DTensor) for block in blocks for p in block.parameters())
-    assert sharded.shape[1] > prompts["input_ids"].shape[1] and torch.equal(gathered, sharded)

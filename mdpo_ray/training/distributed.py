@@ -10,8 +10,6 @@ from __future__ import annotations
 import socket
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -134,26 +132,6 @@ def decoder_blocks(model: nn.Module) -> list[nn.Module]:
     blocks = [m for m in model.modules() if type(m).__name__ in block_names]
     assert blocks, f"{type(model).__name__} declares no _no_split_modules; cannot find its decoder blocks"
     return blocks
-
-
-@contextmanager
-def gathered_blocks(model: nn.Module) -> Iterator[None]:
-    """Within: each FSDP2 decoder block of `model` keeps its parameters gathered from its first forward on,
-    for a run of no-grad forwards such as greedy decoding (one forward a token), instead of all-gathering
-    and freeing them every forward; on exit they are resharded, as after any forward. Only over gloo (CPU
-    ranks), where those per-token all-gathers took half of a decode (the built-in task's 2-rank generation
-    eval: 2.2 s against 1.1 s); it holds the whole model on each rank, which a CPU run's model can afford,
-    while a GPU run keeps FSDP's one-block-at-a-time memory and NCCL's cheap all-gathers."""
-    on_cpu = dist.is_initialized() and dist.get_backend() == "gloo"
-    blocks = [m for m in model.modules() if isinstance(m, FSDPModule) and m is not model] if on_cpu else []
-    for block in blocks:  # the root (embeddings, norm, head) is left as shard_model set it
-        block.set_reshard_after_forward(False, recurse=False)
-    try:
-        yield
-    finally:
-        for block in blocks:
-            block.reshard()
-            block.set_reshard_after_forward(True, recurse=False)  # fully_shard's default for a non-root module
 
 
 def sync_gradients(model: nn.Module, enabled: bool) -> None:

@@ -75,9 +75,8 @@ def eval_generation(policy: nn.Module, tokenizer, problems: list[dict], *, eval_
     mine = [problems[i] for i in rank_shard(len(problems), distributed.rank(), world)]
     if not mine:
         return {}
-    with distributed.gathered_blocks(policy):
-        correct, total = greedy_answer_accuracy(policy, tokenizer, mine, max_new_tokens=eval_cfg.max_new_tokens,
-                                                batch_size=eval_cfg.generation_batch_size, synced_gpus=world > 1)
+    correct, total = greedy_answer_accuracy(policy, tokenizer, mine, max_new_tokens=eval_cfg.max_new_tokens,
+                                            batch_size=eval_cfg.generation_batch_size, synced_gpus=world > 1)
     counts = distributed.all_reduce_sum(torch.tensor([correct, total], dtype=torch.float64))
     return {"eval/answer_accuracy": float(counts[0] / counts[1]), "eval/n_problems": float(counts[1])}
 
