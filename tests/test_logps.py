@@ -163,18 +163,21 @@ def test_head_on_completion_rows_equals_full_log_softmax_in_value_and_gradient(k
         torch.testing.assert_close(grads[name], p.grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
+class _Opaque(torch.nn.Module):
+    """A model without get_output_embeddings: the head cannot be found, so log-probs take the full logits."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **kwargs):
+        return self.inner(**kwargs)
+
+
 def test_a_model_without_a_separable_head_falls_back_to_full_logits():
-    class Opaque(torch.nn.Module):  # no get_output_embeddings: the head cannot be found
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, **kwargs):
-            return self.inner(**kwargs)
-
     model, batch = _tiny_causal_lm("llama"), _padded_pairs()
     with torch.no_grad():
-        got = torch.cat(logps.concatenated_logps(Opaque(model), batch))
+        got = torch.cat(logps.concatenated_logps(_Opaque(model), batch))
         torch.testing.assert_close(got, _naive_logps(model, batch, False), rtol=1e-5, atol=1e-5)
 
 
@@ -184,18 +187,10 @@ def test_mean_logits_are_each_sequences_mean_over_completion_positions_and_vocab
     averaged over those positions and the vocabulary; the same through the head hook and the fallback."""
     monkeypatch.setattr(logps, "CHUNK_FLOATS", 61 * 4)  # chunks of 4 of the 25 scored positions
 
-    class Opaque(torch.nn.Module):
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, **kwargs):
-            return self.inner(**kwargs)
-
     model, batch = _tiny_causal_lm("llama"), _padded_pairs()
     with torch.no_grad():
         chosen, rejected, chosen_logits, rejected_logits = logps.concatenated_logps(
-            model if separable_head else Opaque(model), batch, mean_logits=True)
+            model if separable_head else _Opaque(model), batch, mean_logits=True)
         full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.double()
     mask = batch["loss_mask"][:, 1:]
     expected = torch.stack([full[row, :-1][mask[row]].mean() for row in range(6)])
