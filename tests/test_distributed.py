@@ -46,6 +46,7 @@ def test_a_run_outside_ray_makes_an_nccl_group_on_a_gpu(monkeypatch, tiny_run_ov
 
 
 _LOAD_ON_RANK0 = r"""
+import gc
 import sys
 
 import torch
@@ -75,6 +76,12 @@ for case in sys.argv[5:]:  # e.g. untied-policy, tied-reference
     gathered = [name for name, p in model.named_parameters() if not isinstance(p, DTensor)]  # after the forward
     torch.save({"reads": len(reads), "logits": logits, "buffers": dict(model.named_buffers()), "gathered": gathered,
                 "full": distributed.full_state_dict(model)}, f"{root}/{case}-rank{rank}.pt")
+# Tear down the way the training loop does (a barrier, then the group), with the last sharded model freed
+# first: a gloo group whose FSDP2 state outlives destroy_process_group is destroyed during interpreter
+# finalization, and one rank in many then died with "terminate called without an active exception".
+del model
+gc.collect()
+dist.barrier()
 dist.destroy_process_group()
 """
 

@@ -241,6 +241,7 @@ def test_bf16_mixed_precision_under_fsdp2_gives_fp32_logps_and_fp32_grads(kind):
 
 
 _GATHERED_AFTER_FORWARD = r"""
+import gc
 import sys
 
 import torch
@@ -260,6 +261,9 @@ distributed.shard_model(model, distributed.make_mesh(cpu), distributed.mixed_pre
 with torch.no_grad():
     model(input_ids=torch.randint(0, 64, (2, 6)))
 print(" ".join(name for name, p in model.named_parameters() if not isinstance(p, DTensor)))
+del model
+gc.collect()  # FSDP2 state freed while the group lives (see test_distributed)
+dist.barrier()
 dist.destroy_process_group()
 """
 

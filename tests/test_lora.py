@@ -207,7 +207,7 @@ def test_lora_checkpoints_hold_the_adapters_and_resume_the_same_trajectory(tiny_
 
 
 _TWO_RANKS = r"""
-import json, sys
+import gc, json, sys
 
 import torch.distributed as dist
 
@@ -232,6 +232,8 @@ sink = Sink()
 train(load_config(None, [*overrides, "scaling.num_workers=2"]), Worker(sink=sink))
 if rank == 0:
     open(out, "w").write(json.dumps(sink.logged))
+gc.collect()  # FSDP2 state freed while the group lives (see test_distributed)
+dist.barrier()
 dist.destroy_process_group()
 """
 

@@ -18,7 +18,7 @@ from mdpo_ray.training.train_loop import Worker, train
 # Runs of the loop on rank argv[1] of argv[2] gloo ranks, one per JSON list of overrides in argv[4]; rank 0
 # writes what each logged. One process pair for all runs: starting one costs more than a tiny run.
 _RANKS = r"""
-import json, sys
+import gc, json, sys
 
 import torch.distributed as dist
 
@@ -38,6 +38,8 @@ for overrides in runs:
     train(load_config(None, overrides), Worker(sink=Sink()))
 if rank == 0:
     print("LOGGED" + json.dumps(logged))
+gc.collect()  # FSDP2 state freed while the group lives (see test_distributed)
+dist.barrier()
 dist.destroy_process_group()
 """
 
