@@ -4,15 +4,8 @@ and sweep print the memory plan's one-line verdict first (mdpo_ray.planning.plan
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
-
-# torch's CPU threads (libgomp) spin at every barrier before they sleep. On a machine busier than its cores a
-# spinning thread burns the time slice its partner needs: the built-in task's SFT warm-up, 2 threads on 2 cores,
-# took 1.1 s a step at load 3 instead of 0.18 s with this (0.14 s on 1 thread). libgomp reads it once, when
-# torch loads it, so it is set before the imports below load torch; a value of your own wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from mdpo_ray.config import ConfigError, check_storage_outlives_job, load_config, to_yaml
 from mdpo_ray.planning import planner

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -171,3 +173,41 @@ def test_sft_step_in_length_groups_has_the_one_padded_batchs_loss_and_gradient(t
     assert loss.item() == pytest.approx(reference.item(), rel=1e-5)
     for param, grad in zip(model.parameters(), expected, strict=True):
         torch.testing.assert_close(param.grad, grad, rtol=1e-4, atol=1e-6)
+
+
+def test_sft_steps_do_not_depend_on_the_torch_thread_count(tmp_path):
+    """SFT picks its thread count from the machine's load as it goes (_free_cores), so the count must not change
+    the model: a few steps of the default-sized model on 1 and on 2 threads give the same weights, bit for bit."""
+    cfg = BuiltinTaskConfig()  # the default model's ops and batch
+    tokenizer = arith.build_tokenizer()
+    input_ids, labels, lengths = _sft_tensors(arith.generate_task(tiny(tmp_path))["sft"][:96], tokenizer)
+    trained, threads_before = {}, torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(arith.model_config(cfg, tokenizer))
+            optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.sft_lr)
+            for batch in torch.arange(len(input_ids)).chunk(3):
+                optimizer.zero_grad()
+                _sft_backward(model, input_ids[batch], labels[batch], lengths[batch])
+                optimizer.step()
+            trained[threads] = [p.detach().clone() for p in model.parameters()]
+    finally:
+        torch.set_num_threads(threads_before)
+    assert all(torch.equal(a, b) for a, b in zip(trained[1], trained[2], strict=True))
+
+
+def test_a_busy_core_is_left_to_the_process_using_it():
+    import subprocess
+    import sys
+
+    from mdpo_ray.task.builtin import _cpu_mark, _free_cores
+
+    busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 3\nwhile time.time() < end: pass"])
+    try:
+        time.sleep(0.3)  # started
+        assert _free_cores(_cpu_mark(), wait_s=1.0) <= max(1, os.cpu_count() - 1)
+    finally:
+        busy.kill()
+        busy.wait()

@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import torch
 from filelock import FileLock
 from transformers import LlamaForCausalLM
@@ -41,6 +44,7 @@ SFT_WARMUP_STEPS = 100
 SFT_BETAS = (0.9, 0.98)
 SFT_GRAD_CLIP = 1.0
 SFT_LENGTH_GROUPS = 2  # micro-batches of length-sorted rows a step runs as: 12-17% less CPU than one padded batch
+SFT_THREADS_EVERY = 10  # SFT steps between choices of its torch thread count (_free_cores)
 ON_POLICY_SAMPLES = 4  # samples per problem; the first one with a wrong final answer becomes the rejected answer
 ON_POLICY_TEMPERATURE = 1.0
 PAIRS_INFO = "info.json"  # written last in pairs/<kind>/: its presence means the pairs are complete
@@ -120,8 +124,9 @@ def _ensure_pairs(cfg: BuiltinTaskConfig, root: Path, log: Callable[[str], None]
         started = time.perf_counter()
         tokenizer = arith.build_tokenizer()
         model = LlamaForCausalLM.from_pretrained(root / "model")
-        for split, seed in (("pairs", cfg.seed), ("eval_pairs", cfg.seed + 1)):
-            task[split], info[split] = _on_policy(model, tokenizer, task[split], seed=seed)
+        with _torch_threads():
+            for split, seed in (("pairs", cfg.seed), ("eval_pairs", cfg.seed + 1)):
+                task[split], info[split] = _on_policy(model, tokenizer, task[split], seed=seed)
         info["seconds"] = round(time.perf_counter() - started, 1)
         log(f"builtin task: on-policy rejected answers sampled from the SFT model in {info['seconds']:.0f} s: "
             f"{info['pairs']['kept']} training and {info['eval_pairs']['kept']} held-out pairs (problems whose "
@@ -159,12 +164,43 @@ def _on_policy(model, tokenizer, rows: list[dict], *, seed: int) -> tuple[list[d
 
 
 def _build(cfg: BuiltinTaskConfig, out: Path, log: Callable[[str], None]) -> dict:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(os.cpu_count() or 1)  # Ray workers get OMP_NUM_THREADS=1; this process may use them all
-    try:
+    with _torch_threads():  # SFT changes the count as it goes
         return _build_into(cfg, out, log)
+
+
+@contextmanager
+def _torch_threads() -> Iterator[None]:
+    """Within: torch uses the cores other processes leave free (_free_cores); the caller's count after.
+    Ray workers get 1 thread; the driver, which builds the task, may use more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(_free_cores(_cpu_mark(), wait_s=0.2))
+    try:
+        yield
     finally:
         torch.set_num_threads(threads)
+
+
+def _cpu_mark() -> tuple[float, float, float]:
+    """(wall, busy CPU of the whole machine, CPU of this process) seconds: where _free_cores measures from."""
+    cpu = psutil.cpu_times()
+    busy = sum(getattr(cpu, name, 0.0) for name in ("user", "nice", "system", "irq", "softirq", "steal"))
+    return time.perf_counter(), busy, time.process_time()
+
+
+def _free_cores(since: tuple[float, float, float], wait_s: float = 0.0) -> int:
+    """The cores other processes left free since `since` (a _cpu_mark), as a torch thread count: all of
+    them less each core those processes kept busy more than a quarter of the time, and at least 1.
+
+    torch's OpenMP threads (libgomp) wait for each other at the end of every op by spinning. With nothing
+    else running, 2 threads on 2 cores run an SFT step in 80 ms against 120 ms on one (and in 130-160 ms
+    with OMP_WAIT_POLICY=PASSIVE, which makes them sleep instead); but as soon as another process wants a
+    core, a spinning thread takes the time slice its partner needs: 280 ms a step beside one busy process,
+    over 1 s at load 3. One thread never waits for another. The model does not depend on the thread
+    count (tests/test_builtin.py), so SFT re-chooses it every SFT_THREADS_EVERY steps as the load changes."""
+    time.sleep(wait_s)
+    wall, busy, own = (now - then for now, then in zip(_cpu_mark(), since, strict=True))
+    others = max(0.0, busy - own) / max(wall, 1e-3)  # cores' worth of CPU the other processes used
+    return max(1, math.floor((os.cpu_count() or 1) - others + 0.25))
 
 
 def _build_into(cfg: BuiltinTaskConfig, out: Path, log: Callable[[str], None]) -> dict:
@@ -258,7 +294,11 @@ def _sft_loop(
     started = time.perf_counter()
     order = torch.randperm(len(input_ids))
     cursor = 0
+    mark = _cpu_mark()
     for step in range(1, cfg.sft_max_steps + 1):
+        if step % SFT_THREADS_EVERY == 0:
+            torch.set_num_threads(_free_cores(mark))
+            mark = _cpu_mark()
         if cursor + cfg.sft_batch_size > len(order):  # a new epoch: reshuffle
             order, cursor = torch.randperm(len(input_ids)), 0
         index = order[cursor : cursor + cfg.sft_batch_size]
