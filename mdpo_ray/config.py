@@ -57,7 +57,27 @@ class ModelConfig(_Strict):
         "null: the tokenizer's own. The exported tokenizer keeps it.")
     trust_remote_code: bool = Field(False, description="Passed to transformers when loading the model, its config "
                                     "and the tokenizer: runs the repository's own Python code.")
+    attn_implementation: str | None = Field(
+        None, description="The attention kernel transformers runs (its `attn_implementation`): `sdpa` (PyTorch's "
+        "scaled_dot_product_attention), `eager` (plain matmuls; keeps every layer's T x T probabilities for the "
+        "backward, which the memory plan counts), `flash_attention_2` (GPU, needs the flash-attn package), "
+        "`flex_attention`; null: transformers' choice for the model (sdpa where the model supports it). Checked "
+        "before Ray starts; `data.padding_free` needs one that honours position_ids resets, checked as the run "
+        "starts.")
     lora: LoraConfig = LoraConfig()
+
+    @field_validator("attn_implementation")
+    @classmethod
+    def _known_attention(cls, value: str | None) -> str | None:
+        if value is None or value == "eager" or "/" in value:  # "/": a kernel from the hub (kernels package)
+            return value
+        from transformers import AttentionInterface  # lazily: loading a config stays light without the key
+
+        known = ["eager", *AttentionInterface().valid_keys()]
+        if value not in known:
+            raise ValueError(f"{value!r} is not an attention implementation transformers knows; one of "
+                             f"{', '.join(known)}, or null for transformers' choice")
+        return value
 
 
 class BuiltinTaskConfig(_Strict):
@@ -411,6 +431,9 @@ class RunConfig(_Strict):
             )
         if self.scaling.mixed_precision == "bf16" and not self.scaling.use_gpu:
             raise ValueError("scaling.mixed_precision=bf16 needs scaling.use_gpu=true; use auto or fp32 on CPU")
+        if self.model.attn_implementation == "flex_attention" and not self.scaling.use_gpu:
+            raise ValueError("model.attn_implementation=flex_attention needs scaling.use_gpu=true: torch has no "
+                             "flex-attention backward on CPU; use sdpa or eager on CPU")
         gpus = self.scaling.gpus_per_worker
         if self.scaling.use_gpu and (gpus > 1 or (gpus < 1 and self.scaling.num_workers > 1)):
             # Each worker is one FSDP2 rank on one GPU: more GPUs per worker would sit idle, and NCCL refuses

@@ -190,3 +190,32 @@ def test_accumulating_across_ranks_holds_a_whole_fp32_gradient_unless_it_syncs_e
                     if r.name == name]
     one_rank = planner.plan(_cfg(model_dir, "scaling.num_workers=1", "optim.micro_batch_size=2"), gpu_memory_gib=80)
     assert not [r for r in one_rank.rows if r.name == name]  # one rank: its gradient is whole anyway
+
+
+def test_the_attention_kernel_asked_for_is_the_one_loaded_and_planned(tmp_path):
+    """model.attn_implementation reaches transformers where the loop loads the model, and the plan counts
+    eager attention's T x T probabilities, which sdpa does not keep."""
+    from mdpo_ray.training.model import load_causal_lm
+
+    model_dir = _model_dir(tmp_path, **TINY)
+    for attention in ("eager", "sdpa"):
+        model = load_causal_lm(_cfg(model_dir, f"model.attn_implementation={attention}").model, trainable=False,
+                               weights=False)
+        assert model.config._attn_implementation == attention
+    eager, sdpa = (planner.plan(_cfg(model_dir, "data.max_length=1024", f"model.attn_implementation={attention}"))
+                   for attention in ("eager", "sdpa"))
+    assert eager.tensor_bytes > sdpa.tensor_bytes
+    with pytest.raises(ConfigError, match=r"model.attn_implementation: 'spda' is not an attention implementation "
+                       r"transformers knows; one of eager, .*sdpa"):
+        _cfg(model_dir, "model.attn_implementation=spda")
+    with pytest.raises(ConfigError, match="flex_attention needs scaling.use_gpu=true"):
+        _cfg(model_dir, "model.attn_implementation=flex_attention")
+
+
+def test_a_kernel_transformers_cannot_load_is_a_config_error_of_the_plan(tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here: transformers would accept flash_attention_2")
+    with pytest.raises(ConfigError, match="model.attn_implementation=flash_attention_2: transformers refuses it"):
+        planner.plan(_cfg(_model_dir(tmp_path, **TINY), "model.attn_implementation=flash_attention_2"))

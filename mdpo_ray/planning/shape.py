@@ -20,11 +20,12 @@ _LLAMA_LINEARS = _ATTENTION_INPUTS | _MLP_INPUTS | {"o_proj", "down_proj"}
 def model_shape(cfg: RunConfig) -> ModelShape:
     builtin = cfg.builtin.model_dump_json() if cfg.model.name_or_path == BUILTIN else None
     lora = cfg.model.lora.model_dump_json() if cfg.model.lora.r else None
-    return _shape(cfg.model.name_or_path, cfg.model.trust_remote_code, builtin, lora)
+    return _shape(cfg.model.name_or_path, cfg.model.trust_remote_code, builtin, lora, cfg.model.attn_implementation)
 
 
 @lru_cache(maxsize=16)
-def _shape(name: str, trust_remote_code: bool, builtin: str | None, lora: str | None) -> ModelShape:
+def _shape(name: str, trust_remote_code: bool, builtin: str | None, lora: str | None,
+           attention: str | None = None) -> ModelShape:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -42,7 +43,15 @@ def _shape(name: str, trust_remote_code: bool, builtin: str | None, lora: str | 
     lora_cfg = LoraConfig.model_validate_json(lora) if lora else None
     with torch.device("meta"), warnings.catch_warnings():  # no memory; a library's deprecation notes are not ours
         warnings.simplefilter("ignore")
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code)
+        try:  # the kernel's own check (flash-attn installed, the model supporting it) before Ray starts
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, trust_remote_code=trust_remote_code,
+                                                     attn_implementation=attention)
+        except (ImportError, ValueError) as exc:
+            if attention is None:
+                raise
+            reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+            raise ConfigError(f"model.attn_implementation={attention}: transformers refuses it for this model "
+                              f"({reason}); use sdpa or eager, or null for transformers' choice") from None
         if lora_cfg:
             from mdpo_ray.training import lora as adapters
 

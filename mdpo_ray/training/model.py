@@ -39,13 +39,15 @@ def load_causal_lm(cfg: ModelConfig, *, trainable: bool, weights: bool = True) -
     """
     if weights:
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.name_or_path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
+            cfg.name_or_path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
+            attn_implementation=cfg.attn_implementation,
         )
     else:
         config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(
-                config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code
+                config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
+                attn_implementation=cfg.attn_implementation,
             )
     for module in model.modules():
         if isinstance(module, nn.Dropout):
