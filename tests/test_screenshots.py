@@ -25,7 +25,10 @@ def test_the_mlflow_ui_draws_the_runs_charts_and_the_sweeps_trials(tiny_run_over
         pytest.skip("playwright is not installed: pip install -e '.[test]' (or '.[docs]')")
     # The store is where the commands run (mdpo_runs/, as for a user); one worker keeps the sweep's
     # trials in their Tune processes, the quickest path through a 4-trial sweep.
-    overrides = [o for o in tiny_run_overrides if not o.startswith("output_dir=")] + ["scaling.num_workers=1"]
+    # Trials keep a resident reference: the shared table's precompute, a Ray Train run of its own before
+    # the trials, draws nothing in the UI and is test_evidence's and test_multinode's to check.
+    overrides = [o for o in tiny_run_overrides if not o.startswith("output_dir=")] + ["scaling.num_workers=1",
+                                                                                     "reference=resident"]
     workdir, out = tmp_path / "work", tmp_path / "img"
     workdir.mkdir()
     started = time.monotonic()
