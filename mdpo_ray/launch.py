@@ -143,9 +143,14 @@ def _quiet_report_log() -> None:
 
 
 def train(cfg: RunConfig, *, tags: dict[str, str] | None = None, callbacks: list | None = None) -> RunSummary:
-    """One run. A sweep trial passes its MLflow tags and Tune's report callback."""
+    """One run, or with `iterate.rounds` > 0 its rounds (mdpo_ray.launch_rounds). A sweep trial passes its MLflow
+    tags and Tune's report callback."""
     from mdpo_ray.tracking import mlflow_runs
 
+    if cfg.iterate.rounds:
+        from mdpo_ray.launch_rounds import train_rounds  # imports this module: here, not at the top
+
+        return train_rounds(cfg, tags=tags, callbacks=callbacks)
     cfg = resolve_builtin(cfg)
     run_id = _open_run(cfg, tags)
     # SIGTERM (ray job stop, a scheduler's kill) must still close the MLflow run; so must a Ray that
@@ -207,8 +212,9 @@ def runs_in_trial(cfg: RunConfig) -> bool:
     """A one-worker CPU sweep trial trains inside its Tune trial process. For one CPU worker a
     TorchTrainer adds nothing but two more process start-ups (its controller and worker, each
     importing torch; ~8 s of a ~25 s trial on 2 cores), which dominate a sweep of small trials.
-    Multi-worker and GPU trials always go through Ray Train."""
-    return cfg.scaling.num_workers == 1 and not cfg.scaling.use_gpu
+    Multi-worker and GPU trials always go through Ray Train, and so do iterate runs (their rounds sample with
+    Ray actors)."""
+    return cfg.scaling.num_workers == 1 and not cfg.scaling.use_gpu and not cfg.iterate.rounds
 
 
 def train_in_process(cfg: RunConfig, *, tags: dict[str, str], report, restore_dir: Path | None) -> None:
