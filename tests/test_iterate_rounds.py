@@ -1,6 +1,8 @@
 """Iterate rounds without Ray: each round's single-run config (its pairs, start policy, reference, folder and
 MLflow store) and the reference model a run loads."""
 
+import os
+
 import pytest
 
 from mdpo_ray.config import load_config
@@ -50,3 +52,76 @@ def test_a_finished_round_is_recorded_last_and_read_back(tmp_path):
     assert store.load_done(location) is None
     store.save_done(location, {"export": "/x/export", "metrics": {"eval/answer_accuracy": 0.5}})
     assert store.load_done(location) == {"export": "/x/export", "metrics": {"eval/answer_accuracy": 0.5}}
+
+
+@pytest.fixture
+def rounds(iterate_cfg, monkeypatch):
+    """launch_rounds._run_round with sampling and training replaced by recorders: what a rerun does again."""
+    from mdpo_ray import launch, launch_rounds
+    from mdpo_ray.iterate.verify import Pairing
+
+    calls = {"sampled": 0, "trained": []}
+    pairs = [{"prompt": "p", "chosen": "a", "rejected": "b"}]
+
+    def sample(cfg, start_model, rows, verifier, r):
+        calls["sampled"] += 1
+        return Pairing(pairs if calls.get("pairs", True) else [], 1, 0, 4, 2)
+
+    def train(round_cfg, *, tags, callbacks):
+        calls["trained"].append((round_cfg.name, round_cfg.model.name_or_path, tags))
+        return launch.RunSummary(config=round_cfg, mlflow_run_id="child", metrics={"eval/answer_accuracy": 0.25,
+                                                                                   "step": 2},
+                                 checkpoint=None, export_dir=round_cfg.run_dir / "export")
+
+    monkeypatch.setattr(launch_rounds, "sample_pairs", sample)
+    monkeypatch.setattr(launch, "train", train)
+    monkeypatch.setattr("mdpo_ray.tracking.mlflow_runs.log_metrics", lambda *a, **k: None)
+    cfg = iterate_cfg()
+    return calls, lambda r, start: launch_rounds._run_round(cfg, r, start, [], None, "parent", None)
+
+
+def test_a_rerun_reads_saved_pairs_back_and_skips_a_finished_round(rounds):
+    calls, run_round = rounds
+    first = run_round(0, "/models/sft")
+    assert calls["sampled"] == 1 and calls["trained"][0][1] == "/models/sft"
+    assert calls["trained"][0][2] == {"mlflow.parentRunId": "parent", "mdpo.iterate_round": "0"}
+    assert first["export"].endswith("round_000/minor-dpo-arith-round-0/export")
+    assert run_round(0, "/models/sft") == first and calls["sampled"] == 1 and len(calls["trained"]) == 1  # done
+
+    location = store.round_location(first["export"].split("/iterate/")[0], 1)
+    run_round(1, first["export"])
+    os.remove(os.path.join(location, store.DONE_FILE))  # killed during training: pairs saved, no done.json
+    again = run_round(1, first["export"])
+    assert calls["sampled"] == 2 and len(calls["trained"]) == 3  # trained again (Ray Train resumes), not resampled
+    assert again["start_model"] == first["export"]
+
+
+def test_a_round_without_a_pair_is_an_error_naming_the_keys(rounds):
+    from mdpo_ray.config import ConfigError
+
+    calls, run_round = rounds
+    calls["pairs"] = False
+    with pytest.raises(ConfigError, match="iterate.samples_per_prompt or iterate.temperature"):
+        run_round(0, "/models/sft")
+    assert calls["trained"] == []
+
+
+def test_actors_sample_contiguous_shares_in_prompt_order_each_seeded_apart(monkeypatch):
+    from types import SimpleNamespace
+
+    from mdpo_ray import launch_rounds
+
+    seeds = []
+
+    def actor(name):
+        def remote(prompts, *, n, temperature, seed):
+            seeds.append(seed)
+            return [[f"{name}:{p}"] * n for p in prompts]
+        return SimpleNamespace(sample=SimpleNamespace(remote=remote))
+
+    monkeypatch.setattr(launch_rounds.ray, "get", lambda futures: futures)  # the fakes return values, not refs
+    generator = launch_rounds.ActorGenerator([actor("a"), actor("b"), actor("c")])
+    out = generator.sample(["p0", "p1", "p2", "p3", "p4"], n=2, temperature=1.0, seed=7)
+    assert out == [["a:p0"] * 2, ["a:p1"] * 2, ["b:p2"] * 2, ["b:p3"] * 2, ["c:p4"] * 2]
+    assert len(set(seeds)) == 3
+    assert generator.sample(["p0"], n=1, temperature=1.0, seed=7) == [["a:p0"]]  # idle actors get nothing
