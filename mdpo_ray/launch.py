@@ -257,7 +257,10 @@ def describe(summary: RunSummary) -> str:
     m, cfg = summary.metrics, summary.config
     rows = [("answer accuracy (greedy)", "answer_accuracy"), ("reward accuracy", "rewards/accuracies"),
             ("Δw  chosen log-prob drift", "delta_chosen/mean"), ("Δl  rejected log-prob drift", "delta_rejected/mean")]
-    lines = [f"\nrun {cfg.name!r}: {cfg.loss.name}, beta={cfg.loss.beta}, {int(m.get('step', 0))} steps",
+    steps = f"{int(m.get('step', 0))} steps"
+    if cfg.iterate.rounds:  # before: the start of round 0; after: the end of the last round
+        steps = f"{cfg.iterate.rounds} iterate rounds of {steps}"
+    lines = [f"\nrun {cfg.name!r}: {cfg.loss.name}, beta={cfg.loss.beta}, {steps}",
              f"  {'held-out':30s} {'before':>10s} {'after':>10s}"]
     for label, key in rows:
         if f"eval/{key}" in m:

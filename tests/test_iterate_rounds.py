@@ -125,3 +125,13 @@ def test_actors_sample_contiguous_shares_in_prompt_order_each_seeded_apart(monke
     assert out == [["a:p0"] * 2, ["a:p1"] * 2, ["b:p2"] * 2, ["b:p3"] * 2, ["c:p4"] * 2]
     assert len(set(seeds)) == 3
     assert generator.sample(["p0"], n=1, temperature=1.0, seed=7) == [["a:p0"]]  # idle actors get nothing
+
+
+def test_the_summary_says_rounds_and_compares_round_0_start_with_the_last_round(iterate_cfg, tmp_path):
+    from mdpo_ray import launch
+
+    summary = launch.RunSummary(config=iterate_cfg(), mlflow_run_id="parent", checkpoint=None, export_dir=tmp_path,
+                                metrics={"step": 20, "eval_start/answer_accuracy": 0.4, "eval/answer_accuracy": 0.5})
+    text = launch.describe(summary)
+    assert "3 iterate rounds of 20 steps" in text
+    assert "answer accuracy (greedy)           0.4000     0.5000" in text
