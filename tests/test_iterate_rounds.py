@@ -135,3 +135,36 @@ def test_the_summary_says_rounds_and_compares_round_0_start_with_the_last_round(
     text = launch.describe(summary)
     assert "3 iterate rounds of 20 steps" in text
     assert "answer accuracy (greedy)           0.4000     0.5000" in text
+
+
+def test_model_reference_is_the_frozen_model_the_losses_compare_with(tiny_task, tiny_run_overrides, tmp_path):
+    """iterate.reference=initial's mechanism: with model.reference = X, the step-0 reference log-probs are X's
+    policy log-probs on the same first batch (a run from X), resident or precomputed, and differ from the policy's."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mdpo_ray.training.train_loop import Worker, train
+
+    other = AutoModelForCausalLM.from_pretrained(tiny_task["model"])
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for param in other.parameters():
+            param.add_(0.05 * torch.randn_like(param))
+    other.save_pretrained(tmp_path / "other")
+    AutoTokenizer.from_pretrained(tiny_task["model"]).save_pretrained(tmp_path / "other")
+
+    def step_zero(*extra):
+        logged = {}
+        sink = type("Sink", (), {"log": lambda self, m, step: logged.setdefault(step, {}).update(m),
+                                 "tag": lambda self, k, v: None, "log_model": lambda self, d: None})()
+        cfg = load_config(None, [*tiny_run_overrides, "scaling.num_workers=1", "optim.max_steps=1",
+                                 "data.generation_eval=null", *extra])
+        train(cfg, Worker(sink=sink))
+        return logged[0]
+
+    from_other = step_zero(f"model.name_or_path={tmp_path / 'other'}", "name=from-other")
+    for mode in ("resident", "precompute"):
+        against_other = step_zero(f"model.reference={tmp_path / 'other'}", f"reference={mode}", f"name=ref-{mode}")
+        assert against_other["logps/ref_chosen"] == pytest.approx(from_other["logps/chosen"], rel=1e-5), mode
+        assert against_other["logps/ref_rejected"] == pytest.approx(from_other["logps/rejected"], rel=1e-5), mode
+        assert abs(against_other["logps/chosen"] - against_other["logps/ref_chosen"]) > 1e-3, mode
