@@ -12,8 +12,6 @@ done.json (the round is skipped).
 
 from __future__ import annotations
 
-import signal
-import threading
 from pathlib import Path
 
 import ray
@@ -101,22 +99,14 @@ def train_rounds(cfg: RunConfig, *, tags: dict[str, str] | None = None,
     cfg = launch.resolve_builtin(cfg)
     rows = [dict(row) for row in read_rows(cfg.data.train, "train")]
     verifier = load_verifier(cfg.iterate)
-    parent = launch._open_run(cfg, (tags or {}) | {mlflow_runs.ROLE_TAG: "iterate"})
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, launch._raise_keyboard_interrupt) if in_main else None
-    succeeded, records = False, []
-    try:
+    records = []
+    with launch.tracked_run(cfg, (tags or {}) | {mlflow_runs.ROLE_TAG: "iterate"}) as parent:
         cluster.init_ray(use_gpu=cfg.scaling.use_gpu)
         start_model = cfg.model.name_or_path
         for r in range(cfg.iterate.rounds):
             record = _run_round(cfg, r, start_model, rows, verifier, parent, callbacks)
             records.append(record)
             start_model = record["export"]
-        succeeded = True
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
-        mlflow_runs.close_run(cfg, parent, succeeded=succeeded)
     first, last = records[0], records[-1]
     metrics = last["metrics"] | {key: value for key, value in first["metrics"].items() if key.startswith("eval_start/")}
     return launch.RunSummary(config=cfg, mlflow_run_id=parent, metrics=metrics, checkpoint=last["checkpoint"],
