@@ -471,7 +471,7 @@ class RunConfig(_Strict):
             # A resident LoRA reference is the policy with its adapters off: the policy's base, not model.reference.
             raise ValueError(
                 "model.reference with model.lora.r > 0 needs reference=precompute (a resident LoRA reference is the "
-                "policy with its adapters off); set reference=precompute, or iterate.reference=previous")
+                "policy with its adapters off): set reference=precompute, or model.reference=null")
         if self.iterate.rounds and self.iterate.reference == "initial" and self.model.lora.r \
                 and self.reference == "resident":
             raise ValueError(
