@@ -44,7 +44,7 @@ class LoraConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    """The starting policy (also the reference) and its tokenizer."""
+    """The starting policy (also the reference, unless `model.reference` names another) and its tokenizer."""
 
     name_or_path: str = Field(BUILTIN, description="A Hugging Face hub id, a local `save_pretrained` directory, or "
                               "`builtin:arith` (the built-in task's SFT-warmed tiny model; only with "
@@ -55,6 +55,9 @@ class ModelConfig(_Strict):
         None, description="A Jinja chat template (text containing `{{` or `{%`), or the path of a file holding one, "
         "set on the tokenizer before conversational data is rendered; for base models whose tokenizer has none. "
         "null: the tokenizer's own. The exported tokenizer keeps it.")
+    reference: str | None = Field(
+        None, description="The frozen reference's weights (hub id or `save_pretrained` directory, same tokenizer); "
+        "null: `model.name_or_path`. `iterate.reference: initial` sets it to the first round's model in later rounds.")
     trust_remote_code: bool = Field(False, description="Passed to transformers when loading the model, its config "
                                     "and the tokenizer: runs the repository's own Python code.")
     attn_implementation: str | None = Field(
@@ -322,9 +325,10 @@ class IterateConfig(_Strict):
     the training prompts from the current policy, labels them with a verifier, pairs a correct with an incorrect
     completion of the same prompt, and trains one round of the configured loss on those pairs."""
 
-    rounds: int = Field(0, ge=0, description="Rounds of sample, verify, train; 0: a single run on `data.train` as it "
-                        "is (no sampling). Values above 0 are refused for now: the rounds loop is not wired into "
-                        "`mdpo-ray train` yet.")
+    rounds: int = Field(0, ge=0, description="Rounds of sample, verify, train (docs/iterate.md); 0: a single run on "
+                        "`data.train` as it is (no sampling). Each round samples the prompts of `data.train` with "
+                        "Ray actors (one per worker, `scaling.*`'s resources), then trains `optim.max_steps` steps "
+                        "from the previous round's export, under `output_dir/<name>/iterate/round_<r>/`.")
     samples_per_prompt: int = Field(4, ge=2, description="Completions sampled per training prompt each round; a "
                                     "prompt yields a pair only if at least one is correct and one incorrect.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature (full distribution: no top-k, no "
@@ -455,11 +459,25 @@ class RunConfig(_Strict):
                 "exports only the LoRA adapters: set export.lora=merged, or tracking.log_model=false and register "
                 "the adapter directory yourself"
             )
-        if self.iterate.rounds:
-            # Refused rather than ignored: the sampling, verifying and pairing pieces exist, the rounds loop does not.
+        if self.iterate.rounds and storage.is_remote(self.output_dir):
             raise ValueError(
-                f"iterate.rounds={self.iterate.rounds}: iterative training is not wired into `mdpo-ray train` yet "
-                "(issue 25); set iterate.rounds=0 for a single run")
+                f"iterate.rounds > 0 loads each round's policy from the previous round's export in output_dir, which "
+                f"must be a local (shared) directory for now, not object storage ({self.output_dir})")
+        if self.iterate.rounds and self.model.lora.r and self.export.lora == "adapter":
+            raise ValueError(
+                "iterate.rounds > 0 starts each round from the previous round's export, which export.lora=adapter "
+                "makes an adapter directory only: set export.lora=merged")
+        if self.model.reference is not None and self.model.lora.r and self.reference == "resident":
+            # A resident LoRA reference is the policy with its adapters off: the policy's base, not model.reference.
+            raise ValueError(
+                "model.reference with model.lora.r > 0 needs reference=precompute (a resident LoRA reference is the "
+                "policy with its adapters off): set reference=precompute, or model.reference=null")
+        if self.iterate.rounds and self.iterate.reference == "initial" and self.model.lora.r \
+                and self.reference == "resident":
+            raise ValueError(
+                "iterate.reference=initial with model.lora.r > 0 needs reference=precompute (a resident LoRA reference "
+                "is the round's start policy with its adapters off): set reference=precompute or "
+                "iterate.reference=previous")
         if self.model.name_or_path == BUILTIN and self.data.train != BUILTIN:
             raise ValueError(
                 "model.name_or_path=builtin:arith is the SFT model of the built-in task and only fits "
@@ -519,7 +537,7 @@ def _absolute(raw: dict[str, Any], base: Path) -> dict[str, Any]:
         output_dir = out["output_dir"] = os.fspath(output_dir)
     if isinstance(output_dir, str) and not storage.looks_like_uri(output_dir):  # a URI is checked by the schema
         out["output_dir"] = str((base / os.path.expanduser(output_dir)).resolve())
-    for section, keys in (("data", ("train", "eval", "generation_eval")), ("model", ("name_or_path", "tokenizer"))):
+    for section, keys in (("data", ("train", "eval", "generation_eval")), ("model", ("name_or_path", "tokenizer", "reference"))):
         sub = out.get(section)
         if not isinstance(sub, dict):
             continue  # not a mapping: the schema reports it

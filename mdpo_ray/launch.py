@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,17 +144,14 @@ def _quiet_report_log() -> None:
 
 
 def train(cfg: RunConfig, *, tags: dict[str, str] | None = None, callbacks: list | None = None) -> RunSummary:
-    """One run. A sweep trial passes its MLflow tags and Tune's report callback."""
-    from mdpo_ray.tracking import mlflow_runs
+    """One run, or with `iterate.rounds` > 0 its rounds (mdpo_ray.launch_rounds). A sweep trial passes its MLflow
+    tags and Tune's report callback."""
+    if cfg.iterate.rounds:
+        from mdpo_ray.launch_rounds import train_rounds  # imports this module: here, not at the top
 
+        return train_rounds(cfg, tags=tags, callbacks=callbacks)
     cfg = resolve_builtin(cfg)
-    run_id = _open_run(cfg, tags)
-    # SIGTERM (ray job stop, a scheduler's kill) must still close the MLflow run; so must a Ray that
-    # cannot be reached.
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt) if in_main else None
-    succeeded = False
-    try:
+    with tracked_run(cfg, tags) as run_id:
         cluster.init_ray(use_gpu=cfg.scaling.use_gpu)
         trainer = cluster.trainer(
             worker_entry,
@@ -168,11 +166,6 @@ def train(cfg: RunConfig, *, tags: dict[str, str] | None = None, callbacks: list
             ),
         )
         result = _fit(trainer)
-        succeeded = True
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
-        mlflow_runs.close_run(cfg, run_id, succeeded=succeeded)
     export = storage.join(cfg.run_location, "export")
     return RunSummary(config=cfg, mlflow_run_id=run_id, metrics=dict(result.metrics or {}),
                       checkpoint=storage.display(result.checkpoint.path, cfg.output_dir) if result.checkpoint else None,
@@ -207,8 +200,9 @@ def runs_in_trial(cfg: RunConfig) -> bool:
     """A one-worker CPU sweep trial trains inside its Tune trial process. For one CPU worker a
     TorchTrainer adds nothing but two more process start-ups (its controller and worker, each
     importing torch; ~8 s of a ~25 s trial on 2 cores), which dominate a sweep of small trials.
-    Multi-worker and GPU trials always go through Ray Train."""
-    return cfg.scaling.num_workers == 1 and not cfg.scaling.use_gpu
+    Multi-worker and GPU trials always go through Ray Train, and so do iterate runs (their rounds sample with
+    Ray actors)."""
+    return cfg.scaling.num_workers == 1 and not cfg.scaling.use_gpu and not cfg.iterate.rounds
 
 
 def train_in_process(cfg: RunConfig, *, tags: dict[str, str], report, restore_dir: Path | None) -> None:
@@ -227,6 +221,26 @@ def train_in_process(cfg: RunConfig, *, tags: dict[str, str], report, restore_di
         succeeded = True
     finally:
         sink.close()
+        mlflow_runs.close_run(cfg, run_id, succeeded=succeeded)
+
+
+@contextmanager
+def tracked_run(cfg: RunConfig, tags: dict[str, str] | None) -> Iterator[str | None]:
+    """The run's MLflow run (None: MLflow unreachable), open for the block and closed FINISHED when the block ends,
+    FAILED when it raises. SIGTERM (ray job stop, a scheduler's kill) is raised in it as a KeyboardInterrupt, so
+    it too closes the run; so does a Ray that cannot be reached."""
+    from mdpo_ray.tracking import mlflow_runs
+
+    run_id = _open_run(cfg, tags)
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt) if in_main else None
+    succeeded = False
+    try:
+        yield run_id
+        succeeded = True
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
         mlflow_runs.close_run(cfg, run_id, succeeded=succeeded)
 
 
@@ -251,7 +265,10 @@ def describe(summary: RunSummary) -> str:
     m, cfg = summary.metrics, summary.config
     rows = [("answer accuracy (greedy)", "answer_accuracy"), ("reward accuracy", "rewards/accuracies"),
             ("Δw  chosen log-prob drift", "delta_chosen/mean"), ("Δl  rejected log-prob drift", "delta_rejected/mean")]
-    lines = [f"\nrun {cfg.name!r}: {cfg.loss.name}, beta={cfg.loss.beta}, {int(m.get('step', 0))} steps",
+    steps = f"{int(m.get('step', 0))} steps"
+    if cfg.iterate.rounds:  # before: the start of round 0; after: the end of the last round
+        steps = f"{cfg.iterate.rounds} iterate rounds of {steps}"
+    lines = [f"\nrun {cfg.name!r}: {cfg.loss.name}, beta={cfg.loss.beta}, {steps}",
              f"  {'held-out':30s} {'before':>10s} {'after':>10s}"]
     for label, key in rows:
         if f"eval/{key}" in m:

@@ -206,6 +206,12 @@ def metrics_page() -> str:
         "`data/eval_*` only with `data.eval` (the built-in task sets it)."),
         "",
         *table("data_tag", "tag"),
+        "## Iterate rounds",
+        "",
+        ("With `iterate.rounds` > 0 (docs/iterate.md) the iterate run's parent MLflow run gets one point per round, "
+        "at step = the round's index (from 0); each round's own run, its child, has the metrics above."),
+        "",
+        *table("round", "metric"),
         "## Elsewhere",
         "",
         ("- `system/*`: MLflow's system metrics of rank 0's node (`tracking.system_metrics`), named and defined by "

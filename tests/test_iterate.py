@@ -65,12 +65,29 @@ def test_a_user_verifier_is_loaded_from_its_module(user_module):
     ("iterate.temperature=0", "iterate.temperature"),
     ("iterate.reference=sft", "iterate.reference"),
     ("iterate.prompts_per_round=0", "iterate.prompts_per_round"),
-    ("iterate.rounds=2", "iterative training is not wired into `mdpo-ray train` yet"),
 ])
 def test_bad_iterate_values_are_refused_with_the_key(override, needle):
     with pytest.raises(ConfigError, match="iterate") as info:
         load_config(None, [override])
     assert needle in str(info.value)
+
+
+@pytest.mark.parametrize(("overrides", "needle"), [
+    (["model.lora.r=4", "export.lora=adapter"], "set export.lora=merged"),
+    (["model.lora.r=4", "iterate.reference=initial"], "set reference=precompute or iterate.reference=previous"),
+    (["output_dir=s3://bucket/runs", "tracking.mlflow_uri=http://mlflow:5000"], "not object storage"),
+])
+def test_iterate_rounds_refuse_what_the_rounds_cannot_chain(overrides, needle):
+    with pytest.raises(ConfigError, match="iterate.rounds|iterate.reference") as info:
+        load_config(None, ["iterate.rounds=2", *overrides])
+    assert needle in str(info.value)
+    load_config(None, overrides)  # each is fine for a single run
+
+
+def test_a_resident_lora_reference_cannot_be_another_model():
+    with pytest.raises(ConfigError, match="model.reference with model.lora.r > 0 needs reference=precompute"):
+        load_config(None, ["model.lora.r=4", "model.reference=gpt2"])
+    load_config(None, ["model.lora.r=4", "model.reference=gpt2", "reference=precompute"])
 
 
 # --- verifiers -------------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
 """Each round's sampled pairs, saved under the run's location so that a restarted round does not resample.
 
     <output_dir>/<name>/iterate/round_<r>/pairs.jsonl    {prompt, chosen, rejected} rows: a `data.train` file
-    <output_dir>/<name>/iterate/round_<r>/pairing.json   the round's counts, written last: the round is complete
+    <output_dir>/<name>/iterate/round_<r>/pairing.json   the round's counts, written last: its pairs are complete
+    <output_dir>/<name>/iterate/round_<r>/<name>-round-<r>/   the round's training run (checkpoints, export)
+    <output_dir>/<name>/iterate/round_<r>/done.json      the round's outcome, written after its training: a rerun
+                                                         skips the round
 
 Local paths or object storage alike (mdpo_ray.storage); each file is written whole or not at all.
 """
@@ -16,7 +19,7 @@ from mdpo_ray import storage
 from mdpo_ray.iterate.verify import Pairing
 
 ROUNDS_DIR = "iterate"
-PAIRS_FILE, PAIRING_FILE = "pairs.jsonl", "pairing.json"
+PAIRS_FILE, PAIRING_FILE, DONE_FILE = "pairs.jsonl", "pairing.json", "done.json"
 
 
 def round_location(run_location: str, round_index: int) -> str:
@@ -50,3 +53,14 @@ def sampled_once(location: str, sample: Callable[[], Pairing]) -> tuple[Pairing,
     pairing = sample()
     save_pairing(location, pairing)
     return pairing, False
+
+
+def save_done(location: str, record: dict) -> None:
+    """The round's outcome (its export, checkpoint and final metrics), written once its training finished."""
+    storage.write_bytes(storage.join(location, DONE_FILE), json.dumps(record, indent=2).encode())
+
+
+def load_done(location: str) -> dict | None:
+    """A finished round's record, or None if the round has not finished."""
+    path = storage.join(location, DONE_FILE)
+    return json.loads(storage.read_bytes(path)) if storage.is_file(path) else None

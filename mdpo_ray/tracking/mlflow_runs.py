@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import re
 import sys
+import time
 from pathlib import Path
 
 import yaml
-from mlflow.entities import Param, RunTag
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from mdpo_ray.config import ConfigError, RunConfig, flatten
@@ -23,7 +24,8 @@ from mdpo_ray.tracking.sinks import REDACTED, is_outage, shown_uri, warn
 # Tag names: written here and by the sweep driver, read by the report.
 RUN_NAME_TAG = "mdpo.run_name"
 SWEEP_TAG = "mdpo.sweep"
-ROLE_TAG = "mdpo.role"  # "sweep" on a sweep's parent run
+ROLE_TAG = "mdpo.role"  # "sweep" on a sweep's parent run, "iterate" on an iterate run's
+ITERATE_ROUND_TAG = "mdpo.iterate_round"  # on an iterate run's round (a child run): its index, from 0
 SEARCH_KEYS_TAG = "mdpo.search_keys"  # comma-separated dotted keys
 METRIC_TAG = "mdpo.metric"
 MODE_TAG = "mdpo.mode"
@@ -172,6 +174,19 @@ def _log_params(client: MlflowClient, run_id: str, params: dict[str, str], logge
     changed = sorted(k for k, v in params.items() if k in logged and logged[k] != v[:6000])
     if changed:
         client.set_tag(run_id, "mdpo.changed_on_resume", ",".join(changed)[:5000])
+
+
+def log_metrics(cfg: RunConfig, run_id: str | None, metrics: dict[str, float], *, step: int) -> None:
+    """Metrics the driver logs itself (an iterate run's per-round figures); with MLflow down, a warning."""
+    if run_id is None or not metrics:
+        return
+    now = int(time.time() * 1000)
+    try:
+        _client(cfg).log_batch(run_id, metrics=[Metric(key, float(value), now, step) for key, value in metrics.items()])
+    except Exception as error:
+        if not is_outage(error):
+            raise
+        warn(f"MLflow at {cfg.mlflow_uri} unreachable ({error}); metrics of step {step} not logged to run {run_id}")
 
 
 def close_run(cfg: RunConfig, run_id: str | None, *, succeeded: bool = False, status: str | None = None) -> None:

@@ -23,8 +23,9 @@ class Metric:
     name: str
     meaning: str
     # pair: from pair_metrics, on training batches and, as eval/<name>, on the held-out pairs; step: per
-    # training log step; eval: held-out only; data_tag: a run tag, one number per run (not a metric).
-    kind: Literal["pair", "step", "eval", "data_tag"]
+    # training log step; eval: held-out only; data_tag: a run tag, one number per run (not a metric); round: on an
+    # iterate run's parent MLflow run, one point per round (step = the round's index, from 0).
+    kind: Literal["pair", "step", "eval", "data_tag", "round"]
 
 
 def _quantiles(name: str, symbol: str, gloss: str) -> list[Metric]:
@@ -81,6 +82,14 @@ GLOSSARY: tuple[Metric, ...] = (
            "eval"),
     Metric("eval/n_problems", "held-out problems decoded (shared out the same way)", "eval"),
     *(Metric(f"data/{{train,eval}}_{count}", meaning, "data_tag") for count, meaning in _DATA_COUNTS.items()),
+    Metric("iterate/pairs", "pairs the round trained on: one per sampled prompt with a correct and an incorrect "
+           "completion", "round"),
+    Metric("iterate/prompts_all_correct", "the round's prompts whose every completion was correct (skipped)", "round"),
+    Metric("iterate/prompts_all_wrong", "the round's prompts with no correct completion (skipped)", "round"),
+    Metric("iterate/sample_accuracy", "fraction of the round's sampled completions the verifier called correct "
+           "(the round's start policy at `iterate.temperature`)", "round"),
+    Metric("iterate/answer_accuracy", "`eval/answer_accuracy` after the round's training (greedy, on "
+           "`data.generation_eval`)", "round"),
 )
 PAIR_METRICS = tuple(m.name for m in GLOSSARY if m.kind == "pair")
 # Every metric a run logs (training, eval/<pair metric>, eval-only): a sweep's `metric` must be one.

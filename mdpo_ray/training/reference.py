@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from mdpo_ray import storage
-from mdpo_ray.config import RunConfig
+from mdpo_ray.config import ModelConfig, RunConfig
 from mdpo_ray.data.pairs import collate_pairs
 from mdpo_ray.training import distributed, lora
 from mdpo_ray.training.logps import check_packed_attention, concatenated_logps, device_batch, to_device
@@ -135,6 +135,14 @@ def _in_compute_dtype(model: nn.Module, mp_policy) -> nn.Module:
     return model
 
 
+def reference_config(cfg: RunConfig) -> ModelConfig:
+    """The frozen reference's model settings: the policy's, loaded from `model.reference` when that is set."""
+    if cfg.model.reference is None:
+        return cfg.model
+    return ModelConfig.model_validate(cfg.model.model_dump() | {"name_or_path": cfg.model.reference,
+                                                                 "reference": None})
+
+
 def build(cfg: RunConfig, datasets: tuple, pad_token_id: int, mesh, mp_policy, device: torch.device,
           say: Callable[[str], None], policy: nn.Module | None = None) -> tuple:
     """(train reference, eval reference, cache statuses) for cfg.reference.
@@ -143,9 +151,11 @@ def build(cfg: RunConfig, datasets: tuple, pad_token_id: int, mesh, mp_policy, d
     With LoRA a resident reference is `policy` with its adapters off; a table is computed from the base
     model loaded alone, the same numbers (the adapters are all that differ), under the same cache key.
     """
+    reference_model = reference_config(cfg)
+
     @lru_cache(maxsize=1)
     def load_frozen() -> nn.Module:
-        model = load_causal_lm(cfg.model, trainable=False, weights=distributed.rank() == 0)
+        model = load_causal_lm(reference_model, trainable=False, weights=distributed.rank() == 0)
         model = distributed.shard_model(_in_compute_dtype(model, mp_policy), mesh, mp_policy, frozen=True)
         if cfg.data.padding_free:
             check_packed_attention(model, device)  # a table computed packed must be right before it is cached
@@ -166,7 +176,7 @@ def build(cfg: RunConfig, datasets: tuple, pad_token_id: int, mesh, mp_policy, d
             continue
         # Packed forwards round differently (~1e-6): a key of their own; padded tables keep the keys they had.
         packed = {"padding_free": True} if cfg.data.padding_free else {}
-        key = cache_key(cfg.model.name_or_path, data=dataset._fingerprint, max_length=cfg.data.max_length,
+        key = cache_key(reference_model.name_or_path, data=dataset._fingerprint, max_length=cfg.data.max_length,
                         average=average, **packed, **numerics(device, mp_policy))
         cache_file = storage.join(cfg.output_dir, "reference_logps", f"{key}.pt")
         started = time.perf_counter()

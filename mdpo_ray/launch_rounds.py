@@ -1,0 +1,146 @@
+"""The Ray boundary of iterative on-policy training (`iterate.rounds` > 0; docs/iterate.md).
+
+Each round: Ray actors sample completions of the round's training prompts from the round's start policy
+(round 0: `model.name_or_path`; round r: round r-1's export), the driver verifies and pairs them
+(mdpo_ray.iterate), saves the pairs, then runs one Ray Train run of the configured loss on them
+(mdpo_ray.launch.train). One MLflow parent run holds the per-round figures; each round's run is its child.
+
+Resume is by files, written in order under output_dir/<name>/iterate/round_<r>/ (mdpo_ray.iterate.store):
+pairs (read back, not resampled), the round's checkpoints (its Ray Train run resumes from them), then
+done.json (the round is skipped).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import ray
+
+from mdpo_ray import cluster, launch, storage
+from mdpo_ray.config import ConfigError, ModelConfig, RunConfig, validate_config
+from mdpo_ray.iterate import store
+from mdpo_ray.iterate.sample import HFGenerator, sample_round
+from mdpo_ray.iterate.verify import Pairing, Verifier, load_verifier
+
+
+@ray.remote
+class Sampler:
+    """One sampling actor: the round's start policy in this process, behind the one-method backend
+    (mdpo_ray.iterate.sample.Generator); a vLLM engine would be another backend built here."""
+
+    def __init__(self, model: dict, *, use_gpu: bool, max_new_tokens: int, batch_size: int) -> None:
+        from mdpo_ray.training.model import load_causal_lm, load_tokenizer
+
+        model_cfg = ModelConfig.model_validate(model)
+        policy = load_causal_lm(model_cfg, trainable=False)
+        self.backend = HFGenerator(policy.to("cuda") if use_gpu else policy, load_tokenizer(model_cfg),
+                                   max_new_tokens=max_new_tokens, batch_size=batch_size)
+
+    def sample(self, prompts: list[str], *, n: int, temperature: float, seed: int) -> list[list[str]]:
+        return self.backend.sample(prompts, n=n, temperature=temperature, seed=seed)
+
+
+class ActorGenerator:
+    """The Generator interface over sampling actors: the prompts cut into contiguous shares, one per actor,
+    sampled in parallel; share i is seeded from (seed, i), so a fixed number of actors samples reproducibly."""
+
+    def __init__(self, actors: list) -> None:
+        self.actors = actors
+
+    def sample(self, prompts: list[str], *, n: int, temperature: float, seed: int) -> list[list[str]]:
+        size = -(-len(prompts) // len(self.actors))
+        shares = [prompts[i : i + size] for i in range(0, len(prompts), size)]
+        futures = [actor.sample.remote(share, n=n, temperature=temperature, seed=seed * 65_537 + i)
+                   for i, (actor, share) in enumerate(zip(self.actors, shares, strict=False))]
+        return [completions for part in ray.get(futures) for completions in part]
+
+
+def sample_pairs(cfg: RunConfig, start_model: str, rows: list[dict], verifier: Verifier, round_index: int) -> Pairing:
+    """Round `round_index`'s pairs, sampled by one actor per Train worker's resources (a lost actor is restarted
+    once), which are let go before the round trains."""
+    scaling = cfg.scaling
+    options = {"num_cpus": scaling.cpus_per_worker, "num_gpus": scaling.gpus_per_worker if scaling.use_gpu else 0,
+               "max_restarts": 1, "max_task_retries": 1}
+    model = cfg.model.model_dump(mode="json") | {"name_or_path": start_model, "reference": None}
+    actors = [Sampler.options(**options).remote(model, use_gpu=scaling.use_gpu, max_new_tokens=cfg.eval.max_new_tokens,
+                                                batch_size=cfg.eval.generation_batch_size)
+              for _ in range(scaling.num_workers)]
+    try:
+        return sample_round(ActorGenerator(actors), rows, cfg.iterate, verifier, seed=cfg.seed,
+                            round_index=round_index)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+
+
+def round_config(cfg: RunConfig, round_index: int, start_model: str) -> RunConfig:
+    """Round `round_index`'s single run: its saved pairs as `data.train`, from `start_model`, under the round's
+    folder, logging to the iterate run's MLflow store; its reference per `iterate.reference`."""
+    location = store.round_location(cfg.run_location, round_index)
+    raw = cfg.model_dump(mode="json")
+    raw |= {"name": f"{cfg.name}-round-{round_index}", "output_dir": location, "iterate": {"rounds": 0}}
+    raw["data"] |= {"train": storage.join(location, store.PAIRS_FILE)}
+    raw["tracking"] |= {"mlflow_uri": cfg.mlflow_uri}
+    reference = cfg.model.reference  # round 0 (and `initial`): the configured reference
+    if round_index and cfg.iterate.reference == "previous":
+        reference = None  # the round's start policy
+    elif round_index:
+        reference = reference or cfg.model.name_or_path
+    raw["model"] |= {"name_or_path": start_model, "reference": reference}
+    return validate_config(raw, source=f"iterate round {round_index}")
+
+
+def train_rounds(cfg: RunConfig, *, tags: dict[str, str] | None = None,
+                 callbacks: list | None = None) -> launch.RunSummary:
+    """`iterate.rounds` rounds of sample, verify, train; finished rounds (done.json) are skipped."""
+    from mdpo_ray.data.rows import read_rows
+    from mdpo_ray.tracking import mlflow_runs
+
+    cfg = launch.resolve_builtin(cfg)
+    rows = [dict(row) for row in read_rows(cfg.data.train, "train")]
+    verifier = load_verifier(cfg.iterate)
+    records = []
+    with launch.tracked_run(cfg, (tags or {}) | {mlflow_runs.ROLE_TAG: "iterate"}) as parent:
+        cluster.init_ray(use_gpu=cfg.scaling.use_gpu)
+        start_model = cfg.model.name_or_path
+        for r in range(cfg.iterate.rounds):
+            record = _run_round(cfg, r, start_model, rows, verifier, parent, callbacks)
+            records.append(record)
+            start_model = record["export"]
+    first, last = records[0], records[-1]
+    metrics = last["metrics"] | {key: value for key, value in first["metrics"].items() if key.startswith("eval_start/")}
+    return launch.RunSummary(config=cfg, mlflow_run_id=parent, metrics=metrics, checkpoint=last["checkpoint"],
+                             export_dir=Path(last["export"]))
+
+
+def _run_round(cfg: RunConfig, r: int, start_model: str, rows: list[dict], verifier: Verifier, parent: str | None,
+               callbacks: list | None) -> dict:
+    """Round r, from whichever of its files exist: done.json (skip), pairs (train), nothing (sample, train)."""
+    from mdpo_ray.tracking import mlflow_runs
+
+    location = store.round_location(cfg.run_location, r)
+    done = store.load_done(location)
+    if done is not None:
+        print(f"iterate round {r}: finished before ({location}/{store.DONE_FILE}); skipped", flush=True)
+        return done
+    pairing, read_back = store.sampled_once(location, lambda: sample_pairs(cfg, start_model, rows, verifier, r))
+    print(f"iterate round {r}: {len(pairing.pairs)} pairs ({'read back from' if read_back else 'sampled into'} "
+          f"{location}); prompts all correct {pairing.prompts_all_correct}, all wrong {pairing.prompts_all_wrong}; "
+          f"sample accuracy {pairing.correct}/{pairing.samples}", flush=True)
+    if not pairing.pairs:
+        raise ConfigError(
+            f"iterate round {r} sampled no pair: of its prompts, {pairing.prompts_all_correct} had only correct and "
+            f"{pairing.prompts_all_wrong} only wrong completions. Raise iterate.samples_per_prompt or "
+            "iterate.temperature, or start from a model that is right on some prompts but not all")
+    round_cfg = round_config(cfg, r, start_model)
+    child_tags = {"mlflow.parentRunId": parent, mlflow_runs.ITERATE_ROUND_TAG: str(r)} if parent else {}
+    summary = launch.train(round_cfg, tags=child_tags, callbacks=callbacks)
+    after = {"iterate/answer_accuracy": summary.metrics["eval/answer_accuracy"]} \
+        if "eval/answer_accuracy" in summary.metrics else {}
+    mlflow_runs.log_metrics(cfg, parent, pairing.metrics() | after, step=r)
+    record = {"round": r, "start_model": start_model, "export": str(summary.export_dir),
+              "checkpoint": summary.checkpoint, "mlflow_run_id": summary.mlflow_run_id,
+              "metrics": {key: float(value) for key, value in summary.metrics.items()
+                          if isinstance(value, (int, float))}}
+    store.save_done(location, record)
+    return record
