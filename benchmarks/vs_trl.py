@@ -29,6 +29,7 @@ Configurations:
   minor_dpo_checkpointing      (DPOConfig's own default) against scaling.activation_checkpointing
   minor_dpo_grouped            data.group_by_length: micro-batches of similar lengths (needs --micro-batch)
   minor_dpo_packed             data.padding_free: each forward's sequences packed without padding
+  minor_dpo_grouped_packed     both: micro-batches of similar lengths, each packed (needs --micro-batch)
 
 Speed is steady state: the first --warmup windows of --window steps are warm-up; then --windows windows, each
 timed from the end of one window to the end of the next (TRL: a callback's on_step_end; mdpo-ray:
@@ -75,8 +76,10 @@ CONFIGS = {  # name: (side, loss, reference)
     "minor_dpo_checkpointing": ("ours", "minor_dpo", "resident"),
     "minor_dpo_grouped": ("ours", "minor_dpo", "resident"),
     "minor_dpo_packed": ("ours", "minor_dpo", "resident"),
+    "minor_dpo_grouped_packed": ("ours", "minor_dpo", "resident"),
 }
-DATA_MODES = {"minor_dpo_grouped": {"group_by_length": True}, "minor_dpo_packed": {"padding_free": True}}
+DATA_MODES = {"minor_dpo_grouped": {"group_by_length": True}, "minor_dpo_packed": {"padding_free": True},
+              "minor_dpo_grouped_packed": {"group_by_length": True, "padding_free": True}}
 VARLEN_CONFIGS = set(DATA_MODES)  # run by default only with --varlen: on the fixed-length pairs they save nothing
 CHECKPOINTED = {"trl_checkpointing", "minor_dpo_checkpointing"}  # recompute each decoder block in backward
 BETA, LR = 0.1, 1e-4
@@ -299,7 +302,9 @@ def _run_config(args, assets: dict, name: str, loss: str, reference: str):
     return RunConfig.model_validate({
         "name": f"bench-{name}", "output_dir": str(args.workdir / name), "seed": 0, "reference": reference,
         "model": {"name_or_path": assets["model_dir"]},
-        "data": {"train": assets["pairs"], "max_length": args.max_length} | DATA_MODES.get(name, {}),
+        # padded unless the configuration says otherwise: the table's minor_dpo rows are the padded step
+        "data": {"train": assets["pairs"], "max_length": args.max_length, "padding_free": False}
+        | DATA_MODES.get(name, {}),
         "loss": {"name": loss, "beta": BETA},
         "optim": {"lr": LR, "warmup_steps": 0, "max_steps": _total_steps(args), "batch_size": args.batch,
                   "micro_batch_size": args.micro_batch, "grad_clip": 1.0},
@@ -528,7 +533,7 @@ def _targets(results: dict) -> list[str]:
             m = results[ours]["peak_memory"] / results[trl]["peak_memory"]
             lines.append(f"  {ours} vs {trl}: {s:.2f}x pairs/s (target >= 1.5x: {'met' if s >= 1.5 else 'MISSED'}), "
                          f"{m:.2f}x peak memory (target <= 0.5x: {'met' if m <= 0.5 else 'MISSED'})")
-    for ours in ("minor_dpo_packed", "minor_dpo_grouped"):  # issue 24's targets, on --varlen pairs
+    for ours in ("minor_dpo_packed", "minor_dpo_grouped", "minor_dpo_grouped_packed"):  # issue 24, --varlen pairs
         if ours in results and "trl" in results:
             s, m = speed(ours) / speed("trl"), results[ours]["peak_memory"] / results["trl"]["peak_memory"]
             lines.append(f"  {ours} vs trl: {s:.2f}x pairs/s (target >= 3x: {'met' if s >= 3 else 'MISSED'}), "

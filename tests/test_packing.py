@@ -120,6 +120,23 @@ def test_a_model_that_lets_packed_sequences_see_each_other_is_refused_with_the_f
                                   torch.cat(logps.concatenated_logps(model, padded)), atol=1e-3)
 
 
+def test_auto_packs_a_model_that_keeps_sequences_apart_and_pads_one_that_does_not():
+    """data.padding_free's default, `auto`, becomes a bool when the run starts: packed where the check
+    passes, padded (and said) where it does not; `true` stops such a run, `false` never runs the check."""
+    cpu, said = torch.device("cpu"), []
+    cfg = load_config(None, [])
+    assert cfg.data.padding_free == "auto"
+    assert logps.resolve_padding_free(cfg, _tiny_causal_lm("llama_sdpa"), cpu, said.append).data.padding_free is True
+    assert said == []
+    opaque = Opaque(_tiny_causal_lm("llama_sdpa"), drop=("position_ids",))
+    assert logps.resolve_padding_free(cfg, opaque, cpu, said.append).data.padding_free is False
+    assert len(said) == 1 and said[0].startswith("data.padding_free=auto: padded batches, since Opaque")
+    with pytest.raises(ConfigError, match="does not keep packed sequences apart.*data.padding_free=false"):
+        logps.resolve_padding_free(load_config(None, ["data.padding_free=true"]), opaque, cpu, said.append)
+    off = load_config(None, ["data.padding_free=false"])
+    assert logps.resolve_padding_free(off, opaque, cpu, said.append) is off and len(said) == 1
+
+
 # ------------------------------------------------------------------------------------- grouped micro-batches
 
 

@@ -160,8 +160,8 @@ def test_packed_and_length_grouped_steps_give_the_padded_losses(tiny_run_overrid
     trains on: every logged loss and log-prob matches the padded run's, with a resident and a precomputed
     reference, and a packed policy's step 0 against its resident reference is still exactly Δw = Δl = 0."""
     micro = [*tiny_run_overrides, "optim.micro_batch_size=2"]
-    _, padded = _run(micro)
-    runs = {"packed": ["data.padding_free=true"], "grouped": ["data.group_by_length=true"],
+    _, padded = _run([*micro, "data.padding_free=false"])
+    runs = {"packed": ["data.padding_free=true"], "grouped": ["data.group_by_length=true", "data.padding_free=false"],
             "packed_precompute": ["data.padding_free=true", "reference=precompute"]}
     for name, overrides in runs.items():
         _, run = _run([*micro, *overrides, f"name={name}"])

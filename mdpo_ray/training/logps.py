@@ -19,13 +19,13 @@ model never materialises a full-vocabulary fp32 copy of its logits, not even one
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-from mdpo_ray.config import ConfigError
+from mdpo_ray.config import ConfigError, RunConfig
 
 CHUNK_FLOATS = 2**24  # fp32 elements per log-softmax chunk (64 MiB): rows per chunk = this / V
 
@@ -207,9 +207,34 @@ def _row_means(scored_logits: torch.Tensor, index: torch.Tensor, loss_mask: torc
         return summed / loss_mask[:, 1:].sum(-1).clamp(min=1)
 
 
-@torch.no_grad()
 def check_packed_attention(model: nn.Module, device: torch.device) -> None:
-    """Raise a ConfigError unless `model` keeps packed sequences apart (data.padding_free), found by
+    """Raise a ConfigError unless `model` keeps packed sequences apart (data.padding_free=true)."""
+    problem = packed_attention_problem(model, device)
+    if problem is not None:
+        raise ConfigError(f"data.padding_free: {problem}; set data.padding_free=false (data.group_by_length=true "
+                          "with optim.micro_batch_size also saves padding)")
+
+
+def resolve_padding_free(cfg: RunConfig, model: nn.Module, device: torch.device,
+                         say: Callable[[str], None]) -> RunConfig:
+    """`cfg` (a RunConfig) with data.padding_free a bool: `auto` packs when `model` keeps packed sequences
+    apart and pads otherwise, saying why; `true` stops the run when it does not. Every rank runs the same
+    check on the same weights, so all decide alike."""
+    setting = cfg.data.padding_free
+    if setting is False:
+        return cfg
+    if setting is True:
+        check_packed_attention(model, device)
+        return cfg
+    problem = packed_attention_problem(model, device)
+    if problem is not None:
+        say(f"data.padding_free=auto: padded batches, since {problem}")
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"padding_free": problem is None})})
+
+
+@torch.no_grad()
+def packed_attention_problem(model: nn.Module, device: torch.device) -> str | None:
+    """Why `model` does not keep packed sequences apart (data.padding_free), or None if it does, found by
     running it: transformers isolates them only for attention that builds its mask from position_ids
     (sdpa, eager, flex) or reads them as varlen boundaries (flash-attention); linear-attention and
     convolution layers, or a model that ignores position_ids, let one sequence see another.
@@ -229,12 +254,10 @@ def check_packed_attention(model: nn.Module, device: torch.device) -> None:
     scale = alone.abs().max().clamp(min=1e-6)
     crosstalk = float((packed[0] - packed[1]).abs().max() / scale)
     moved = float((packed - alone).abs().max() / scale)
-    if crosstalk > 1e-4 or moved > 2e-2:
-        attention = getattr(model.config, "_attn_implementation", "?")
-        raise ConfigError(
-            f"data.padding_free: {type(model).__name__} (attention: {attention}) does not keep packed sequences apart: a sequence's "
+    if crosstalk <= 1e-4 and moved <= 2e-2:
+        return None
+    attention = getattr(model.config, "_attn_implementation", "?")
+    return (f"{type(model).__name__} (attention: {attention}) does not keep packed sequences apart: a sequence's "
             f"logits change by {crosstalk:.2g} (relative) with the sequence packed before it, and by {moved:.2g} "
             f"from those it gets alone. Packing needs attention that honours position_ids resets (transformers' "
-            f"sdpa, eager or flash-attention); set data.padding_free=false (data.group_by_length=true with "
-            f"optim.micro_batch_size also saves padding)"
-        )
+            f"sdpa, eager or flash-attention)")

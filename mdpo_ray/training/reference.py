@@ -25,7 +25,13 @@ from mdpo_ray import storage
 from mdpo_ray.config import ModelConfig, RunConfig
 from mdpo_ray.data.pairs import collate_pairs
 from mdpo_ray.training import distributed, lora
-from mdpo_ray.training.logps import check_packed_attention, concatenated_logps, device_batch, to_device
+from mdpo_ray.training.logps import (
+    check_packed_attention,
+    concatenated_logps,
+    device_batch,
+    resolve_padding_free,
+    to_device,
+)
 from mdpo_ray.training.model import load_causal_lm
 
 
@@ -157,10 +163,12 @@ def build(cfg: RunConfig, datasets: tuple, pad_token_id: int, mesh, mp_policy, d
     def load_frozen() -> nn.Module:
         model = load_causal_lm(reference_model, trainable=False, weights=distributed.rank() == 0)
         model = distributed.shard_model(_in_compute_dtype(model, mp_policy), mesh, mp_policy, frozen=True)
-        if cfg.data.padding_free:
+        if cfg.data.padding_free is True:
             check_packed_attention(model, device)  # a table computed packed must be right before it is cached
         return model
 
+    if cfg.data.padding_free == "auto":  # a sweep's precompute, before its trials decide alike on their policy
+        cfg = resolve_padding_free(cfg, load_frozen(), device, say)
     average = cfg.loss.average_log_prob
     if cfg.reference == "resident":
         use_policy = cfg.model.lora.r > 0

@@ -25,7 +25,7 @@ from mdpo_ray.tracking.mlflow_runs import EXPORT_PATH_TAG, EXPORT_URI_TAG, STOP_
 from mdpo_ray.tracking.sinks import MetricSink, NullSink
 from mdpo_ray.training import distributed, evaluate, lora
 from mdpo_ray.training import reference as ref
-from mdpo_ray.training.logps import check_packed_attention, chosen_token_mean_nll, concatenated_logps, device_batch
+from mdpo_ray.training.logps import chosen_token_mean_nll, concatenated_logps, device_batch, resolve_padding_free
 from mdpo_ray.training.losses import LOSSES, with_chosen_nll
 from mdpo_ray.training.metrics import EVAL_PREFIX, EVAL_START_PREFIX, data_tags, pair_metrics
 from mdpo_ray.training.model import export_pretrained, load_causal_lm, load_tokenizer
@@ -145,6 +145,9 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
         policy = lora.wrap(policy, cfg.model.lora)  # before sharding, which gives every rank rank 0's adapters
     policy = distributed.shard_model(policy, mesh, mp_policy, checkpoint=cfg.scaling.activation_checkpointing,
                                      offload=cfg.scaling.cpu_offload)
+    if cfg.data.padding_free is not False:  # before the reference: its cache key records the packing
+        cfg = resolve_padding_free(cfg, policy, device, say)
+        policy.reshard()  # the check's forward left the root gathered; the optimizer must take the shards
     reference, eval_reference, cache_statuses = ref.build(cfg, (train_ds, eval_ds), tokenizer.pad_token_id, mesh,
                                                           mp_policy, device, say, policy=policy)
     if cache_statuses:
@@ -154,8 +157,6 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
     trainable = [p for p in policy.parameters() if p.requires_grad]  # LoRA: the adapters (no state for frozen weights)
     optimizer = torch.optim.AdamW(trainable, lr=cfg.optim.lr, betas=cfg.optim.betas,
                                   weight_decay=cfg.optim.weight_decay)
-    if cfg.data.padding_free:  # after the optimizer took the sharded parameters: a forward leaves the root gathered
-        check_packed_attention(policy, device)
     state = {"step": 0, "nonfinite_steps": 0, "eval_start": {}}
     if worker.restore_dir is not None:
         distributed.load_sharded(worker.restore_dir, policy, optimizer)
