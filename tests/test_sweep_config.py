@@ -209,3 +209,22 @@ def test_a_sweep_over_the_lora_rank_shares_one_reference(tmp_path):
     cfg = trial_config(base, {"model.lora.r": 8, "model.lora.alpha": 16.0})
     assert (cfg.model.lora.r, cfg.model.lora.alpha) == (8, 16.0)
     assert len(_reference_configs(sweep, base, shared_run_keys(sweep, base))) == 1
+
+
+def test_the_iterate_experiment_loads_and_spans_what_it_claims():
+    """sweeps/iterative.yaml: issue 25's five recipes from one start, the same steps each, 3 rounds x 3 seeds."""
+    from pathlib import Path
+
+    from mdpo_ray.reports.iterative import RFT, SFT, recipe
+
+    sweep, base = load_sweep(Path(__file__).parent.parent / "sweeps" / "iterative.yaml")
+    assert len(sweep.space["seed"].grid) == 3
+    configs = [trial_config(base, {"run": variant}) for variant in sweep.space["run"].grid]
+    recipes = {recipe(c.loss.name, c.loss.nll_weight, c.iterate.rounds): c for c in configs}
+    assert set(recipes) == {"iterative MinorDPO", "iterative DPO", "iterative MinorDPO + NLL 1",
+                            "iterative DPO + NLL 1", RFT, SFT}
+    assert {c.iterate.rounds for name, c in recipes.items() if name != SFT} == {3}
+    assert {max(1, c.iterate.rounds) * c.optim.max_steps for c in configs} == {75}  # the same steps for all
+    assert recipes[SFT].eval_every_steps == recipes[RFT].optim.max_steps  # SFT evaluated where the rounds end
+    assert {(c.optim.lr, c.loss.beta, c.model.name_or_path, c.scaling.num_workers) for c in configs} == {
+        (3e-5, 0.1, "builtin:arith", 1)}
