@@ -15,6 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from mdpo_ray import cluster, launch, storage
 from mdpo_ray.config import ConfigError, ModelConfig, RunConfig, validate_config
@@ -61,8 +62,11 @@ def sample_pairs(cfg: RunConfig, start_model: str, rows: list[dict], verifier: V
     """Round `round_index`'s pairs, sampled by one actor per Train worker's resources (a lost actor is restarted
     once), which are let go before the round trains."""
     scaling = cfg.scaling
+    # Outside any enclosing placement group: a Tune trial's captures its child actors by default, and holds only
+    # the trial driver's token CPU (mdpo_ray.sweep), where a sampler would wait forever.
     options = {"num_cpus": scaling.cpus_per_worker, "num_gpus": scaling.gpus_per_worker if scaling.use_gpu else 0,
-               "max_restarts": 1, "max_task_retries": 1}
+               "max_restarts": 1, "max_task_retries": 1,
+               "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None)}
     model = cfg.model.model_dump(mode="json") | {"name_or_path": start_model, "reference": None}
     actors = [Sampler.options(**options).remote(model, use_gpu=scaling.use_gpu, max_new_tokens=cfg.eval.max_new_tokens,
                                                 batch_size=cfg.eval.generation_batch_size)
