@@ -62,3 +62,50 @@ def test_a_section_is_replaced_in_place_and_the_rest_of_the_page_kept(tmp_path):
     assert text.startswith("# lr page\n\n<!-- section iterative begin -->\nsecond\n") and "first" not in text
     assert "\ntail\n" in text and text.endswith("<!-- section other begin -->\nthird\n<!-- section other end -->\n")
     assert [m.group(1) for m in _SECTION.finditer(text)] == ["iterative", "other"]  # what the lr page keeps
+
+
+class _Client:
+    """MlflowClient.get_metric_history over {run_id: {step: value}}."""
+
+    def __init__(self, histories):
+        self.histories = histories
+
+    def get_metric_history(self, run_id, key):
+        from types import SimpleNamespace
+
+        assert key == "eval/answer_accuracy"
+        return [SimpleNamespace(step=step, value=value) for step, value in self.histories[run_id].items()]
+
+
+def _run(run_id, loss, rounds, max_steps, seed, nll=0.0, status="FINISHED"):
+    from types import SimpleNamespace
+
+    params = {"loss.name": loss, "loss.nll_weight": str(nll), "iterate.rounds": str(rounds),
+              "optim.max_steps": str(max_steps), "seed": str(seed)}
+    return SimpleNamespace(info=SimpleNamespace(run_id=run_id, status=status), data=SimpleNamespace(params=params))
+
+
+def test_rounds_are_read_at_the_steps_each_round_ends_for_iterate_and_single_runs():
+    from mdpo_ray.reports.iterative import accuracy_frame, final_accuracy
+
+    client = _Client({"it": {0: 0.5, 25: 0.6, 50: 0.62, 75: 0.7}, "sft": {0: 0.5, 10: 0.9, 25: 0.55, 50: 0.6, 75: 0.65},
+                      "dead": {0: 0.5}})
+    runs = [_run("it", "minor_dpo", 3, 25, 0), _run("sft", "sft", 0, 75, 0),
+            _run("dead", "sft", 3, 25, 0, status="FAILED")]
+    frame, per_round = accuracy_frame(client, runs)
+    assert per_round == 25
+    assert sorted(zip(frame["recipe"], frame["round"], frame["acc_points"].round(1))) == [
+        (SFT, 0, 50.0), (SFT, 1, 55.0), (SFT, 2, 60.0), (SFT, 3, 65.0),  # step 10 is no round's end
+        (MINOR, 0, 50.0), (MINOR, 1, 60.0), (MINOR, 2, 62.0), (MINOR, 3, 70.0)]  # the FAILED trial is left out
+    finals = final_accuracy(frame)
+    assert finals.loc[0, MINOR] == pytest.approx(70.0) and finals.loc[0, SFT] == pytest.approx(65.0)
+
+
+def test_the_report_refuses_trials_it_cannot_line_up():
+    from mdpo_ray.reports.iterative import accuracy_frame
+
+    client = _Client({})
+    with pytest.raises(ValueError, match="share one optim.max_steps"):
+        accuracy_frame(client, [_run("a", "dpo", 3, 25, 0), _run("b", "minor_dpo", 3, 30, 0)])
+    with pytest.raises(ValueError, match="both iterative DPO with seed 1"):
+        accuracy_frame(client, [_run("a", "dpo", 3, 25, 1), _run("b", "dpo", 3, 25, 1)])

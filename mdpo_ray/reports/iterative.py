@@ -60,6 +60,12 @@ def accuracy_frame(client: MlflowClient, runs: list) -> tuple[pd.DataFrame, int]
                        "rounds": int(params["iterate.rounds"]), "max_steps": int(params["optim.max_steps"]),
                        "recipe": recipe(params["loss.name"], float(params["loss.nll_weight"]),
                                         int(params["iterate.rounds"]))})
+    seen: dict[tuple, str] = {}
+    for trial in trials:
+        if (twin := seen.setdefault((trial["recipe"], trial["seed"]), trial["run_id"])) != trial["run_id"]:
+            raise ValueError(f"the iterate report compares recipes (loss.name, loss.nll_weight, iterate.rounds) over "
+                             f"seeds, but runs {twin} and {trial['run_id']} are both {trial['recipe']} with seed "
+                             f"{trial['seed']}: sweep nothing else (sweeps/iterative.yaml)")
     round_steps = {t["max_steps"] for t in trials if t["rounds"]}
     if len(round_steps) != 1:
         raise ValueError("the iterate report compares recipes round by round: its iterate trials must share one "
