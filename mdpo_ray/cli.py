@@ -35,7 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     sub = commands.add_parser("report", help="write a sweep's table and plots (and attach them in MLflow)")
     sub.add_argument("sweep", help="the sweep YAML the sweep was launched with")
     sub.add_argument("--results", metavar="PATH.md", help="also write the evidence page (loss x beta x lr, mean ± "
-                     "std over seeds, verdicts on the paper's claims), e.g. docs/results.md")
+                     "std over seeds, verdicts on the paper's claims), e.g. docs/results.md; for a sweep of "
+                     "iterate runs, its own section of that page (accuracy by round, verdicts against SFT and RFT)")
     sub.add_argument("--set", dest="overrides", action="append", default=[], help=argparse.SUPPRESS)
     text = "regenerate the reference pages (configuration.md, metrics.md) from the code"
     sub = commands.add_parser("docs", help=text, description=text)
@@ -119,11 +120,14 @@ def _sweep_command(args: argparse.Namespace) -> int:
               f"{len(report.plots)} plots); "
               f"best trial {report.best_trial_id}")
         if args.results:
+            from mdpo_ray.reports.iterative import is_iterate_sweep, write_iterative_results
             from mdpo_ray.reports.results import write_results
 
+            # An iterate sweep (sweeps/iterative.yaml) writes its own section of the page; others the lr page.
+            write = write_iterative_results if is_iterate_sweep(cfg.mlflow_uri, parent) else write_results
             try:
-                results = write_results(cfg.mlflow_uri, parent, Path(args.results),
-                                        command="mdpo-ray " + " ".join(args.argv), sweep_file=args.sweep)
+                results = write(cfg.mlflow_uri, parent, Path(args.results), command="mdpo-ray " + " ".join(args.argv),
+                                sweep_file=args.sweep)
             except ValueError as exc:  # not a sweep over losses and learning rates
                 print(f"mdpo-ray: {exc}", file=sys.stderr)
                 return 1

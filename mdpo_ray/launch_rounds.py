@@ -15,12 +15,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from mdpo_ray import cluster, launch, storage
 from mdpo_ray.config import ConfigError, ModelConfig, RunConfig, validate_config
 from mdpo_ray.iterate import store
 from mdpo_ray.iterate.sample import HFGenerator, sample_round
 from mdpo_ray.iterate.verify import Pairing, Verifier, load_verifier
+
+ACCURACY, START_ACCURACY = "eval/answer_accuracy", "eval_start/answer_accuracy"  # after / before a round's training
 
 
 @ray.remote
@@ -59,8 +62,11 @@ def sample_pairs(cfg: RunConfig, start_model: str, rows: list[dict], verifier: V
     """Round `round_index`'s pairs, sampled by one actor per Train worker's resources (a lost actor is restarted
     once), which are let go before the round trains."""
     scaling = cfg.scaling
+    # Outside any enclosing placement group: a Tune trial's captures its child actors by default, and holds only
+    # the trial driver's token CPU (mdpo_ray.sweep), where a sampler would wait forever.
     options = {"num_cpus": scaling.cpus_per_worker, "num_gpus": scaling.gpus_per_worker if scaling.use_gpu else 0,
-               "max_restarts": 1, "max_task_retries": 1}
+               "max_restarts": 1, "max_task_retries": 1,
+               "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None)}
     model = cfg.model.model_dump(mode="json") | {"name_or_path": start_model, "reference": None}
     actors = [Sampler.options(**options).remote(model, use_gpu=scaling.use_gpu, max_new_tokens=cfg.eval.max_new_tokens,
                                                 batch_size=cfg.eval.generation_batch_size)
@@ -135,12 +141,22 @@ def _run_round(cfg: RunConfig, r: int, start_model: str, rows: list[dict], verif
     round_cfg = round_config(cfg, r, start_model)
     child_tags = {"mlflow.parentRunId": parent, mlflow_runs.ITERATE_ROUND_TAG: str(r)} if parent else {}
     summary = launch.train(round_cfg, tags=child_tags, callbacks=callbacks)
-    after = {"iterate/answer_accuracy": summary.metrics["eval/answer_accuracy"]} \
-        if "eval/answer_accuracy" in summary.metrics else {}
-    mlflow_runs.log_metrics(cfg, parent, pairing.metrics() | after, step=r)
+    mlflow_runs.log_metrics(cfg, parent, pairing.metrics() | _renamed(summary.metrics, {ACCURACY: "iterate/answer_accuracy"}),
+                            step=r)
+    # The parent's held-out answer accuracy at the optimizer steps trained so far (round 0's start at step 0): the
+    # iterate run read like a single run of rounds × optim.max_steps steps, which a sweep ranks and plots it by.
+    if r == 0:
+        mlflow_runs.log_metrics(cfg, parent, _renamed(summary.metrics, {START_ACCURACY: ACCURACY}), step=0)
+    mlflow_runs.log_metrics(cfg, parent, _renamed(summary.metrics, {ACCURACY: ACCURACY}),
+                            step=(r + 1) * cfg.optim.max_steps)
     record = {"round": r, "start_model": start_model, "export": str(summary.export_dir),
               "checkpoint": summary.checkpoint, "mlflow_run_id": summary.mlflow_run_id,
               "metrics": {key: float(value) for key, value in summary.metrics.items()
                           if isinstance(value, (int, float))}}
     store.save_done(location, record)
     return record
+
+
+def _renamed(metrics: dict, names: dict[str, str]) -> dict[str, float]:
+    """{new: metrics[old]} for each old -> new that `metrics` has (a run without generation eval has none)."""
+    return {new: float(metrics[old]) for old, new in names.items() if old in metrics}

@@ -79,7 +79,7 @@ def _trial(config: dict[str, Any], *, sweep: SweepConfig, base: dict[str, Any], 
                        source=f"sweep {sweep.name} trial {trial_id}")
     # The sweep driver's command and commit: this process is a Ray worker's.
     tags = source | {"mlflow.parentRunId": parent_run_id, mlflow_runs.SWEEP_TAG: sweep.name, mlflow_runs.TRIAL_TAG: trial_id,
-                     labels.RUN_NAME_TAG: labels.trial_run_name(cfg.loss.name, overrides)}
+                     labels.RUN_NAME_TAG: labels.trial_run_name(cfg.loss.name, overrides, rounds=cfg.iterate.rounds)}
     tags |= {f"{mlflow_runs.OVERRIDE_PREFIX}{key}": str(value) for key, value in overrides.items()}
     if not in_trial:
         launch.train(cfg, tags=tags, callbacks=[TuneReportCallback()])
@@ -94,8 +94,10 @@ def _tune_report(metrics: dict[str, float], checkpoint_dir: Path | None, step: i
 
 
 def _in_trial(sweep: SweepConfig, cfg: RunConfig) -> bool:
-    """Every trial must agree: with scaling swept, all go through Ray Train."""
-    return launch.runs_in_trial(cfg) and not any(k.startswith("scaling.") for k in sweep.search_keys())
+    """Every trial must agree: with scaling or iterate.rounds swept, all go through Ray Train (an iterate trial
+    runs its rounds there: mdpo_ray.launch_rounds)."""
+    return launch.runs_in_trial(cfg) and not any(k.startswith("scaling.") or k == "iterate.rounds"
+                                                 for k in sweep.search_keys())
 
 
 def _reference_configs(sweep: SweepConfig, base: dict[str, Any], shared: dict[str, Any]) -> list[RunConfig]:
@@ -152,11 +154,13 @@ def _check_fits_locally(cfg: RunConfig, in_trial: bool) -> None:
             f"{max(0.05, round((have - TRIAL_DRIVER_CPU) / scaling.num_workers - 0.05, 2)):g})")
 
 
-def _max_reports(sweep: SweepConfig, first: RunConfig) -> int:
-    """The most reports a trial can make: at most one per optimizer step. ASHA stops any trial that reaches its
-    max_t (Ray's default is 100), so it must be at least this."""
-    steps = sweep.space.get("optim.max_steps")
-    return int(max([first.optim.max_steps, *(steps.probe_values() if steps else [])]))
+def _max_reports(sweep: SweepConfig, base: dict[str, Any], first: RunConfig) -> int:
+    """At least the most reports a trial can make: one per optimizer step, of each iterate round (Tune counts an
+    iterate trial's reports over all its rounds). ASHA stops any trial that reaches its max_t (Ray's default is
+    100), so it must be at least this: the most steps any value sets times the most rounds any value sets."""
+    probes = [first, *(trial_config(base, {key: value}) for key, domain in sweep.space.items()
+                       for value in domain.probe_values())]
+    return max(cfg.optim.max_steps for cfg in probes) * max(max(1, cfg.iterate.rounds) for cfg in probes)
 
 
 def _tune_config(sweep: SweepConfig, max_concurrent: int, in_trial: bool, max_reports: int) -> tune.TuneConfig:
@@ -228,7 +232,7 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False)
             trainable,
             param_space={key: _domain(domain) for key, domain in sweep.space.items()},
             tune_config=_tune_config(sweep, _max_concurrent(sweep, first, in_trial), in_trial,
-                                     _max_reports(sweep, first)),
+                                     _max_reports(sweep, base, first)),
             # In-trial runs have no Ray Train to restart them: Tune does, from the trial's last checkpoint.
             run_config=tune.RunConfig(name=sweep.name, storage_path=tune_dir, verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=first.scaling.max_failures)

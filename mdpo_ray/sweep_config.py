@@ -35,7 +35,8 @@ class Domain(_Strict):
 
     A grid or choice over a section (`loss: {grid: [{name: dpo, beta: 0.1}, {name: sft}]}`) lists
     variants: each mapping sets those keys of the section together, so a grid need not cross keys
-    that do not combine (sft has no beta to sweep).
+    that do not combine (sft has no beta to sweep). Over `run` (RUN_VARIANTS), the whole run config,
+    a variant may set keys of several sections (`{loss: {name: sft}, iterate: {rounds: 0}}`).
     """
 
     grid: list[Any] | None = Field(None, description="Every value, each crossed with every value of the other "
@@ -67,6 +68,10 @@ class Domain(_Strict):
             return list(self.grid if self.grid is not None else self.choice)
         low, high = self.uniform or self.loguniform
         return [low, high]
+
+
+# The space key whose variants are mappings over the whole run config, any sections at once.
+RUN_VARIANTS = "run"
 
 
 class SearchConfig(_Strict):
@@ -107,7 +112,9 @@ class SweepConfig(_Strict):
                                 "train`), as nested sections.")
     space: dict[str, Domain] = Field(description="Dotted run-config key (`loss.beta`) or section (`loss`) -> its "
                                      "domain: exactly one of the `space.<key>.*` entries. A grid or choice over a "
-                                     "section lists variants whose keys are set together.")
+                                     "section lists variants whose keys are set together; over `run`, variants "
+                                     "of the whole run config, whose keys may span sections "
+                                     "(`run: {grid: [{loss: {name: sft}, optim.max_steps: 300}]}`).")
     num_samples: int = Field(1, ge=1, description="Repeats of the whole grid; each repeat draws the choice and range "
                              "domains afresh.")
     metric: str = Field("eval/answer_accuracy", description="The metric that ranks the trials (and drives `search` and "
@@ -145,6 +152,12 @@ class SweepConfig(_Strict):
             tag = " is a run tag (one count per run), not a metric a trial reports" \
                 if self.metric.startswith("data/") else " is not a metric a run reports"
             raise ValueError(f"{self.metric!r}{tag}; use one of {ALLOWED_METRICS} (docs/metrics.md)")
+        variants = self.space.get(RUN_VARIANTS)
+        if variants is not None and (variants.grid is None and variants.choice is None
+                                     or not all(isinstance(v, dict) and v for v in variants.probe_values())):
+            raise ValueError(f"space.{RUN_VARIANTS} lists variants of the whole run config: a grid or choice of "
+                             "non-empty mappings of run-config keys, e.g. {grid: [{loss: {name: sft}}, "
+                             "{loss: {name: dpo}, iterate: {rounds: 3}}]}")
         if self.search is not None and any(d.grid is not None for d in self.space.values()):
             raise ValueError("a search algorithm (search:) cannot use grid domains; use choice instead")
         if self.scheduler is not None and self.metric.startswith("eval/"):
@@ -197,10 +210,13 @@ def load_sweep(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) ->
 
 
 def flat_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
-    """{"loss": {"name": "dpo", "beta": 0.1}, "optim.lr": 1e-4} -> {"loss.name": "dpo", "loss.beta": 0.1, "optim.lr": 1e-4}."""
+    """{"loss": {"name": "dpo", "beta": 0.1}, "optim.lr": 1e-4} -> {"loss.name": "dpo", "loss.beta": 0.1, "optim.lr": 1e-4};
+    a RUN_VARIANTS variant's keys are the run config's own: {"run": {"loss": {"name": "sft"}}} -> {"loss.name": "sft"}."""
     flat: dict[str, Any] = {}
     for key, value in overrides.items():
-        if isinstance(value, dict):
+        if key == RUN_VARIANTS and isinstance(value, dict):
+            flat.update(flat_overrides(value))
+        elif isinstance(value, dict):
             flat.update(flat_overrides({f"{key}.{sub}": v for sub, v in value.items()}))
         else:
             flat[key] = value

@@ -63,9 +63,12 @@ def test_two_rounds_sample_with_actors_track_in_mlflow_and_resume_at_the_round(t
     history = client.get_metric_history(second.mlflow_run_id, "iterate/pairs")
     assert sorted((m.step, m.value) for m in history)[1] == (1, len(pairing.pairs))
     round_metrics = {m.name for m in GLOSSARY if m.kind == "round"}  # what docs/metrics.md lists, both ways
-    assert set(parents[0].data.metrics) == round_metrics
+    assert set(parents[0].data.metrics) == round_metrics | {"eval/answer_accuracy"}
     for name in round_metrics:
         assert sorted(m.step for m in client.get_metric_history(second.mlflow_run_id, name)) == [0, 1], name
+    # The parent's held-out accuracy at the steps trained so far: round 0's start, then each round's end.
+    accuracy = {m.step: m.value for m in client.get_metric_history(second.mlflow_run_id, "eval/answer_accuracy")}
+    assert sorted(accuracy) == [0, 2, 4] and accuracy[4] == round_1["metrics"]["eval/answer_accuracy"]
 
 
 def _mtime(location: str, name: str) -> int:

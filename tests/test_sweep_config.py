@@ -112,7 +112,7 @@ scheduler: {asha: {grace_period: 2}}
 """)
     sweep, base = load_sweep(path)
     # ASHA stops a trial at max_t reports (Ray's default 100): it must cover the longest trial's reports
-    assert _max_reports(sweep, trial_config(base, {"name": "probe"})) == 400
+    assert _max_reports(sweep, base, trial_config(base, {"name": "probe"})) == 400
     tune_config = _tune_config(sweep, max_concurrent=2, in_trial=False, max_reports=400)
     assert tune_config.scheduler._max_t == 400
     assert isinstance(tune_config.search_alg, OptunaSearch) and isinstance(tune_config.scheduler, ASHAScheduler)
@@ -136,6 +136,43 @@ space:
     assert (dpo.loss.name, dpo.loss.beta, dpo.optim.lr, dpo.optim.max_steps) == ("dpo", 0.3, 1e-4, 7)
     sft = trial_config(base, {"loss": {"name": "sft"}})
     assert (sft.loss.name, sft.loss.beta) == ("sft", 0.1)  # the base's other loss keys stay
+
+
+def test_run_variants_span_sections_and_iterate_trials_go_through_ray_train(tmp_path):
+    """space.run lists variants of the whole run config (loss + iterate + optim at once); an iterate variant sends
+    every trial through Ray Train, and ASHA's max_t covers every round's reports."""
+    from mdpo_ray.sweep import _in_trial, _max_reports
+
+    path = _write(tmp_path, """
+name: recipes
+run:
+  iterate: {rounds: 3}
+  scaling: {num_workers: 1}
+space:
+  run:
+    grid:
+      - {loss: {name: minor_dpo, nll_weight: 1.0}}
+      - {loss.name: sft, iterate: {rounds: 0}, optim: {max_steps: 21}}
+  seed: {grid: [0, 1]}
+""")
+    sweep, base = load_sweep(path)
+    assert sweep.search_keys() == ["loss.name", "loss.nll_weight", "iterate.rounds", "optim.max_steps", "seed"]
+    rpo, sft = (trial_config(base, {"run": v}) for v in sweep.space["run"].grid)
+    assert (rpo.loss.name, rpo.loss.nll_weight, rpo.iterate.rounds, rpo.optim.max_steps) == ("minor_dpo", 1.0, 3, 100)
+    assert (sft.loss.name, sft.loss.nll_weight, sft.iterate.rounds, sft.optim.max_steps) == ("sft", 0.0, 0, 21)
+    assert not _in_trial(sweep, sft)  # a one-worker CPU run, but its sweep has iterate trials
+    assert _max_reports(sweep, base, sft) == 300
+
+
+@pytest.mark.parametrize("space, needle", [
+    ("run: {grid: [{loss: {name: sft}}, {iterate: {roundz: 2}}]}", r"iterate\.roundz: unknown key"),
+    ("run: {grid: [{loss: {name: sft}}, 3]}", "variants of the whole run config"),
+    ("run: {uniform: [0, 1]}", "variants of the whole run config"),
+])
+def test_bad_run_variants_fail_at_load_time(tmp_path, space, needle):
+    path = _write(tmp_path, f"name: bad-run-variant\nspace:\n  {space}\n")
+    with pytest.raises(ConfigError, match=needle):
+        load_sweep(path)
 
 
 def test_a_bad_variant_fails_at_load_time_naming_the_key(tmp_path):
@@ -172,3 +209,22 @@ def test_a_sweep_over_the_lora_rank_shares_one_reference(tmp_path):
     cfg = trial_config(base, {"model.lora.r": 8, "model.lora.alpha": 16.0})
     assert (cfg.model.lora.r, cfg.model.lora.alpha) == (8, 16.0)
     assert len(_reference_configs(sweep, base, shared_run_keys(sweep, base))) == 1
+
+
+def test_the_iterate_experiment_loads_and_spans_what_it_claims():
+    """sweeps/iterative.yaml: issue 25's five recipes from one start, the same steps each, 3 rounds x 3 seeds."""
+    from pathlib import Path
+
+    from mdpo_ray.reports.iterative import RFT, SFT, recipe
+
+    sweep, base = load_sweep(Path(__file__).parent.parent / "sweeps" / "iterative.yaml")
+    assert len(sweep.space["seed"].grid) == 3
+    configs = [trial_config(base, {"run": variant}) for variant in sweep.space["run"].grid]
+    recipes = {recipe(c.loss.name, c.loss.nll_weight, c.iterate.rounds): c for c in configs}
+    assert set(recipes) == {"iterative MinorDPO", "iterative DPO", "iterative MinorDPO + NLL 1",
+                            "iterative DPO + NLL 1", RFT, SFT}
+    assert {c.iterate.rounds for name, c in recipes.items() if name != SFT} == {3}
+    assert {max(1, c.iterate.rounds) * c.optim.max_steps for c in configs} == {75}  # the same steps for all
+    assert recipes[SFT].eval_every_steps == recipes[RFT].optim.max_steps  # SFT evaluated where the rounds end
+    assert {(c.optim.lr, c.loss.beta, c.model.name_or_path, c.scaling.num_workers) for c in configs} == {
+        (3e-5, 0.1, "builtin:arith", 1)}

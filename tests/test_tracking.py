@@ -69,6 +69,8 @@ def test_a_trial_is_named_by_its_overrides_within_mlflows_limit():
     name = labels.trial_run_name("minor_dpo", {"loss.beta": 0.1, "loss.reject_threshold": -1.0, "optim.lr": 3e-5})
     assert name == "minor_dpo b=0.1 tau=-1 lr=3e-5"
     assert labels.trial_run_name("minor_dpo", {"loss.name": "sft", "seed": 2}) == "sft seed=2"
+    assert labels.trial_run_name("sft", {"seed": 2}, rounds=3) == "sft seed=2 rounds=3"  # RFT, not plain SFT
+    assert labels.trial_run_name("sft", {"iterate.rounds": 0, "seed": 2}, rounds=0) == "sft rounds=0 seed=2"
     assert len(labels.trial_run_name("dpo", {f"k.x{i}": "v" * 20 for i in range(20)})) == 250
 
 

@@ -9,6 +9,7 @@ DPO's answers collapse. The verdicts on the paper's claims come from claims.py's
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -91,9 +92,27 @@ def write_results(tracking_uri: str, parent_run_id: str, out_path: Path, *, comm
         "## Log-probs over training at the highest learning rate", "",
         f"![log-probs]({assets.name}/{plots[1].name})", "",
         f"![accuracy]({assets.name}/{plots[0].name})", "", *LIMITS]
-    out_path.write_text("\n".join(header + body) + "\n")
+    # Sections other sweeps wrote into the page (mdpo_ray.reports.iterative) are kept, after this one.
+    kept = "".join(m.group(0) for m in _SECTION.finditer(out_path.read_text())) if out_path.is_file() else ""
+    out_path.write_text("\n".join(header + body) + "\n" + (f"\n{kept}" if kept else ""))
     return Results(markdown_path=out_path, csv_path=csv_path, plots=plots, n_trials=len(frame),
                    n_finished=len(finished))
+
+
+_SECTION = re.compile(r"<!-- section (\S+) begin -->\n.*?<!-- section \1 end -->\n", re.DOTALL)
+
+
+def replace_section(path: Path, name: str, text: str) -> None:
+    """Write `text` as section `name` of the page at `path`, between its begin and end markers: in place of the
+    section it had, else appended (a new page if there is none). The rest of the page is kept."""
+    block = f"<!-- section {name} begin -->\n{text}<!-- section {name} end -->\n"
+    page = path.read_text() if path.is_file() else ""
+    found = next((m for m in _SECTION.finditer(page) if m.group(1) == name), None)
+    if found:
+        page = page[:found.start()] + block + page[found.end():]
+    else:
+        page += ("\n" if page else "") + block
+    path.write_text(page)
 
 
 def _store(tracking_uri: str) -> str:

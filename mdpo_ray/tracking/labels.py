@@ -65,12 +65,14 @@ def _shown(cfg: RunConfig, location: str) -> str:
     return path.name
 
 
-def trial_run_name(loss_name: str, overrides: dict[str, Any]) -> str:
+def trial_run_name(loss_name: str, overrides: dict[str, Any], *, rounds: int = 0) -> str:
     """A sweep trial's run name from its overrides: 'minor_dpo b=0.1 tau=-1 lr=3e-05' (the loss first,
-    swept or not); cut to MLflow's limit."""
+    swept or not), an iterate trial's rounds said even when not swept ('sft seed=1 rounds=3'); cut to MLflow's
+    limit."""
     parts = [str(overrides.get("loss.name", loss_name))]
     parts += [f"{SHORT_KEYS.get(key, key.rsplit('.', 1)[-1])}={_value(value)}"
               for key, value in overrides.items() if key != "loss.name"]
+    parts += [f"rounds={rounds}"] if rounds and "iterate.rounds" not in overrides else []
     return " ".join(parts)[:MAX_RUN_NAME]
 
 

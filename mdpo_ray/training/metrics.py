@@ -89,7 +89,9 @@ GLOSSARY: tuple[Metric, ...] = (
     Metric("iterate/sample_accuracy", "fraction of the round's sampled completions the verifier called correct "
            "(the round's start policy at `iterate.temperature`)", "round"),
     Metric("iterate/answer_accuracy", "`eval/answer_accuracy` after the round's training (greedy, on "
-           "`data.generation_eval`)", "round"),
+           "`data.generation_eval`). The parent also logs `eval/answer_accuracy` itself, at step 0 (round 0's start) "
+           "and after round r at step (r+1)·`optim.max_steps`, the steps trained so far: a sweep ranks an iterate "
+           "trial by it and compares it with a single run of as many steps", "round"),
 )
 PAIR_METRICS = tuple(m.name for m in GLOSSARY if m.kind == "pair")
 # Every metric a run logs (training, eval/<pair metric>, eval-only): a sweep's `metric` must be one.
