@@ -170,7 +170,7 @@ def write_iterative_results(tracking_uri: str, parent_run_id: str, out_path: Pat
     assets = out_path.parent / out_path.stem / SECTION
     assets.mkdir(parents=True, exist_ok=True)
     csv_path = assets / "trials.csv"
-    frame.sort_values(["recipe", "seed", "round"]).to_csv(csv_path, index=False)
+    frame.sort_values(["recipe", "seed", "round"]).to_csv(csv_path, index=False, float_format="%.6g")  # 47.6, not 47.599999999999994
     plot = _plot(frame, rounds, assets / "accuracy_vs_round.png")
     finals = final_accuracy(frame)
     started = datetime.fromtimestamp(parent.info.start_time / 1000, timezone.utc)
