@@ -47,7 +47,7 @@ def _status(env, job_id):
 def test_job_submit_stop_and_resubmit_resumes(head, tiny_run_overrides, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
-    overrides = [*tiny_run_overrides, "optim.max_steps=60", "checkpoint.every_steps=20", "tracking.log_every_steps=10",
+    overrides = [*tiny_run_overrides, "optim.max_steps=120", "checkpoint.every_steps=10", "tracking.log_every_steps=10",
                  "name=job-run"]
     cfg = load_config(None, overrides)
     (work / "run.yaml").write_text(json.dumps(cfg.model_dump(mode="json")))  # JSON is YAML
@@ -62,7 +62,8 @@ def test_job_submit_stop_and_resubmit_resumes(head, tiny_run_overrides, tmp_path
 
     submitted = _job(head, "submit", "--no-wait", "--submission-id", job_id, *command)
     assert submitted.returncode == 0, submitted.stderr
-    first_checkpoint = cfg.run_dir / "checkpoint_000020"
+    # The first checkpoint leaves 110 steps to stop in: at 60 steps (checkpoint 20) a CI machine finished first.
+    first_checkpoint = cfg.run_dir / "checkpoint_000010"
     deadline = time.time() + 180
     while not first_checkpoint.exists() and time.time() < deadline:
         time.sleep(0.5)
@@ -78,7 +79,7 @@ def test_job_submit_stop_and_resubmit_resumes(head, tiny_run_overrides, tmp_path
                              "tags.`mdpo.run_name` = 'job-run'")[0]
     assert run.info.status == "FAILED"  # closed by the driver's SIGTERM handler, not left RUNNING
     stopped_at = max(m.step for m in client.get_metric_history(run.info.run_id, "loss"))
-    assert stopped_at < 60
+    assert stopped_at < 120
 
     again = _job(head, "submit", "--submission-id", f"{job_id}-again", *command, timeout=400)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-2000:]
@@ -86,6 +87,6 @@ def test_job_submit_stop_and_resubmit_resumes(head, tiny_run_overrides, tmp_path
     final = client.get_run(run.info.run_id)
     assert final.info.status == "FINISHED"
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
-    assert set(steps) == {0, *range(10, 61, 10)} and steps[-1] == 60
+    assert set(steps) == {0, *range(10, 121, 10)} and steps[-1] == 120
     assert len(client.search_runs([final.info.experiment_id], "tags.`mdpo.run_name` = 'job-run'")) == 1
     shutil.rmtree(work, ignore_errors=True)
