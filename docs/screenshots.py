@@ -219,9 +219,17 @@ def _first_visit(page, experiment_url: str) -> None:
     page.goto(experiment_url)
     switch = page.get_by_text("Model training", exact=True).first
     switch.wait_for()
-    # The GenAI overview may open a popover whose mask takes the pointer: send the switch its click.
-    switch.dispatch_event("click")
-    page.get_by_text("Runs", exact=True).first.wait_for()
+    # The GenAI overview may open a popover whose mask takes the pointer: send the switch its click. A click
+    # sent while the page is still wiring its handlers is lost (seen once in ~10 runs): send it again.
+    for _ in range(5):
+        switch.dispatch_event("click")
+        try:
+            page.get_by_text("Runs", exact=True).first.wait_for(timeout=20_000)
+            break
+        except PlaywrightTimeoutError:
+            continue
+    else:
+        raise SystemExit(f"{experiment_url}: the UI did not switch to 'Model training' after 5 clicks")
     close = page.locator('[data-component-id="mlflow.assistant.chat_panel.close"]')
     try:
         close.first.click(timeout=10_000)

@@ -5,6 +5,7 @@ relative output_dir, which would be written into Ray's copy of the working dir, 
 import json
 import os
 import shutil
+import socket
 import subprocess
 import time
 
@@ -23,13 +24,36 @@ def head(own_ray, monkeypatch):
     """A head of its own: its temp dir (no other test's ray.init() finds it), stopped by its processes alone."""
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # token auth is on by default in Ray 2.60 (STACK_NOTES)
     env = own_ray.env | {"RAY_AUTH_MODE": "disabled"}
+    # The job agent's HTTP port on a free one too: at its default (52365) it lost to another Ray instance's
+    # agent when a second test process ran one, and no job could be submitted ("No available agent").
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        agent_port = probe.getsockname()[1]
     subprocess.run(["ray", "start", "--head", "--port=6390", "--num-cpus=2", "--include-dashboard=true",
-                    "--dashboard-host=127.0.0.1", "--dashboard-port=8275", "--disable-usage-stats"], env=env,
+                    "--dashboard-host=127.0.0.1", "--dashboard-port=8275", f"--dashboard-agent-listen-port={agent_port}",
+                    "--disable-usage-stats"], env=env,
                    check=True, capture_output=True, timeout=120)
     try:
+        _wait_for_job_agent()
         yield env
     finally:
         own_ray.stop()
+
+
+def _wait_for_job_agent(timeout_s: float = 120) -> None:
+    """`ray start` returns before the head's job agent has registered; a submission then fails with "No available
+    agent to submit job, please try again later" (seen on a loaded machine). A trivial job, until one is taken."""
+    from ray.job_submission import JobSubmissionClient
+
+    deadline = time.time() + timeout_s
+    while True:
+        try:
+            JobSubmissionClient(ADDRESS).submit_job(entrypoint="true")
+            return
+        except Exception as error:  # the dashboard not up yet, or no agent yet (a RuntimeError, or a connection error)
+            if time.time() > deadline:
+                raise AssertionError(f"the head's job server took no job in {timeout_s:.0f} s: {error}") from error
+            time.sleep(1)
 
 
 def _job(env, verb, *args, timeout=300):

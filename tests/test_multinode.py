@@ -106,7 +106,7 @@ def _worker_nodes(cluster) -> set[str]:
     return {node.node_id for node in cluster.worker_nodes}
 
 
-def _in_turn(steps: list, done: list, deadline_s=300) -> None:
+def _in_turn(steps: list, done: list, deadline_s=600) -> None:
     """A watcher thread: for each (path, action) in turn, once `path` exists (a checkpoint: the run is past
     it), runs `action` and appends what it returns to `done`."""
     def watch():

@@ -1,6 +1,7 @@
 """System tier: `mdpo-ray train` on a local Ray instance leaves no process of it behind, whether the run
 finishes, fails or is interrupted with Ctrl-C; and a DataError that only the Train workers can find (here:
-every prompt longer than data.max_length, which only tokenizing tells) reaches the user first, exit 2.
+every prompt longer than data.max_length, which only tokenizing tells) reaches the user first, exit 2, and
+its MLflow run is closed FAILED.
 (The sweep's case is in tests/test_sweep.py.)"""
 
 import os
@@ -10,6 +11,9 @@ import sys
 import time
 
 import pytest
+from mlflow.tracking import MlflowClient
+
+from mdpo_ray.config import load_config
 
 pytestmark = pytest.mark.slow
 
@@ -65,6 +69,11 @@ def test_a_finished_and_a_failed_run_leave_no_ray_process_behind(tiny_run_overri
     assert pointer.startswith("(a Train worker found this: Ray's log of it is above and in "), pointer
     assert "mdpo_ray/cli.py" not in err  # no traceback of the driver's own
     _assert_nothing_left(own_ray)
+    cfg = load_config(None, [*tiny_run_overrides, "name=failed"])
+    client = MlflowClient(tracking_uri=cfg.mlflow_uri)
+    (run,) = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id],
+                                "tags.`mdpo.run_name` = 'failed'")
+    assert run.info.status == "FAILED"  # closed as such, not left RUNNING
 
 
 def test_an_interrupted_run_leaves_no_ray_process_behind(tiny_run_overrides, own_ray, tmp_path):

@@ -9,7 +9,6 @@ from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mdpo_ray.config import load_config
-from mdpo_ray.data.rows import DataError
 from mdpo_ray.training.train_loop import Worker, train
 
 pytestmark = pytest.mark.slow
@@ -161,19 +160,3 @@ def test_cpu_only_local_workers_keep_freed_memory(ray_local):
     defaults = ray.get(ray.remote(faults_per_block).options(runtime_env={"env_vars": {"GLIBC_TUNABLES": ""}}).remote())
     assert defaults > 20_000  # glibc's defaults: mmap'd, unmapped on free, faulted in again
     assert tuned < 1_000
-
-
-def test_failed_run_is_marked_failed_not_left_running(ray_local, tiny_run_overrides, tmp_path):
-    from mdpo_ray import launch
-
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"prompt": "Q: 1+1= A:", "chosen": " 2", "rejected": " 2"}\n')  # no usable pair
-    cfg = load_config(None, [*tiny_run_overrides, f"data.train={bad}", "name=doomed"])
-    with pytest.raises(DataError, match="chosen identical to rejected") as raised:  # found by the workers
-        launch.train(cfg)
-    assert str(raised.value).startswith(f"{bad}: none of its 1 rows is a usable preference pair")  # the fix first
-    assert "\n(a Train worker found this: Ray's log of it is above" in str(raised.value)
-    client = MlflowClient(tracking_uri=cfg.mlflow_uri)
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-    (run,) = client.search_runs([experiment.experiment_id], "tags.`mdpo.run_name` = 'doomed'")
-    assert run.info.status == "FAILED"

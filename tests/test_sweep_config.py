@@ -211,6 +211,17 @@ def test_a_sweep_over_the_lora_rank_shares_one_reference(tmp_path):
     assert len(_reference_configs(sweep, base, shared_run_keys(sweep, base))) == 1
 
 
+def test_the_evidence_experiment_computes_one_reference_per_rejected_kind():
+    """Each kind of rejected answer is its own data, so its own reference table (test_evidence runs one kind)."""
+    from pathlib import Path
+
+    from mdpo_ray.sweep import _reference_configs, shared_run_keys
+
+    sweep, base = load_sweep(Path(__file__).parent.parent / "sweeps" / "lr_robustness.yaml")
+    references = _reference_configs(sweep, base, shared_run_keys(sweep, base))
+    assert sorted(cfg.builtin.rejected_kind for cfg in references) == ["near_miss", "on_policy", "wrong_final"]
+
+
 def test_the_iterate_experiment_loads_and_spans_what_it_claims():
     """sweeps/iterative.yaml: issue 25's five recipes from one start, the same steps each, 3 rounds x 3 seeds."""
     from pathlib import Path
