@@ -3,7 +3,7 @@
 import pandas as pd
 
 from mdpo_ray.reports.claims import BETA, DL, DW, KIND, LOSS, LR, claims
-from mdpo_ray.reports.results import _store, _tables, _variant
+from mdpo_ray.reports.results import _tables, _variant, shown_store
 
 LRS = (1e-5, 1e-4)
 
@@ -51,7 +51,7 @@ def test_tables_show_mean_and_std_over_seeds():
 def test_the_page_names_a_store_under_the_working_directory_by_its_relative_path(tmp_path, monkeypatch):
     """A checked-in results page must not name a directory of the machine that generated it."""
     monkeypatch.chdir(tmp_path)
-    assert _store(f"sqlite:///{tmp_path}/mdpo_runs/mlflow.db") == "sqlite:///mdpo_runs/mlflow.db"
+    assert shown_store(f"sqlite:///{tmp_path}/mdpo_runs/mlflow.db") == "sqlite:///mdpo_runs/mlflow.db"
     elsewhere = f"sqlite:///{tmp_path.parent}/other/mlflow.db"
-    assert _store(elsewhere) == elsewhere  # nothing shorter is true
-    assert "secret" not in _store("http://user:secret@mlflow.example:5000")
+    assert shown_store(elsewhere) == elsewhere  # nothing shorter is true
+    assert "secret" not in shown_store("http://user:secret@mlflow.example:5000")
