@@ -121,9 +121,11 @@ def _gpu(cfg: RunConfig) -> int:
 
 def precompute_reference(cfg: RunConfig) -> None:
     """Fill the reference log-prob cache with the run's own workers and sharding, then return."""
+    storage_path, filesystem = storage.for_ray(cfg.output_dir)
     _fit(cluster.trainer(precompute_entry, train_loop_config={"config": cfg.model_dump(mode="json")},
                          scaling_config=_scaling(cfg),
-                         run_config=ray.train.RunConfig(name=f"{cfg.name}-reference", storage_path=cfg.output_dir,
+                         run_config=ray.train.RunConfig(name=f"{cfg.name}-reference", storage_path=storage_path,
+                                                        storage_filesystem=filesystem,
                                                         callbacks=[_StopOnConfigError()])))
 
 
@@ -153,13 +155,15 @@ def train(cfg: RunConfig, *, tags: dict[str, str] | None = None, callbacks: list
     cfg = resolve_builtin(cfg)
     with tracked_run(cfg, tags) as run_id:
         cluster.init_ray(use_gpu=cfg.scaling.use_gpu)
+        storage_path, filesystem = storage.for_ray(cfg.output_dir)
         trainer = cluster.trainer(
             worker_entry,
             train_loop_config={"config": cfg.model_dump(mode="json"), "mlflow_run_id": run_id},
             scaling_config=_scaling(cfg),
             run_config=ray.train.RunConfig(
                 name=cfg.name,
-                storage_path=cfg.output_dir,
+                storage_path=storage_path,
+                storage_filesystem=filesystem,
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep),
                 failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
                 callbacks=[*(callbacks or []), _StopOnConfigError()],

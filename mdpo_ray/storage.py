@@ -15,6 +15,7 @@ never made into a local folder whose name has a colon in it.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tempfile
@@ -84,13 +85,50 @@ def display(fs_path: str, like: str) -> str:
     return f"{like.split('://', 1)[0]}://{fs_path}" if is_remote(like) else fs_path
 
 
+# The AWS SDK's defaults (1 s to connect, and a request cut when no byte arrives for 3 s) fail a run on an
+# S3-compatible store that is merely busy: a MinIO under load, or a ListObjects over many checkpoints. In
+# our multi-node test on a loaded machine, Tune's last listing of a sweep's state failed so ("curlCode: 28
+# ... Less than 1 bytes/sec transferred the last 3 seconds"). A dead endpoint still fails, within a minute.
+S3_CONNECT_TIMEOUT_S = 10.0
+S3_REQUEST_TIMEOUT_S = 60.0
+
+
+def _s3(bucket: str):
+    """An S3 filesystem with the timeouts above. Endpoint, credentials and region as pyarrow's from_uri finds
+    them: AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL for an S3-compatible store, else the bucket's own region."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+    return _s3_filesystem(endpoint, None if endpoint else bucket)
+
+
+@functools.cache
+def _s3_filesystem(endpoint: str | None, bucket: str | None):
+    """One per endpoint (or AWS bucket, whose region is looked up once) and process: a client's start-up may
+    ask the instance metadata service for credentials."""
+    import pyarrow.fs
+
+    region = pyarrow.fs.FileSystem.from_uri(f"s3://{bucket}")[0].region if bucket else None
+    return pyarrow.fs.S3FileSystem(endpoint_override=endpoint, region=region,
+                                   connect_timeout=S3_CONNECT_TIMEOUT_S, request_timeout=S3_REQUEST_TIMEOUT_S)
+
+
 def _fs(location: str):
-    """(pyarrow filesystem, its path) for a location; S3's from the environment's AWS settings."""
+    """(pyarrow filesystem, its path) for a location: `bucket/key` on S3, an absolute path locally."""
     import pyarrow.fs
 
     if is_remote(location):
-        return pyarrow.fs.FileSystem.from_uri(location)
+        path = str(location).split("://", 1)[1].rstrip("/")
+        return _s3(path.split("/", 1)[0]), path
     return pyarrow.fs.LocalFileSystem(), str(Path(location).absolute())
+
+
+def for_ray(location: str | os.PathLike[str]):
+    """(path, filesystem) as Ray Train and Tune take a location (storage_path and storage_filesystem, or a
+    restore's path and storage_filesystem): an S3 URI as its path on the filesystem above, so Ray's uploads,
+    listings and restores get the same timeouts; a local path as it is, with no filesystem (Ray's own)."""
+    if not is_remote(location):
+        return str(location), None
+    fs, path = _fs(str(location))
+    return path, fs
 
 
 def exists(location: str | os.PathLike[str]) -> bool:

@@ -187,7 +187,8 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False)
     first = trial_config(base, {k: d.probe_values()[0] for k, d in sweep.space.items()} | shared | {"name": sweep.name})
     tune_dir = storage.join(first.output_dir, "tune")  # a path, or a URI Tune writes to through pyarrow.fs
     experiment_dir = storage.join(tune_dir, sweep.name)
-    if resume and not tune.Tuner.can_restore(experiment_dir):
+    ray_experiment_dir, filesystem = storage.for_ray(experiment_dir)
+    if resume and not tune.Tuner.can_restore(ray_experiment_dir, storage_filesystem=filesystem):
         raise ConfigError(f"nothing to resume: no sweep {sweep.name!r} under {tune_dir}")
     if not resume and storage.exists(experiment_dir):
         raise ConfigError(f"sweep {sweep.name!r} already exists under {tune_dir}: pass --resume to continue it, "
@@ -225,8 +226,8 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False)
                              source=source, in_trial=in_trial),
         {"CPU": _trial_cpus(first, in_trial)})
     if resume:
-        tuner = tune.Tuner.restore(experiment_dir, trainable=trainable, resume_unfinished=True,
-                                   resume_errored=True)
+        tuner = tune.Tuner.restore(ray_experiment_dir, trainable=trainable, resume_unfinished=True,
+                                   resume_errored=True, storage_filesystem=filesystem)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -234,7 +235,8 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False)
             tune_config=_tune_config(sweep, _max_concurrent(sweep, first, in_trial), in_trial,
                                      _max_reports(sweep, base, first)),
             # In-trial runs have no Ray Train to restart them: Tune does, from the trial's last checkpoint.
-            run_config=tune.RunConfig(name=sweep.name, storage_path=tune_dir, verbose=1,
+            run_config=tune.RunConfig(name=sweep.name, storage_path=storage.for_ray(tune_dir)[0],
+                                      storage_filesystem=filesystem, verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=first.scaling.max_failures)
                                       if in_trial else None),
         )
@@ -245,7 +247,7 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False)
     try:
         tuner.fit()
         # Tune swallows Ctrl-C: it saves its state, with the cut trials back to PENDING, and returns.
-        saved = tune.ExperimentAnalysis(experiment_dir).trials
+        saved = tune.ExperimentAnalysis(ray_experiment_dir, storage_filesystem=filesystem).trials
         unfinished = sum(trial.status not in ("TERMINATED", "ERROR") for trial in saved)
         status = "KILLED" if unfinished else "FINISHED"
     finally:

@@ -4,6 +4,7 @@ Nothing is downloaded: the model is built from a transformers config and loaded 
 same loading code a user's model goes through.
 """
 
+import collections
 import contextlib
 import json
 import os
@@ -11,6 +12,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from pathlib import Path
 
@@ -26,6 +28,48 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # in 107 bytes), where it also leaves its address file: ray.init() never joins a cluster that a `ray start`
 # elsewhere on this machine left in /tmp/ray, nor the one another session's test started (pytest -n 2).
 os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix="ray")
+
+
+# --- the order files run in, and where the suite's time went ----------------------------------------------
+# With two processes (-n 2 --dist loadfile, pyproject's addopts) the suite ends when the last file ends. xdist
+# hands out files in the order given, one at a time as a process runs dry; its default order (most tests
+# first) left the Ray files, a few long tests each, to the end, where one ran for minutes beside an idle
+# process. Longest first, as last measured, balances the two. A file not measured yet runs after them.
+FILE_SECONDS = Path(__file__).with_name("file_seconds.json")
+_file_seconds: dict[str, float] = collections.defaultdict(float)
+_process_seconds: dict[str, float] = collections.defaultdict(float)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--file-seconds-out", metavar="PATH",
+                     help="write each test file's measured seconds to PATH (JSON): the source of "
+                          "tests/file_seconds.json, which orders the files longest first")
+
+
+def pytest_collection_modifyitems(config, items):
+    measured = json.loads(FILE_SECONDS.read_text()) if FILE_SECONDS.exists() else {}
+    items.sort(key=lambda item: -measured.get(item.nodeid.split("::")[0], 0.0))  # stable: files stay whole
+
+
+def pytest_runtest_logreport(report):
+    _file_seconds[report.nodeid.split("::")[0]] += report.duration
+    gateway = getattr(getattr(report, "node", None), "gateway", None)  # under xdist, the process that ran it
+    _process_seconds[getattr(gateway, "id", "main")] += report.duration
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_terminal_summary(terminalreporter, config):
+    """The last lines CI shows: where the time went, per process and per file (longest last)."""
+    if hasattr(config, "workerinput") or not _file_seconds:
+        return
+    ranked = sorted(_file_seconds.items(), key=lambda kv: kv[1])
+    if out := config.getoption("--file-seconds-out"):
+        Path(out).write_text(json.dumps({f: round(s, 1) for f, s in reversed(ranked)}, indent=1) + "\n")
+    files = ", ".join(f"{Path(f).stem.removeprefix('test_')} {s:.0f}" for f, s in ranked[-24:])
+    terminalreporter.write_sep("-", "seconds per test file (the longest 24, longest last)")
+    terminalreporter.write_line("\n".join(textwrap.wrap(files, 118)))
+    terminalreporter.write_line("busy seconds per process: " + ", ".join(
+        f"{name} {s:.0f}" for name, s in sorted(_process_seconds.items())))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -7,9 +7,13 @@ HTTP API: pyarrow (Ray's checkpoint uploads and mdpo_ray.storage) reaches it thr
 as it would reach MinIO or AWS itself.
 """
 
+import contextlib
 import io
 import json
 import os
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -80,6 +84,56 @@ def test_an_unwritable_bucket_is_said_before_ray_starts(s3):
 
 
 # --- the files a run writes, on object storage ---------------------------------------------------------
+
+@contextlib.contextmanager
+def _slow_store(endpoint: str, delay_s: float, when: bytes):
+    """A TCP relay to `endpoint` that holds back each request containing `when` for `delay_s`: a store busy
+    enough that its answer starts late."""
+    host, port = endpoint.rsplit("/", 1)[-1].split(":")
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def pipe(source, sink, slow):
+        try:
+            while data := source.recv(65536):
+                if slow and when in data:
+                    time.sleep(delay_s)
+                sink.sendall(data)
+        except OSError:
+            pass
+        finally:
+            sink.close()
+
+    def serve():
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection((host, int(port)))
+            threading.Thread(target=pipe, args=(client, upstream, True), daemon=True).start()
+            threading.Thread(target=pipe, args=(upstream, client, False), daemon=True).start()
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
+
+
+def test_a_store_slow_to_answer_is_waited_for_by_the_run_and_by_ray(s3, monkeypatch):
+    """The AWS SDK's default cuts a request whose answer has not started within 3 s; Tune's last listing of a
+    sweep on a loaded S3-compatible store failed so. Ray is given the run's own filesystem (the one every
+    mdpo_ray.storage call uses), with longer timeouts."""
+    import pyarrow.fs
+
+    storage.write_bytes(f"s3://{BUCKET}/slow/a.bin", b"a")
+    with _slow_store(os.environ["AWS_ENDPOINT_URL"], delay_s=4.5, when=b"list-type=2") as url:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", url)
+        path, fs = storage.for_ray(f"s3://{BUCKET}/slow")
+        assert path == f"{BUCKET}/slow" and isinstance(fs, pyarrow.fs.S3FileSystem)
+        assert [info.base_name for info in fs.get_file_info(pyarrow.fs.FileSelector(path))] == ["a.bin"]
+    assert storage.for_ray("runs/x") == ("runs/x", None)
+
 
 def test_files_round_trip_through_the_object_store(s3, tmp_path):
     base = f"s3://{BUCKET}/files"
