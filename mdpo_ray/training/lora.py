@@ -95,10 +95,17 @@ def export(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, export_cfg: Ex
     """
     model = wrap(load_causal_lm(cfg, trainable=False, weights=False), cfg.lora)
     if export_cfg.lora == "merged":
+        from peft.tuners.lora import LoraLayer
+
         model.load_state_dict(state_dict, assign=True)
         state_dict.clear()
-        # safe_merge writes each merged weight to a new tensor, where the default adds into the loaded one:
-        # on one rank the gathered state dict is the policy's own storage, which must not change under it.
+        # A merge adds B A into the loaded weight in place (peft 0.22 does so under safe_merge too), and on one rank
+        # the gathered state dict is the trained policy's own storage, which must not change under it. So each
+        # adapted weight is merged into a copy of its own; the loaded one is freed as it is replaced wherever it
+        # was the only reference (the gathered copy of several ranks): one layer's copy at a time.
+        for layer in (module for module in model.modules() if isinstance(module, LoraLayer)):
+            base = layer.get_base_layer()
+            base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
         return export_pretrained(model.merge_and_unload(safe_merge=True).state_dict(), cfg, tokenizer, out_dir)
     model.peft_config["default"].base_model_name_or_path = cfg.name_or_path
     out_dir.mkdir(parents=True, exist_ok=True)
