@@ -162,7 +162,8 @@ def test_a_run_spread_over_two_nodes_survives_a_killed_worker_and_a_lost_node(tw
     def kill_the_worker_of_rank_0():
         placement = _placement(_run(cfg))
         # This cluster's Train workers only: other Ray instances on the machine are not ours to kill.
-        (worker,) = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"),
+        (worker,) = list_actors(address=two_nodes.address,
+                                filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE"),
                                          ("node_id", "=", placement[0])])
         os.kill(worker.pid, signal.SIGKILL)  # no chance to clean up
         return placement

@@ -43,21 +43,23 @@ def test_two_worker_run_tracks_checkpoints_resumes_and_exports(ray_local, tiny_r
     first = launch.train(cfg)
 
     # The instance is this process's own: Train ran without the actors only a shared cluster needs.
+    import ray
     from ray.util.state import list_actors
 
-    actors = {a.class_name for a in list_actors(limit=10_000)}
+    # By its address: with no address the State API looks for Ray instances on the machine, and refuses to
+    # choose when it finds two (another test process's).
+    here = ray.get_runtime_context().gcs_address
+    actors = {a.class_name for a in list_actors(address=here, limit=10_000)}
     assert {"TrainController", "RayTrainWorker"} <= actors
     assert not actors & {"PlacementGroupCleaner", "DatasetManager"}
     # The run's controller ends with the run, while the instance is whole: Ray's Ctrl-C handler, which holds
     # it, is removed when fit returns (else it lives until this process exits, and can outlive the instance).
-    import ray
-
     alive = [("class_name", "=", "TrainController"), ("state", "=", "ALIVE"),
              ("job_id", "=", ray.get_runtime_context().get_job_id())]
     deadline = time.time() + 60
-    while list_actors(filters=alive) and time.time() < deadline:
+    while list_actors(address=here, filters=alive) and time.time() < deadline:
         time.sleep(0.5)
-    assert not list_actors(filters=alive)
+    assert not list_actors(address=here, filters=alive)
 
     client = MlflowClient(tracking_uri=cfg.mlflow_uri)
     run = client.get_run(first.mlflow_run_id)
