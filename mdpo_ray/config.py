@@ -43,20 +43,26 @@ class LoraConfig(_Strict):
         "with the model's layer names listed.")
 
 
+def _read_location(value: str | None) -> str | None:
+    """A model or data location: a path, a hub name, `builtin:...`, or an object on S3 (s3://bucket/key, read from
+    a copy on each node); a URI of another scheme, or a mistyped one (s3:/x), is refused naming it."""
+    return value if value is None or value.startswith("builtin:") else storage.check_location(value, read=True)
+
+
 class ModelConfig(_Strict):
     """The starting policy (also the reference, unless `model.reference` names another) and its tokenizer."""
 
-    name_or_path: str = Field(BUILTIN, description="A Hugging Face hub id, a local `save_pretrained` directory, or "
-                              "`builtin:arith` (the built-in task's SFT-warmed tiny model; only with "
-                              "`data.train: builtin:arith`).")
-    tokenizer: str | None = Field(None, description="Where to load the tokenizer from (hub id or directory); null: "
+    name_or_path: str = Field(BUILTIN, description="A Hugging Face hub id, a local `save_pretrained` directory, one "
+                              "on S3 (`s3://bucket/prefix`, copied to each node once), or `builtin:arith` (the "
+                              "built-in task's SFT-warmed tiny model; only with `data.train: builtin:arith`).")
+    tokenizer: str | None = Field(None, description="Where to load the tokenizer from (hub id, directory or s3://); null: "
                                   "`model.name_or_path`.")
     chat_template: str | None = Field(
         None, description="A Jinja chat template (text containing `{{` or `{%`), or the path of a file holding one, "
         "set on the tokenizer before conversational data is rendered; for base models whose tokenizer has none. "
         "null: the tokenizer's own. The exported tokenizer keeps it.")
     reference: str | None = Field(
-        None, description="The frozen reference's weights (hub id or `save_pretrained` directory, same tokenizer); "
+        None, description="The frozen reference's weights (hub id, `save_pretrained` directory or s3://, same tokenizer); "
         "null: `model.name_or_path`. `iterate.reference: initial` sets it to the first round's model in later rounds.")
     trust_remote_code: bool = Field(False, description="Passed to transformers when loading the model, its config "
                                     "and the tokenizer: runs the repository's own Python code.")
@@ -68,6 +74,11 @@ class ModelConfig(_Strict):
         "before Ray starts; `data.padding_free` needs one that honours position_ids resets, checked as the run "
         "starts.")
     lora: LoraConfig = LoraConfig()
+
+    @field_validator("name_or_path", "tokenizer", "reference")
+    @classmethod
+    def _model_location(cls, value: str | None) -> str | None:
+        return _read_location(value)
 
     @field_validator("attn_implementation")
     @classmethod
@@ -134,7 +145,8 @@ class DataConfig(_Strict):
     longest common prefix)."""
 
     train: str = Field(BUILTIN, description="Training pairs: a hub dataset name, a .jsonl/.json/.parquet file, a "
-                       "`save_to_disk` directory, or `builtin:arith` (the generated task, see `builtin.*`).")
+                       "`save_to_disk` directory (either may be on S3, `s3://bucket/key`), or `builtin:arith` (the "
+                       "generated task, see `builtin.*`).")
     train_split: str = Field("train", description="Split of `data.train` to read, for sources that have splits.")
     eval: str | None = Field(None, description="Held-out pairs, same kinds as `data.train`; null: hold out "
                              "`data.eval_fraction` of the training prompts (with `builtin:arith`: the task's own "
@@ -152,7 +164,7 @@ class DataConfig(_Strict):
     on_bad_rows: Literal["drop", "error"] = Field(
         "drop", description="A bad row (missing field, wrong type, empty completion, chosen identical to rejected): "
         "`drop` it and count it (`data/train_bad_rows`), or `error`: stop, naming the row.")
-    generation_eval: str | None = Field(None, description="JSONL of {prompt, answer}: greedy decoding is scored "
+    generation_eval: str | None = Field(None, description="JSONL of {prompt, answer} (a path or s3://): greedy decoding is scored "
                                         "by the integer after `####` (`eval/answer_accuracy`); null: none.")
     group_by_length: bool = Field(
         False, description="Sort each step's pairs by length (the longer of chosen and rejected) before cutting them "
@@ -167,6 +179,11 @@ class DataConfig(_Strict):
         "checked by running it when the run starts: `true` stops the run if it does not, `auto` then pads (and "
         "says so), `false` always pads. Measured 1.2-1.4x the pairs/s of padded batches on long-tailed lengths "
         "(docs/performance.md).")
+
+    @field_validator("train", "eval", "generation_eval")
+    @classmethod
+    def _data_location(cls, value: str | None) -> str | None:
+        return _read_location(value)
 
 
 class LossConfig(_Strict):
@@ -461,10 +478,6 @@ class RunConfig(_Strict):
                 "exports only the LoRA adapters: set export.lora=merged, or tracking.log_model=false and register "
                 "the adapter directory yourself"
             )
-        if self.iterate.rounds and storage.is_remote(self.output_dir):
-            raise ValueError(
-                f"iterate.rounds > 0 loads each round's policy from the previous round's export in output_dir, which "
-                f"must be a local (shared) directory for now, not object storage ({self.output_dir})")
         if self.iterate.rounds and self.model.lora.r and self.export.lora == "adapter":
             raise ValueError(
                 "iterate.rounds > 0 starts each round from the previous round's export, which export.lora=adapter "

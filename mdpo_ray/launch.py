@@ -70,7 +70,8 @@ def check_data(cfg: RunConfig) -> None:
     here = cluster.workers_run_here()
     for line in check_pairs(cfg.data, workers_here=here, tokenizer=lambda: load_tokenizer(cfg.model)):
         print(f"data checked: {line}", flush=True)
-    if cfg.data.generation_eval and (here or Path(cfg.data.generation_eval).exists()):
+    if cfg.data.generation_eval and (here or storage.is_remote(cfg.data.generation_eval)
+                                     or Path(cfg.data.generation_eval).exists()):
         load_problems(cfg.data.generation_eval, cfg.eval.max_generation_problems)
 
 

@@ -4,8 +4,10 @@
 Ray Train writes the checkpoints to either through pyarrow.fs (its storage_path). The run's other
 files go through the same pyarrow filesystem here: the reference log-prob cache, the export, the sweep
 report, the metrics MLflow never got. What a library can only write as local files (save_pretrained) is
-written to a temp dir on the node and uploaded. The endpoint and credentials are the AWS SDK's, as for
-Ray: an instance profile, or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, and AWS_ENDPOINT_URL for an
+written to a temp dir on the node and uploaded; what it can only read from local files (a model or data that
+`model.name_or_path` or `data.train` puts on S3) is downloaded once per node (`staged`). The endpoint and
+credentials are the AWS SDK's, as for Ray: an instance profile, or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY,
+and AWS_ENDPOINT_URL for an
 S3-compatible store (MinIO, Ceph, R2, GCS's XML API).
 
 Only s3:// is taken: it is what Ray's storage docs lead with and what the tests run against (an S3
@@ -16,13 +18,15 @@ never made into a local folder whose name has a colon in it.
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import re
+import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 OBJECT_STORE_SCHEMES = ("s3",)
 # Schemes a user may mean but this run cannot write to; a path starting `gs//` is one missing its colon.
@@ -44,27 +48,31 @@ def looks_like_uri(value: str) -> bool:
     return bool(_URI.match(value)) or ":" in head or (head.lower() in _KNOWN_SCHEMES and value[len(head):].startswith("//"))
 
 
-def check_location(value: str) -> str:
-    """`value` as a run location: a local path unchanged, an s3:// URI without a trailing slash; else a
-    ValueError that says what was meant and what is taken (raised while the config is validated)."""
+def check_location(value: str, *, read: bool = False) -> str:
+    """`value` as a run location (`read`: a model or data location): a path or name unchanged, an s3:// URI
+    without a trailing slash; else a ValueError that says what was meant and what is taken (raised while the
+    config is validated)."""
     if not looks_like_uri(value):
         return value
-    taken = ("use a filesystem path (on a cluster, one every node mounts, e.g. /mnt/shared/mdpo_runs) or an "
-             "S3 URI, s3://bucket/prefix")
+    taken = ("use a hub name, a filesystem path (on a cluster, one every node mounts) or an S3 URI, s3://bucket/key"
+             if read else "use a filesystem path (on a cluster, one every node mounts, e.g. /mnt/shared/mdpo_runs) "
+             "or an S3 URI, s3://bucket/prefix")
     match = _URI.match(value)
     if match is None:
         head, rest = value.split("/", 1)[0], value.split("/", 1)[1] if "/" in value else ""
         scheme = head.split(":", 1)[0]
         tail = (head.split(":", 1)[1] if ":" in head else "") + ("/" + rest if rest else "")
         meant = f"; did you mean {scheme}://{tail.lstrip('/')}?" if scheme.lower() in _KNOWN_SCHEMES else "."
-        raise ValueError(f"{value!r} is neither a path nor a URI (scheme://...){meant} It is not made into a local "
-                         f"folder named {head!r}: {taken}")
+        kept = "It is not looked up as a hub name or a local path" if read else \
+            f"It is not made into a local folder named {head!r}"
+        raise ValueError(f"{value!r} is neither a path nor a URI (scheme://...){meant} {kept}: {taken}")
     scheme, rest = match.group(1).lower(), match.group(2)
     if scheme not in OBJECT_STORE_SCHEMES:
         hint = {"gs": " (Google Cloud Storage serves S3's API: s3://bucket with AWS_ENDPOINT_URL="
                       "https://storage.googleapis.com and an HMAC key)",
                 "file": f" (here: {rest or '/'})"}.get("gs" if scheme == "gcs" else scheme, "")
-        raise ValueError(f"{value!r}: a run cannot write to {scheme}:// storage; {taken}{hint}")
+        raise ValueError(f"{value!r}: a run cannot {'read from' if read else 'write to'} {scheme}:// storage; "
+                         f"{taken}{hint}")
     bucket, _, prefix = rest.partition("/")
     parts = prefix.rstrip("/").split("/") if prefix.rstrip("/") else []
     if not _BUCKET.match(bucket) or any(part in ("", ".", "..") for part in parts):
@@ -86,9 +94,9 @@ def display(fs_path: str, like: str) -> str:
 
 
 # The AWS SDK's defaults (1 s to connect, and a request cut when no byte arrives for 3 s) fail a run on an
-# S3-compatible store that is merely busy: a MinIO under load, or a ListObjects over many checkpoints. In
-# our multi-node test on a loaded machine, Tune's last listing of a sweep's state failed so ("curlCode: 28
-# ... Less than 1 bytes/sec transferred the last 3 seconds"). A dead endpoint still fails, within a minute.
+# S3-compatible store that is merely busy: a MinIO or B2 under load, or a ListObjects over many checkpoints
+# ("curlCode: 28 ... Less than 1 bytes/sec transferred the last 3 seconds", as reported to Arrow, Ray and
+# other pyarrow users). A dead endpoint still fails, within a minute.
 S3_CONNECT_TIMEOUT_S = 10.0
 S3_REQUEST_TIMEOUT_S = 60.0
 
@@ -216,6 +224,54 @@ def local_dir(location: str) -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="mdpo-upload-") as tmp:
         yield Path(tmp)
         upload_dir(Path(tmp), location)
+
+
+_WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".ckpt")
+
+
+def staged(location: str, *, weights: bool = True) -> str:
+    """A local path for reading `location`: itself if local; for an object (a data file) or a prefix (a model
+    directory) on object storage, a copy on this node, downloaded once and shared by the node's processes.
+    transformers and datasets read only local files: a model or data on S3 is read through this (a node's
+    ranks and sampling actors each get the same copy). `weights=False` leaves a model's weight files out: what
+    a tokenizer, a config or a plan reads, where a 7B model's weights would be 14 GB per node for nothing.
+    The copy's name covers the objects' sizes and times, so a location written again is downloaded again,
+    never read stale."""
+    import pyarrow.fs
+    from filelock import FileLock
+
+    if not is_remote(location):
+        return str(location)
+    fs, path = _fs(location)
+    single = fs.get_file_info(path)
+    if single.type == pyarrow.fs.FileType.File:  # a data file: the copy keeps its name (its suffix picks the reader)
+        objects = {PurePosixPath(path).name: single}
+    else:
+        listed = fs.get_file_info(pyarrow.fs.FileSelector(path, recursive=True, allow_not_found=True))
+        objects = {i.path[len(path) + 1:]: i for i in listed if i.type == pyarrow.fs.FileType.File
+                   and (weights or not i.path.endswith(_WEIGHTS))}
+    if not objects:
+        raise FileNotFoundError(f"{location}: no such object or prefix on object storage")
+    version = hashlib.sha256(repr([location, *sorted((n, i.size, i.mtime_ns) for n, i in objects.items())]).encode())
+    root = Path(tempfile.gettempdir(), "mdpo-staged", version.hexdigest()[:20])
+    local = root / next(iter(objects)) if single.type == pyarrow.fs.FileType.File else root
+    if (root / ".complete").exists():
+        return str(local)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root) + ".lock"):  # one download per node; the node's other processes wait for it
+        if not (root / ".complete").exists():
+            partial = root.with_name(f"{root.name}.partial-{uuid.uuid4().hex}")
+            for name, info in objects.items():
+                copy = partial / name
+                copy.parent.mkdir(parents=True, exist_ok=True)
+                pyarrow.fs.copy_files(info.path, str(copy), source_filesystem=fs,
+                                      destination_filesystem=pyarrow.fs.LocalFileSystem())
+                # The object's own time: every node's copy is then the same file to datasets' fingerprint.
+                os.utime(copy, ns=(info.mtime_ns, info.mtime_ns))
+            (partial / ".complete").touch()
+            shutil.rmtree(root, ignore_errors=True)
+            os.replace(partial, root)
+    return str(local)
 
 
 def probe_writable(location: str) -> None:

@@ -1,12 +1,16 @@
 """System tier: two iterate rounds through Ray sampling actors, Ray Train and MLflow, stopped after round 0
-and rerun: round 0 is skipped (its pairs are not resampled), round 1 trains from round 0's export."""
+and rerun: round 0 is skipped (its pairs are not resampled), round 1 trains from round 0's export. The run keeps
+everything on object storage (an S3 server on 127.0.0.1), as on nodes without a shared file system: round 1's
+samplers and workers load round 0's export and read its pairs from the bucket. Rounds into a local directory
+run end to end in tests/test_iterate_sweep.py."""
 
-import os
 import textwrap
 
 import pytest
+from conftest import s3_server
 from mlflow.tracking import MlflowClient
 
+from mdpo_ray import storage
 from mdpo_ray.config import load_config
 from mdpo_ray.iterate import store
 from mdpo_ray.tracking.mlflow_runs import ITERATE_ROUND_TAG, ROLE_TAG
@@ -29,27 +33,45 @@ def coin_verifier(tmp_path, monkeypatch):
     return "coin_check:even"
 
 
-def test_two_rounds_sample_with_actors_track_in_mlflow_and_resume_at_the_round(tiny_run_overrides, coin_verifier):
+BUCKET = "mdpo-iterate"
+
+
+def test_two_rounds_sample_with_actors_track_in_mlflow_and_resume_at_the_round(tiny_run_overrides, coin_verifier,
+                                                                              tmp_path, monkeypatch):
+    import ray
+
     from mdpo_ray import cluster, launch
 
     def cfg(rounds):
         return load_config(None, [*tiny_run_overrides, f"iterate.rounds={rounds}", f"iterate.verifier={coin_verifier}",
                                   "iterate.prompts_per_round=8", "iterate.samples_per_prompt=4",
-                                  "optim.max_steps=2", "eval.max_generation_problems=4"])
+                                  "optim.max_steps=2", "eval.max_generation_problems=4",
+                                  f"output_dir=s3://{BUCKET}/runs", f"tracking.mlflow_uri=sqlite:///{tmp_path}/mlflow.db"])
 
-    try:
-        first = launch.train(cfg(1))  # stopped after round 0, as a kill between the rounds would leave it
-        round_0 = store.round_location(first.config.run_location, 0)
-        saved = {name: _mtime(round_0, name) for name in (store.PAIRS_FILE, store.PAIRING_FILE, store.DONE_FILE)}
-        second = launch.train(cfg(2))
-    finally:
-        cluster.stop_ray()
+    def versions(key):  # how often an object was written (the bucket keeps every version)
+        return len(client.list_object_versions(Bucket=BUCKET, Prefix=key).get("Versions", []))
 
-    assert {name: _mtime(round_0, name) for name in saved} == saved  # round 0 neither resampled nor retrained
-    round_1 = store.load_done(store.round_location(second.config.run_location, 1))
-    assert round_1["start_model"] == store.load_done(round_0)["export"] == str(first.export_dir)
-    assert str(second.export_dir) == round_1["export"] and round_1["metrics"]["step"] == 2
-    pairing = store.load_pairing(store.round_location(second.config.run_location, 1))
+    ray.shutdown()  # Ray starts below with the S3 settings, which its workers inherit
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "node"))  # where the workers' copies of round 0's export go
+    (tmp_path / "node").mkdir()
+    with s3_server(BUCKET) as client:
+        client.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
+        try:
+            first = launch.train(cfg(1))  # stopped after round 0, as a kill between the rounds would leave it
+            round_0 = store.round_location(first.config.run_location, 0)
+            files = [storage.join(round_0, name).split(f"{BUCKET}/", 1)[1]
+                     for name in (store.PAIRS_FILE, store.PAIRING_FILE, store.DONE_FILE)]
+            assert [versions(key) for key in files] == [1, 1, 1]
+            second = launch.train(cfg(2))
+        finally:
+            cluster.stop_ray()
+        assert [versions(key) for key in files] == [1, 1, 1]  # round 0 neither resampled nor retrained
+        round_1 = store.load_done(store.round_location(second.config.run_location, 1))
+        assert round_1["start_model"] == store.load_done(round_0)["export"] == first.export_dir
+        assert first.export_dir.startswith(f"s3://{BUCKET}/runs/") and storage.is_file(
+            storage.join(first.export_dir, "model.safetensors"))
+        assert second.export_dir == round_1["export"] and round_1["metrics"]["step"] == 2
+        pairing = store.load_pairing(store.round_location(second.config.run_location, 1))
     assert 0 < len(pairing.pairs) <= 8 and pairing.samples == 32
 
     client = MlflowClient(second.config.mlflow_uri)
@@ -70,6 +92,3 @@ def test_two_rounds_sample_with_actors_track_in_mlflow_and_resume_at_the_round(t
     accuracy = {m.step: m.value for m in client.get_metric_history(second.mlflow_run_id, "eval/answer_accuracy")}
     assert sorted(accuracy) == [0, 2, 4] and accuracy[4] == round_1["metrics"]["eval/answer_accuracy"]
 
-
-def _mtime(location: str, name: str) -> int:
-    return os.stat(os.path.join(location, name)).st_mtime_ns

@@ -12,6 +12,7 @@ import io
 import json
 import os
 import socket
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -71,6 +72,17 @@ def test_object_storage_needs_an_mlflow_uri_of_its_own():
     assert cfg.output_dir == "s3://bucket/runs" and cfg.run_location == f"s3://bucket/runs/{cfg.name}"
     with pytest.raises(ValueError, match="use run_location"):
         cfg.run_dir  # noqa: B018  (no code may take a URI for a local path)
+
+
+@pytest.mark.parametrize(("key", "value", "says"), [
+    ("model.name_or_path", "s3:/bucket/models/x", "did you mean s3://bucket/models/x?"),
+    ("model.reference", "gs://bucket/ref", "cannot read from gs:// storage"),
+    ("data.train", "s3//bucket/train.jsonl", "did you mean s3://bucket/train.jsonl?"),
+])
+def test_a_model_or_data_uri_the_run_cannot_read_is_refused_naming_the_key(key, value, says):
+    with pytest.raises(ConfigError, match=rf"{key}: .*{says}.*s3://bucket/key"):
+        load_config(None, [f"{key}={value}"])
+    assert load_config(None, ["model.name_or_path=s3://bucket/models/x/"]).model.name_or_path == "s3://bucket/models/x"
 
 
 def test_an_unwritable_bucket_is_said_before_ray_starts(s3):
@@ -152,6 +164,42 @@ def test_files_round_trip_through_the_object_store(s3, tmp_path):
     assert (tmp_path / "back" / "sub" / "w.txt").read_text() == "w"
     assert storage.display("mdpo-test/runs/x/checkpoint_000002", base) == "s3://mdpo-test/runs/x/checkpoint_000002"
     assert not _colon_dirs(tmp_path, Path.cwd())
+
+
+def test_a_model_and_data_on_object_storage_load_from_one_copy_per_node(s3, tiny_task, tmp_path, monkeypatch):
+    """model.name_or_path and data.train may be s3:// URIs: what transformers and datasets read is a copy on the
+    node, fetched once (the config and tokenizer without the weights), fetched again when the objects change."""
+    from mdpo_ray.config import DataConfig, ModelConfig
+    from mdpo_ray.data.check import check_pairs
+    from mdpo_ray.data.rows import DataError, read_rows
+    from mdpo_ray.training import model as model_lib
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "node"))  # this "node's" temp dir
+    storage.upload_dir(tiny_task["model"], f"s3://{BUCKET}/models/tiny")
+    storage.write_bytes(f"s3://{BUCKET}/data/train.jsonl", tiny_task["train"].read_bytes())
+    remote = ModelConfig(name_or_path=f"s3://{BUCKET}/models/tiny")
+
+    model = model_lib.load_causal_lm(remote, trainable=False)
+    local = model_lib.load_causal_lm(ModelConfig(name_or_path=str(tiny_task["model"])), trainable=False)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), local.state_dict().values(), strict=True))
+    assert model_lib.load_tokenizer(remote).encode("12+3=") == model_lib.load_tokenizer(
+        ModelConfig(name_or_path=str(tiny_task["model"]))).encode("12+3=")
+    full, light = storage.staged(remote.name_or_path), storage.staged(remote.name_or_path, weights=False)
+    assert (Path(full) / "model.safetensors").exists() and not (Path(light) / "model.safetensors").exists()
+    before = (Path(full) / ".complete").stat().st_mtime_ns
+    assert storage.staged(remote.name_or_path) == full and (Path(full) / ".complete").stat().st_mtime_ns == before
+
+    assert len(read_rows(f"s3://{BUCKET}/data/train.jsonl", "train")) == 48
+    line, = check_pairs(DataConfig(train=f"s3://{BUCKET}/data/train.jsonl", eval=None), workers_here=False,
+                        tokenizer=lambda: model_lib.load_tokenizer(remote))
+    assert line.startswith(f"data.train: s3://{BUCKET}/data/train.jsonl: 48 rows")
+    storage.write_bytes(f"s3://{BUCKET}/data/train.jsonl", b'{"prompt": "1+1=", "chosen": "2", "rejected": "3"}\n')
+    assert len(read_rows(f"s3://{BUCKET}/data/train.jsonl", "train")) == 1  # written again: fetched again
+    with pytest.raises(DataError, match=f"data file not found: s3://{BUCKET}/data/nope.jsonl"):
+        read_rows(f"s3://{BUCKET}/data/nope.jsonl", "train")
+    storage.write_bytes(f"s3://{BUCKET}/data/bad.jsonl", b'{"prompt": "1+1=",\n')
+    with pytest.raises(DataError, match=f"could not read s3://{BUCKET}/data/bad.jsonl"):
+        read_rows(f"s3://{BUCKET}/data/bad.jsonl", "train")
 
 
 def test_reference_cache_on_object_storage_is_computed_once_then_reused(s3):

@@ -18,6 +18,7 @@ from typing import Any
 
 import datasets
 
+from mdpo_ray import storage
 from mdpo_ray.config import DataConfig
 from mdpo_ray.data import rows
 from mdpo_ray.data.pairs import read_pairs
@@ -36,7 +37,7 @@ def check_pairs(data: DataConfig, *, workers_here: bool, tokenizer: Callable[[],
         with _quiet_datasets():
             if rows.is_hub_name(source):
                 said.append(f"{key}: {_check_hub(source, split, data.format, workers_here)}")
-            elif not Path(source).expanduser().exists() and not workers_here:
+            elif not storage.is_remote(source) and not Path(source).expanduser().exists() and not workers_here:
                 said.append(f"{key}: {source} is not on this machine; the Train workers read and check it")
             else:  # here, or missing on the machine the workers run on: read_rows says "data file not found"
                 said.append(f"{key}: {_check_local(source, split, data, tokenizer)}")
@@ -84,7 +85,8 @@ def _check_hub(source: str, split: str, fmt: str, workers_here: bool) -> str:
 
 
 def _check_local(source: str, split: str, data: DataConfig, tokenizer: Callable[[], Any]) -> str:
-    if not Path(source).expanduser().exists():
+    """A file or folder here, or on S3 (which every node reads alike)."""
+    if not storage.is_remote(source) and not Path(source).expanduser().exists():
         rows.read_rows(source, split)  # the workers' own "data file not found", said before a tokenizer is loaded
     try:
         loaded = tokenizer()

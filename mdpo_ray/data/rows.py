@@ -1,7 +1,8 @@
 """Preference-pair sources -> raw rows -> prompt/chosen/rejected texts, one per row, bad rows flagged.
 
 Sources: a .jsonl/.json/.parquet file, a `Dataset.save_to_disk` directory (a DatasetDict: the named
-split), a folder of data files, or a Hugging Face Hub dataset name. A file is one split.
+split), a folder of data files, or a Hugging Face Hub dataset name. A file is one split. A file or folder
+may be on S3 (s3://bucket/key), read from a copy on the node (mdpo_ray.storage.staged).
 
 Formats (`auto` looks at the first row whose `chosen` is a string or a list):
   standard        prompt, chosen, rejected strings.
@@ -29,6 +30,7 @@ from typing import Any
 
 import datasets
 
+from mdpo_ray import storage
 from mdpo_ray.config import ConfigError
 
 _FILE_LOADERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -46,6 +48,16 @@ class DataError(ConfigError):
 
 def read_rows(source: str, split: str) -> datasets.Dataset:
     """The raw rows of `source` (see the module docstring for the kinds); `split` is ignored for files."""
+    if storage.is_remote(source):  # a file or save_to_disk folder on S3: read from this node's copy
+        try:
+            local = storage.staged(source)
+        except FileNotFoundError:
+            raise DataError(f"data file not found: {source} (no such object or prefix); check data.train / "
+                            "data.eval") from None
+        try:
+            return read_rows(local, split)
+        except DataError as error:  # named as the user gave it, not as the node's copy
+            raise DataError(str(error).replace(local, source)) from None
     path = Path(source).expanduser()
     if path.is_dir():
         return _read_directory(path, split)
@@ -72,7 +84,7 @@ def read_rows(source: str, split: str) -> datasets.Dataset:
 
 def is_hub_name(source: str) -> bool:
     """Whether `source` is read from the Hugging Face Hub: no such local file or directory, and not a path."""
-    return not Path(source).expanduser().exists() and not _looks_like_path(source)
+    return not storage.is_remote(source) and not Path(source).expanduser().exists() and not _looks_like_path(source)
 
 
 def hub_error(source: str, split: str, exc: Exception) -> DataError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import warnings
 from functools import lru_cache
 
+from mdpo_ray import storage
 from mdpo_ray.config import BUILTIN, ConfigError, LoraConfig, RunConfig
 from mdpo_ray.planning.footprint import ModelShape
 
@@ -36,7 +37,7 @@ def _shape(name: str, trust_remote_code: bool, builtin: str | None, lora: str | 
         config = arith.model_config(BuiltinTaskConfig.model_validate_json(builtin), arith.build_tokenizer())
     else:
         try:
-            config = AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+            config = AutoConfig.from_pretrained(storage.staged(name, weights=False), trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
             reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
             raise ConfigError(f"model.name_or_path={name}: cannot read its config ({reason})") from None

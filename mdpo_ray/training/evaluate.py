@@ -52,11 +52,12 @@ def eval_pairs(policy: nn.Module, reference, dataset, *, loss_cfg: LossConfig, e
 
 
 def load_problems(path: str, limit: int | None) -> list[dict]:
-    """The {prompt, answer} rows of data.generation_eval (a DataError names the line to fix)."""
-    if not Path(path).is_file():
+    """The {prompt, answer} rows of data.generation_eval (a DataError names the line to fix); on S3, read from
+    the node's copy."""
+    if not (storage.is_file(path) if storage.is_remote(path) else Path(path).is_file()):
         raise DataError(f"data.generation_eval file not found: {path}")
     rows = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), start=1):
+    for number, line in enumerate(Path(storage.staged(path)).read_text().splitlines(), start=1):
         if not line.strip():
             continue
         try:
@@ -85,9 +86,8 @@ def start_generation(policy: nn.Module, tokenizer, problems: list[dict], *, cfg:
                      numerics: dict[str, str]) -> dict[str, float]:
     """eval_generation of the untrained policy, cached next to the reference log-probs: greedy decoding
     of the same weights on the same problems gives the same answers, so a sweep decodes them once."""
-    source = Path(cfg.data.generation_eval)
-    stat = source.stat()
-    key = cache_key(cfg.model.name_or_path, generation=[str(source), stat.st_size, int(stat.st_mtime)],
+    stat = Path(storage.staged(cfg.data.generation_eval)).stat()  # on S3, the copy keeps the object's time
+    key = cache_key(cfg.model.name_or_path, generation=[cfg.data.generation_eval, stat.st_size, int(stat.st_mtime)],
                     problems=len(problems), max_new_tokens=cfg.eval.max_new_tokens, max_length=cfg.data.max_length,
                     **numerics)
 

@@ -8,12 +8,13 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig, PreTrainedTokenizerBase
 
+from mdpo_ray import storage
 from mdpo_ray.config import ModelConfig, is_jinja
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(
-        cfg.tokenizer or cfg.name_or_path, trust_remote_code=cfg.trust_remote_code
+        storage.staged(cfg.tokenizer or cfg.name_or_path, weights=False), trust_remote_code=cfg.trust_remote_code
     )
     if cfg.chat_template:  # a Jinja template, or (made absolute by load_config) the file holding one
         tokenizer.chat_template = cfg.chat_template if is_jinja(cfg.chat_template) else \
@@ -39,11 +40,12 @@ def load_causal_lm(cfg: ModelConfig, *, trainable: bool, weights: bool = True) -
     """
     if weights:
         model = AutoModelForCausalLM.from_pretrained(
-            cfg.name_or_path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
+            storage.staged(cfg.name_or_path), dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
             attn_implementation=cfg.attn_implementation,
         )
     else:
-        config = AutoConfig.from_pretrained(cfg.name_or_path, trust_remote_code=cfg.trust_remote_code)
+        config = AutoConfig.from_pretrained(storage.staged(cfg.name_or_path, weights=False),
+                                            trust_remote_code=cfg.trust_remote_code)
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(
                 config, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
@@ -73,7 +75,7 @@ def export_pretrained(
     missing, unexpected = expected - set(state_dict) - tied, set(state_dict) - expected
     assert not missing and not unexpected, (missing, unexpected)
     try:  # the base model's own (stop tokens, sampling defaults), not ones derived from its config
-        model.generation_config = GenerationConfig.from_pretrained(cfg.name_or_path,
+        model.generation_config = GenerationConfig.from_pretrained(storage.staged(cfg.name_or_path, weights=False),
                                                                    trust_remote_code=cfg.trust_remote_code)
     except OSError:  # it has no generation_config.json
         pass
