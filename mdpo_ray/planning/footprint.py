@@ -46,7 +46,6 @@ class ModelShape:
     trainable: int  # = params for full fine-tuning; the adapters with LoRA
     trainable_block: int  # trainable parameters of the largest block
     head_trainable: int  # trainable elements of the output embedding (its grad waits for the root's reduce)
-    largest_trainable: int  # elements of the largest trainable tensor
     hidden: int
     intermediate: int
     heads: int
@@ -158,11 +157,10 @@ def rows(m: ModelShape, s: StepSettings) -> list[Row]:
     root_trainable = m.trainable - m.blocks * m.trainable_block
     end_of_backward = d * m.root_params + (d + (FP32 if d != FP32 else 0)) * (root_trainable + m.trainable_block)
     end_of_backward -= 0 if s.offload else FP32 * root_trainable / g
-    optimizer = 0.0 if s.offload else (FP32 * m.trainable / g if s.on_gpu else 2 * FP32 * m.largest_trainable / g)
-    out.append(Row("end of backward / AdamW temporaries", max(end_of_backward, optimizer), UPDATE,
-                   "foreach AdamW: an fp32 copy of its state" if s.on_gpu and optimizer > end_of_backward
-                   else "AdamW, one tensor at a time" if optimizer > end_of_backward
-                   else "the root's gathered params and unsharded grads"))
+    # The loop's AdamW is fused (mdpo_ray.training.train_loop): it updates the shards in place, no temporary copy
+    # of its state (foreach AdamW's, an fp32 copy on a GPU, was counted here before).
+    out.append(Row("end of backward", end_of_backward, UPDATE, "the root's gathered params and unsharded grads; "
+                   "fused AdamW then updates in place"))
     if s.eval_batch:
         eval_tokens = 2 * s.eval_batch * s.seq
         out.append(Row("eval forward, no grad", d * m.root_params + _nograd_forward(  # + the policy's root

@@ -80,7 +80,6 @@ def _count(model, config, lora_rank: int) -> ModelShape:
         trainable=sum(p.numel() for p in params if p.requires_grad),
         trainable_block=sum(p.numel() for p in largest.parameters() if p.requires_grad),
         head_trainable=sum(p.numel() for p in model.get_output_embeddings().parameters() if p.requires_grad),
-        largest_trainable=max(p.numel() for p in params if p.requires_grad),
         hidden=config.hidden_size, intermediate=config.intermediate_size, heads=heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads, vocab=config.vocab_size,
         eager_attention=model.config._attn_implementation == "eager",
