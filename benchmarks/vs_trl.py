@@ -253,7 +253,7 @@ def run_trl(args, assets: dict, precompute: bool) -> dict:
         per_device_train_batch_size=args.micro_batch or args.batch,
         gradient_accumulation_steps=args.batch // (args.micro_batch or args.batch), max_steps=_total_steps(args),
         learning_rate=LR, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0,
-        optim="adamw_torch", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0,
+        optim="adamw_torch_fused", adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, max_grad_norm=1.0,
         bf16=gpu, fp16=False, use_cpu=not gpu,  # DPOConfig defaults to bf16=True
         gradient_checkpointing=args.one in CHECKPOINTED,  # DPOConfig defaults to True, with its default kwargs
         disable_dropout=True, loss_type=["sigmoid"], beta=BETA, max_length=args.max_length,
@@ -638,7 +638,7 @@ def main() -> None:
           f"warm-up, median of {args.windows} windows of {args.window} steps")
     print("set equal on both sides: precision as above, gradient checkpointing only in the *_checkpointing pair "
           "(TRL default: on), dropout 0, "
-          f"torch AdamW lr {LR:g} (TRL optim=adamw_torch), constant LR, no warm-up, grad clip 1.0, beta {BETA}, "
+          f"torch AdamW, fused, lr {LR:g} (TRL optim=adamw_torch_fused), constant LR, no warm-up, grad clip 1.0, beta {BETA}, "
           f"max_length {args.max_length}, precompute batch = train batch, sdpa attention; TRL logging_strategy=no, "
           "report_to=none, save_strategy=no, eval_strategy=no", flush=True)
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",
