@@ -638,7 +638,8 @@ def main() -> None:
           f"warm-up, median of {args.windows} windows of {args.window} steps")
     print("set equal on both sides: precision as above, gradient checkpointing only in the *_checkpointing pair "
           "(TRL default: on), dropout 0, "
-          f"torch AdamW, fused, lr {LR:g} (TRL optim=adamw_torch_fused), constant LR, no warm-up, grad clip 1.0, beta {BETA}, "
+          f"torch AdamW, fused, lr {LR:g} (TRL optim=adamw_torch_fused), constant LR, no warm-up, grad clip 1.0, "
+          f"beta {BETA}, "
           f"max_length {args.max_length}, precompute batch = train batch, sdpa attention; TRL logging_strategy=no, "
           "report_to=none, save_strategy=no, eval_strategy=no", flush=True)
     env = os.environ | {"OMP_NUM_THREADS": str(args.threads), "TOKENIZERS_PARALLELISM": "false",

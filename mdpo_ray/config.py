@@ -55,15 +55,15 @@ class ModelConfig(_Strict):
     name_or_path: str = Field(BUILTIN, description="A Hugging Face hub id, a local `save_pretrained` directory, one "
                               "on S3 (`s3://bucket/prefix`, copied to each node once), or `builtin:arith` (the "
                               "built-in task's SFT-warmed tiny model; only with `data.train: builtin:arith`).")
-    tokenizer: str | None = Field(None, description="Where to load the tokenizer from (hub id, directory or s3://); null: "
-                                  "`model.name_or_path`.")
+    tokenizer: str | None = Field(None, description="Where to load the tokenizer from (hub id, directory or "
+                                  "s3://); null: `model.name_or_path`.")
     chat_template: str | None = Field(
         None, description="A Jinja chat template (text containing `{{` or `{%`), or the path of a file holding one, "
         "set on the tokenizer before conversational data is rendered; for base models whose tokenizer has none. "
         "null: the tokenizer's own. The exported tokenizer keeps it.")
     reference: str | None = Field(
-        None, description="The frozen reference's weights (hub id, `save_pretrained` directory or s3://, same tokenizer); "
-        "null: `model.name_or_path`. `iterate.reference: initial` sets it to the first round's model in later rounds.")
+        None, description="The frozen reference's weights (hub id, `save_pretrained` directory or s3://, same "
+        "tokenizer); null: `model.name_or_path`. `iterate.reference: initial` sets it to the first round's model in later rounds.")
     trust_remote_code: bool = Field(False, description="Passed to transformers when loading the model, its config "
                                     "and the tokenizer: runs the repository's own Python code.")
     attn_implementation: str | None = Field(
@@ -164,8 +164,9 @@ class DataConfig(_Strict):
     on_bad_rows: Literal["drop", "error"] = Field(
         "drop", description="A bad row (missing field, wrong type, empty completion, chosen identical to rejected): "
         "`drop` it and count it (`data/train_bad_rows`), or `error`: stop, naming the row.")
-    generation_eval: str | None = Field(None, description="JSONL of {prompt, answer} (a path or s3://): greedy decoding is scored "
-                                        "by the integer after `####` (`eval/answer_accuracy`); null: none.")
+    generation_eval: str | None = Field(None, description="JSONL of {prompt, answer} (a path or s3://): greedy "
+                                        "decoding is scored by the integer after `####` (`eval/answer_accuracy`); "
+                                        "null: none.")
     group_by_length: bool = Field(
         False, description="Sort each step's pairs by length (the longer of chosen and rejected) before cutting them "
         "into micro-batches, dealt to the workers in turn, so each micro-batch pads only to about its own pairs' "

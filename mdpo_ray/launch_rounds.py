@@ -115,8 +115,9 @@ def train_rounds(cfg: RunConfig, *, tags: dict[str, str] | None = None,
             start_model = record["export"]
     first, last = records[0], records[-1]
     metrics = last["metrics"] | {key: value for key, value in first["metrics"].items() if key.startswith("eval_start/")}
+    export = last["export"] if storage.is_remote(last["export"]) else Path(last["export"])
     return launch.RunSummary(config=cfg, mlflow_run_id=parent, metrics=metrics, checkpoint=last["checkpoint"],
-                             export_dir=last["export"] if storage.is_remote(last["export"]) else Path(last["export"]))
+                             export_dir=export)
 
 
 def _run_round(cfg: RunConfig, r: int, start_model: str, rows: list[dict], verifier: Verifier, parent: str | None,

@@ -7,8 +7,7 @@ report, the metrics MLflow never got. What a library can only write as local fil
 written to a temp dir on the node and uploaded; what it can only read from local files (a model or data that
 `model.name_or_path` or `data.train` puts on S3) is downloaded once per node (`staged`). The endpoint and
 credentials are the AWS SDK's, as for Ray: an instance profile, or AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY,
-and AWS_ENDPOINT_URL for an
-S3-compatible store (MinIO, Ceph, R2, GCS's XML API).
+and AWS_ENDPOINT_URL for an S3-compatible store (MinIO, Ceph, R2, GCS's XML API).
 
 Only s3:// is taken: it is what Ray's storage docs lead with and what the tests run against (an S3
 server on 127.0.0.1). Anything else that looks like a URI is refused when the config is validated,

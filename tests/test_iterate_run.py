@@ -45,8 +45,8 @@ def test_two_rounds_sample_with_actors_track_in_mlflow_and_resume_at_the_round(t
     def cfg(rounds):
         return load_config(None, [*tiny_run_overrides, f"iterate.rounds={rounds}", f"iterate.verifier={coin_verifier}",
                                   "iterate.prompts_per_round=8", "iterate.samples_per_prompt=4",
-                                  "optim.max_steps=2", "eval.max_generation_problems=4",
-                                  f"output_dir=s3://{BUCKET}/runs", f"tracking.mlflow_uri=sqlite:///{tmp_path}/mlflow.db"])
+                                  "optim.max_steps=2", "eval.max_generation_problems=4", f"output_dir=s3://{BUCKET}/runs",
+                                  f"tracking.mlflow_uri=sqlite:///{tmp_path}/mlflow.db"])
 
     def versions(key):  # how often an object was written (the bucket keeps every version)
         return len(client.list_object_versions(Bucket=BUCKET, Prefix=key).get("Versions", []))

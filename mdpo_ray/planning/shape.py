@@ -37,7 +37,8 @@ def _shape(name: str, trust_remote_code: bool, builtin: str | None, lora: str | 
         config = arith.model_config(BuiltinTaskConfig.model_validate_json(builtin), arith.build_tokenizer())
     else:
         try:
-            config = AutoConfig.from_pretrained(storage.staged(name, weights=False), trust_remote_code=trust_remote_code)
+            config = AutoConfig.from_pretrained(storage.staged(name, weights=False),  # on S3: config.json, no weights
+                                                trust_remote_code=trust_remote_code)
         except (OSError, ValueError) as exc:
             reason = next((line for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
             raise ConfigError(f"model.name_or_path={name}: cannot read its config ({reason})") from None
