@@ -187,7 +187,8 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False)
     first = trial_config(base, {k: d.probe_values()[0] for k, d in sweep.space.items()} | shared | {"name": sweep.name})
     tune_dir = storage.join(first.output_dir, "tune")  # a path, or a URI Tune writes to through pyarrow.fs
     experiment_dir = storage.join(tune_dir, sweep.name)
-    ray_experiment_dir, filesystem = storage.for_ray(experiment_dir)
+    tune_path, filesystem = storage.for_ray(tune_dir)  # an S3 URI as its bucket/key path on the run's own client
+    ray_experiment_dir = storage.for_ray(experiment_dir)[0]
     if resume and not tune.Tuner.can_restore(ray_experiment_dir, storage_filesystem=filesystem):
         raise ConfigError(f"nothing to resume: no sweep {sweep.name!r} under {tune_dir}")
     if not resume and storage.exists(experiment_dir):
@@ -235,7 +236,7 @@ def run_sweep(sweep: SweepConfig, base: dict[str, Any], *, resume: bool = False)
             tune_config=_tune_config(sweep, _max_concurrent(sweep, first, in_trial), in_trial,
                                      _max_reports(sweep, base, first)),
             # In-trial runs have no Ray Train to restart them: Tune does, from the trial's last checkpoint.
-            run_config=tune.RunConfig(name=sweep.name, storage_path=storage.for_ray(tune_dir)[0],
+            run_config=tune.RunConfig(name=sweep.name, storage_path=tune_path,
                                       storage_filesystem=filesystem, verbose=1,
                                       failure_config=tune.FailureConfig(max_failures=first.scaling.max_failures)
                                       if in_trial else None),

@@ -54,7 +54,7 @@ def eval_pairs(policy: nn.Module, reference, dataset, *, loss_cfg: LossConfig, e
 def load_problems(path: str, limit: int | None) -> list[dict]:
     """The {prompt, answer} rows of data.generation_eval (a DataError names the line to fix); on S3, read from
     the node's copy."""
-    if not (storage.is_file(path) if storage.is_remote(path) else Path(path).is_file()):
+    if not storage.is_file(path):  # a local path or an object on S3
         raise DataError(f"data.generation_eval file not found: {path}")
     rows = []
     for number, line in enumerate(Path(storage.staged(path)).read_text().splitlines(), start=1):
