@@ -5,7 +5,7 @@ import torch
 
 from mdpo_ray.config import ConfigError, load_config
 from mdpo_ray.data.pairs import collate_pairs, real_tokens
-from mdpo_ray.training import logps
+from mdpo_ray.training import attention, logps
 from mdpo_ray.training.train_loop import batch_indices, micro_batches
 
 # (prompt, chosen, rejected) tokens of 4 pairs: 1 to 131 tokens a sequence, a 100x spread within a batch.
@@ -26,6 +26,10 @@ def _tiny_causal_lm(kind: str):
              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
     if kind == "gemma2":  # logit soft-capping, and a sliding-window layer beside a global one
         return Gemma2ForCausalLM(Gemma2Config(**shape, head_dim=8, final_logit_softcapping=0.5, sliding_window=32))
+    if kind == "llama_by_sequence":  # what a packed run makes of an sdpa model (training.attention)
+        model = _tiny_causal_lm("llama_sdpa")
+        assert attention.use_for_packing(model)
+        return model
     return LlamaForCausalLM(LlamaConfig(**shape, attn_implementation=kind.removeprefix("llama_")))
 
 
@@ -40,10 +44,10 @@ class Opaque(torch.nn.Module):
         return self.inner(**{k: v for k, v in kwargs.items() if k not in self.drop})
 
 
-def _both(rows):
+def _both(rows, one_row=False):
     cpu = torch.device("cpu")
     return (logps.device_batch(collate_pairs(rows, 0), cpu),
-            logps.device_batch(collate_pairs(rows, 0, padding_free=True), cpu))
+            logps.device_batch(collate_pairs(rows, 0, padding_free=True, one_row=one_row), cpu))
 
 
 def test_packing_lays_every_sequence_out_once_with_its_own_positions_in_rows_no_wider_than_padded():
@@ -69,14 +73,15 @@ def test_packing_lays_every_sequence_out_once_with_its_own_positions_in_rows_no_
                        padded["input_ids"].flatten()[padded["scored_index"] + 1])
 
 
-@pytest.mark.parametrize("kind", ["llama_sdpa", "llama_eager", "gemma2"])
+@pytest.mark.parametrize("kind", ["llama_sdpa", "llama_eager", "gemma2", "llama_by_sequence"])
 @pytest.mark.parametrize("average", [False, True])
 def test_packed_log_probs_and_gradients_equal_the_padded_ones(kind, average):
     """fp32, sequences of 1 to 131 tokens: the same per-pair log-probs to 1e-5 and the same gradient of a
-    loss of them, with the LM head seeing only the scored rows either way."""
+    loss of them, with the LM head seeing only the scored rows either way. Attention by sequence runs the packed
+    batch as one row, and the padded one as transformers' sdpa does (its rows are one sequence each)."""
     model = _tiny_causal_lm(kind)
     results = []
-    for batch in _both(_rows()):
+    for batch in _both(_rows(), one_row=attention.by_sequence(model)):
         calls = []
         head = model.get_output_embeddings()
         hook = head.register_forward_hook(lambda m, a, out, calls=calls: calls.append(a[0].shape))
@@ -106,7 +111,49 @@ def test_packed_mean_logits_and_the_full_logits_fallback_equal_the_padded_ones()
 
 @pytest.mark.parametrize("kind", ["llama_sdpa", "llama_eager", "gemma2"])
 def test_the_attention_check_passes_models_that_keep_packed_sequences_apart(kind):
-    logps.check_packed_attention(_tiny_causal_lm(kind), torch.device("cpu"))
+    model = _tiny_causal_lm(kind)
+    logps.check_packed_attention(model, torch.device("cpu"))
+    assert attention.by_sequence(model) == (kind == "llama_sdpa")  # made ready: sdpa attends by sequence now
+
+
+def test_one_row_packs_every_sequence_of_a_forward_end_to_end():
+    padded, packed = _both(_rows(), one_row=True)
+    assert packed["input_ids"].shape == (1, real_tokens(padded))  # no padding at all
+    assert (packed["position_ids"] == 0).sum() == 8  # eight sequences, each from position 0
+    assert torch.equal(packed["input_ids"].flatten()[packed["scored_index"] + 1],
+                       padded["input_ids"].flatten()[padded["scored_index"] + 1])
+
+
+def test_attention_by_sequence_only_replaces_sdpa_over_full_causal_windows():
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    shape = {"vocab_size": 61, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2}
+    assert attention.use_for_packing(_tiny_causal_lm("llama_sdpa"))
+    assert not attention.use_for_packing(_tiny_causal_lm("llama_eager"))
+    assert not attention.use_for_packing(_tiny_causal_lm("gemma2"))  # eager, and sliding-window layers
+    windowed = MistralForCausalLM(MistralConfig(**shape, sliding_window=16, attn_implementation="sdpa"))
+    assert not attention.use_for_packing(windowed) and windowed.config._attn_implementation == "sdpa"
+    full = Qwen2ForCausalLM(Qwen2Config(**shape, use_sliding_window=False, attn_implementation="sdpa"))
+    assert attention.use_for_packing(full)  # Qwen2 names a window it does not use
+    sliding = Qwen2ForCausalLM(Qwen2Config(**shape, use_sliding_window=True, sliding_window=16, max_window_layers=0,
+                                           attn_implementation="sdpa"))
+    assert not attention.use_for_packing(sliding)
+
+
+def test_a_model_attending_by_sequence_generates_what_sdpa_generates():
+    """The evaluation and sampling of a packed run: left-padded prompts of different lengths (their padding a
+    sequence of its own to attention by sequence), then cached decoding steps (sdpa with its mask)."""
+    model = _tiny_causal_lm("llama_sdpa").eval()
+    prompts = torch.tensor([[0, 0, 0, 0, 5, 9, 11], [3, 4, 8, 13, 2, 7, 1]])
+    mask = (torch.arange(7) >= torch.tensor([[4], [0]])).long()
+    settings = dict(attention_mask=mask, do_sample=False, max_new_tokens=6, pad_token_id=0, output_scores=True,
+                    return_dict_in_generate=True)
+    expected = model.generate(prompts, **settings)
+    assert attention.use_for_packing(model)
+    got = model.generate(prompts, **settings)
+    assert torch.equal(got.sequences, expected.sequences)
+    torch.testing.assert_close(torch.stack(got.scores), torch.stack(expected.scores), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("drop", [("position_ids",), ("position_ids", "attention_mask")])

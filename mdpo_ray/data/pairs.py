@@ -1,8 +1,8 @@
 """Preference pairs -> tokenized, prompt-masked, collated batches, via `datasets`.
 
-Sources, formats and bad rows (what becomes prompt/chosen/rejected text) are `mdpo_ray.data.rows`; this
-module turns those texts into token ids, applies the truncation policy, splits off eval pairs and
-collates batches.
+Sources are read by `mdpo_ray.data.rows`, and `mdpo_ray.data.formats` turns rows into prompt/chosen/rejected
+texts, flagging bad rows; this module turns those texts into token ids, applies the truncation policy, splits
+off eval pairs and collates batches.
 
 Tokens: prompt = tokenizer(prompt_text) with its special tokens (BOS), unless the text already starts
 with BOS (chat templates often render it); completion = tokenizer(text, no special tokens) + [EOS].
@@ -25,10 +25,11 @@ import datasets
 import torch
 
 from mdpo_ray.config import DataConfig
-from mdpo_ray.data.rows import TEXT_COLUMNS, DataError, column_values, read_pair_texts, read_rows
+from mdpo_ray.data.formats import TEXT_COLUMNS, read_pair_texts
+from mdpo_ray.data.rows import DataError, column_values, read_rows
 
-__all__ = ["DataError", "DataStats", "collate_pairs", "load_pairs", "load_train_eval", "pair_lengths", "read_pairs",
-           "read_rows", "real_tokens"]
+__all__ = ["DataError", "DataStats", "collate_pairs", "load_pairs", "load_train_eval", "pair_lengths", "prompt_ids",
+           "read_pairs", "read_rows", "real_tokens"]
 
 
 @dataclass
@@ -73,7 +74,8 @@ def _rows_text(rows: list[int], limit: int) -> str:
 # ------------------------------------------------------------------------------------ texts -> token ids
 
 
-def _prompt_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+def prompt_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of prompt texts: with the tokenizer's special tokens (BOS), unless a text starts with BOS."""
     ids = tokenizer(texts, add_special_tokens=True)["input_ids"]
     bos = tokenizer.bos_token
     rendered = [i for i, text in enumerate(texts) if bos and text.startswith(bos)]
@@ -90,13 +92,13 @@ def _tokenize_batch(batch: dict, *, tokenizer, max_length: int) -> dict:
     eos = [tokenizer.eos_token_id]
     chosen = tokenizer(batch["chosen_text"], add_special_tokens=False)["input_ids"]
     rejected = tokenizer(batch["rejected_text"], add_special_tokens=False)["input_ids"]
-    prompts = _prompt_ids(tokenizer, batch["prompt_text"])
-    for prompt_ids, chosen_ids, rejected_ids in zip(prompts, chosen, rejected, strict=True):
-        room = max_length - len(prompt_ids)
+    prompts = prompt_ids(tokenizer, batch["prompt_text"])
+    for prompt, chosen_ids, rejected_ids in zip(prompts, chosen, rejected, strict=True):
+        room = max_length - len(prompt)
         chosen_ids, rejected_ids = chosen_ids + eos, rejected_ids + eos
         out["prompt_too_long"].append(room < 1)
         out["truncated"].append(room >= 1 and max(len(chosen_ids), len(rejected_ids)) > room)
-        out["prompt_input_ids"].append(prompt_ids)
+        out["prompt_input_ids"].append(prompt)
         out["chosen_input_ids"].append(chosen_ids[: max(room, 0)])
         out["rejected_input_ids"].append(rejected_ids[: max(room, 0)])
     return out
@@ -210,13 +212,15 @@ def pair_lengths(pairs: datasets.Dataset) -> list[int]:
             for prompt, chosen, rejected in zip(*batch.values(), strict=True)]
 
 
-def collate_pairs(rows: list[dict], pad_token_id: int, *, padding_free: bool = False) -> dict[str, torch.Tensor]:
+def collate_pairs(rows: list[dict], pad_token_id: int, *, padding_free: bool = False,
+                  one_row: bool = False) -> dict[str, torch.Tensor]:
     """B pairs -> one (2B, T) batch: the B chosen sequences, then the B rejected ones, right-padded.
 
     input_ids (2B, T) long: prompt + completion, then pad_token_id; attention_mask (2B, T) long;
     loss_mask (2B, T) bool: True exactly at completion tokens, i.e. where log p(input_ids[t] | <t)
     counts towards the sequence log-prob. T is the longest sequence in the batch.
-    With padding_free, the same sequences packed into rows without padding between them (_pack).
+    With padding_free, the same sequences packed into rows without padding between them (_pack); with
+    one_row too, all in one row (for attention by sequence, whose cost does not grow with a row's width).
     """
     assert rows, "collate_pairs needs at least one pair"
     sequences = [(r["prompt_input_ids"], r["chosen_input_ids"]) for r in rows]
@@ -232,13 +236,16 @@ def collate_pairs(rows: list[dict], pad_token_id: int, *, padding_free: bool = F
         attention_mask[i, :end] = 1
         loss_mask[i, start:end] = True
     batch = {"input_ids": input_ids, "attention_mask": attention_mask, "loss_mask": loss_mask}
-    return _pack(batch, pad_token_id) if padding_free else batch
+    if not padding_free:
+        return batch
+    return _pack(batch, pad_token_id, width_limit=int(attention_mask.sum()) if one_row else longest)
 
 
-def _pack(batch: dict[str, torch.Tensor], pad_token_id: int) -> dict[str, torch.Tensor]:
+def _pack(batch: dict[str, torch.Tensor], pad_token_id: int, *, width_limit: int) -> dict[str, torch.Tensor]:
     """A padded (2B, T) batch as R packed rows: the 2B sequences end to end, first fit, longest first,
-    in rows of at most T tokens (the padded width, so no row attends over more than a padded one would:
-    sdpa and eager attention cost a row's width squared, whatever its mask).
+    in rows of at most `width_limit` tokens: T, the padded width, so that no row attends over more than a padded
+    one would (sdpa and eager attention cost a row's width squared, whatever its mask), or every token (one row,
+    for attention by sequence: mdpo_ray.training.attention).
 
     Each sequence has position_ids 0, 1, ... of its own and no attention_mask is passed: transformers
     then builds a block-diagonal causal mask from the position resets (masking_utils
@@ -252,7 +259,7 @@ def _pack(batch: dict[str, torch.Tensor], pad_token_id: int) -> dict[str, torch.
     same positions in the (2B, T) layout; sequence_lengths (2B,).
     """
     lengths = batch["attention_mask"].sum(1)
-    n, width_limit = batch["input_ids"].shape
+    n, padded_width = batch["input_ids"].shape
     rows: list[list[int]] = []
     fill: list[int] = []
     for i in sorted(range(n), key=lambda i: -int(lengths[i])):  # first fit decreasing: few rows, little slack
@@ -280,7 +287,7 @@ def _pack(batch: dict[str, torch.Tensor], pad_token_id: int) -> dict[str, torch.
     scored[:, :-1] = batch["loss_mask"][:, 1:]  # position t scores token t+1, of the same sequence
     slot = scored.flatten().nonzero().squeeze(1)
     return {"input_ids": input_ids, "position_ids": position_ids, "loss_mask": batch["loss_mask"],
-            "scored_index": start[slot // width_limit] + slot % width_limit, "scored_slot": slot,
+            "scored_index": start[slot // padded_width] + slot % padded_width, "scored_slot": slot,
             "sequence_lengths": lengths}
 
 

@@ -17,6 +17,7 @@ from mdpo_ray.config import EvalConfig, LossConfig, RunConfig
 from mdpo_ray.data.pairs import DataError, collate_pairs
 from mdpo_ray.task.generation import greedy_answer_accuracy
 from mdpo_ray.training import distributed
+from mdpo_ray.training.attention import by_sequence
 from mdpo_ray.training.logps import chosen_token_mean_nll, concatenated_logps, device_batch
 from mdpo_ray.training.losses import LOSSES, with_chosen_nll
 from mdpo_ray.training.metrics import pair_metrics
@@ -33,7 +34,8 @@ def eval_pairs(policy: nn.Module, reference, dataset, *, loss_cfg: LossConfig, e
     policy.eval()
     columns: list[torch.Tensor] = []
     for chunk in batches(mine, eval_cfg.batch_size):
-        batch = device_batch(collate_pairs(take(dataset, chunk), pad_token_id, padding_free=padding_free), device)
+        batch = device_batch(collate_pairs(take(dataset, chunk), pad_token_id, padding_free=padding_free,
+                                           one_row=by_sequence(policy)), device)
         pc, pr, chosen_logits, rejected_logits = concatenated_logps(policy, batch, average=loss_cfg.average_log_prob,
                                                                     mean_logits=True)
         rc, rr = reference.logps(batch, chunk)

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from mdpo_ray.config import ConfigError, RunConfig
+from mdpo_ray.training import attention
 
 CHUNK_FLOATS = 2**24  # fp32 elements per log-softmax chunk (64 MiB): rows per chunk = this / V
 
@@ -208,8 +209,9 @@ def _row_means(scored_logits: torch.Tensor, index: torch.Tensor, loss_mask: torc
 
 
 def check_packed_attention(model: nn.Module, device: torch.device) -> None:
-    """Raise a ConfigError unless `model` keeps packed sequences apart (data.padding_free=true)."""
-    problem = packed_attention_problem(model, device)
+    """Raise a ConfigError unless `model` keeps packed sequences apart (data.padding_free=true); made ready to
+    (prepare_packing)."""
+    problem = prepare_packing(model, device)
     if problem is not None:
         raise ConfigError(f"data.padding_free: {problem}; set data.padding_free=false (data.group_by_length=true "
                           "with optim.micro_batch_size also saves padding)")
@@ -226,10 +228,20 @@ def resolve_padding_free(cfg: RunConfig, model: nn.Module, device: torch.device,
     if setting is True:
         check_packed_attention(model, device)
         return cfg
-    problem = packed_attention_problem(model, device)
+    problem = prepare_packing(model, device)
     if problem is not None:
         say(f"data.padding_free=auto: padded batches, since {problem}")
     return cfg.model_copy(update={"data": cfg.data.model_copy(update={"padding_free": problem is None})})
+
+
+def prepare_packing(model: nn.Module, device: torch.device) -> str | None:
+    """Why `model` cannot run packed rows (packed_attention_problem), or None once it is ready to: a model
+    with sdpa attention is switched to attention by sequence (mdpo_ray.training.attention; its packed rows
+    are then one row a forward), and checked again so."""
+    problem = packed_attention_problem(model, device)
+    if problem is None and attention.use_for_packing(model):
+        problem = packed_attention_problem(model, device)
+    return problem
 
 
 @torch.no_grad()

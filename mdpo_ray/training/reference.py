@@ -25,6 +25,7 @@ from mdpo_ray import storage
 from mdpo_ray.config import ModelConfig, RunConfig
 from mdpo_ray.data.pairs import collate_pairs
 from mdpo_ray.training import distributed, lora
+from mdpo_ray.training.attention import by_sequence
 from mdpo_ray.training.logps import (
     check_packed_attention,
     concatenated_logps,
@@ -84,7 +85,8 @@ def compute_table(model: nn.Module, dataset, *, batch_size: int, pad_token_id: i
     mine.append(leftover[rank] if rank < len(leftover) else (mine[0] if mine else 0))
     values = []
     for chunk in batches(mine, batch_size):
-        batch = device_batch(collate_pairs(take(dataset, chunk), pad_token_id, padding_free=padding_free), device)
+        batch = device_batch(collate_pairs(take(dataset, chunk), pad_token_id, padding_free=padding_free,
+                                           one_row=by_sequence(model)), device)
         chosen, rejected = concatenated_logps(model, batch, average=average)
         values.append(torch.stack([chosen, rejected], dim=1).cpu())
     local = torch.cat(values)
@@ -182,8 +184,10 @@ def build(cfg: RunConfig, datasets: tuple, pad_token_id: int, mesh, mp_policy, d
         if dataset is None:
             tables.append(None)
             continue
-        # Packed forwards round differently (~1e-6): a key of their own; padded tables keep the keys they had.
-        packed = {"padding_free": True} if cfg.data.padding_free else {}
+        # Packed forwards round differently (~1e-6): a key of their own; padded tables keep the keys they had. The
+        # packing is a function of the model (by sequence in one row, or rows no wider than the longest: attention),
+        # and `packing` names this layout, so tables packed the earlier way are not taken for these.
+        packed = {"padding_free": True, "packing": 2} if cfg.data.padding_free else {}
         key = cache_key(reference_model.name_or_path, data=dataset._fingerprint, max_length=cfg.data.max_length,
                         average=average, **packed, **numerics(device, mp_policy))
         cache_file = storage.join(cfg.output_dir, "reference_logps", f"{key}.pt")

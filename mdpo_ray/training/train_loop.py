@@ -25,6 +25,7 @@ from mdpo_ray.tracking.mlflow_runs import EXPORT_PATH_TAG, EXPORT_URI_TAG, STOP_
 from mdpo_ray.tracking.sinks import MetricSink, NullSink
 from mdpo_ray.training import distributed, evaluate, lora
 from mdpo_ray.training import reference as ref
+from mdpo_ray.training.attention import by_sequence
 from mdpo_ray.training.logps import chosen_token_mean_nll, concatenated_logps, device_batch, resolve_padding_free
 from mdpo_ray.training.losses import LOSSES, with_chosen_nll
 from mdpo_ray.training.metrics import EVAL_PREFIX, EVAL_START_PREFIX, data_tags, pair_metrics
@@ -190,6 +191,7 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
 
     loss_fn, knobs = LOSSES[cfg.loss.name], cfg.loss.knobs()
     lengths = pair_lengths(train_ds) if cfg.data.group_by_length else None
+    one_row = by_sequence(policy)  # packed forwards of all their sequences in one row (training.attention)
     window: list[torch.Tensor] = []  # per-pair columns since the last log
     step_stats = {"grad_norm": 0.0, "tokens": 0.0, "seconds": 0.0, "steps": 0}
     consecutive_nonfinite, last_metrics, stop_reason = 0, {}, None
@@ -207,7 +209,7 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
             last = micro == cfg.accumulation_steps - 1
             distributed.sync_gradients(policy, last or cfg.optim.sync_every_micro_batch)
             host_batch = collate_pairs(ref.take(train_ds, micro_indices), tokenizer.pad_token_id,
-                                       padding_free=cfg.data.padding_free)
+                                       padding_free=cfg.data.padding_free, one_row=one_row)
             batch = device_batch(host_batch, device)
             policy_chosen, policy_rejected, chosen_logits, rejected_logits = concatenated_logps(
                 policy, batch, average=average, mean_logits=True)
