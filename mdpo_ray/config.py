@@ -289,10 +289,13 @@ class CheckpointConfig(_Strict):
 class ExportConfig(_Strict):
     """The final policy, written to `output_dir/<name>/export` with its tokenizer and a model card (README.md)."""
 
-    lora: Literal["merged", "adapter"] = Field(
+    lora: Literal["merged", "adapter", "both"] = Field(
         "merged", description="With `model.lora.r` > 0: `merged`, a plain transformers model with the adapters "
         "merged in (`AutoModelForCausalLM.from_pretrained`); `adapter`, a peft adapter directory "
-        "(`PeftModel.from_pretrained(base_model, dir)`). Ignored without LoRA.")
+        "(`PeftModel.from_pretrained(base_model, dir)`); `both`, the merged model with the adapter in its "
+        "`adapter/` folder. With `iterate.rounds` > 0 every round exports `both` (the next round starts from its "
+        "merged model), `adapter` is the rounds' adapters stacked into one over `model.name_or_path`, and `both` is "
+        "refused (docs/iterate.md). Ignored without LoRA.")
 
 
 class TrackingConfig(_Strict):
@@ -310,7 +313,7 @@ class TrackingConfig(_Strict):
         False, description="Also log the final export as an MLflow transformers model, the run's `model` artifact, "
         "which the Model Registry can register (`mlflow.register_model('runs:/<run id>/model', name)`). It is a "
         "second full copy of the weights in MLflow's artifact store, loaded once into rank 0's memory: meant for "
-        "small models. Needs a full export (not `export.lora: adapter`).")
+        "small models. Needs a full export (`export.lora: merged` or `both`, not `adapter`).")
 
 
 class EvalConfig(_Strict):
@@ -479,10 +482,12 @@ class RunConfig(_Strict):
                 "exports only the LoRA adapters: set export.lora=merged, or tracking.log_model=false and register "
                 "the adapter directory yourself"
             )
-        if self.iterate.rounds and self.model.lora.r and self.export.lora == "adapter":
+        if self.iterate.rounds and self.model.lora.r and self.export.lora == "both":
             raise ValueError(
-                "iterate.rounds > 0 starts each round from the previous round's export, which export.lora=adapter "
-                "makes an adapter directory only: set export.lora=merged")
+                "export.lora=both with iterate.rounds > 0: every round exports both already, and the iterate run's "
+                "own export is one adapter, the rounds' stacked over model.name_or_path. Set export.lora=adapter for "
+                "that adapter (output_dir/<name>/export) beside the last round's merged model (its round's export), "
+                "or export.lora=merged for the merged model alone")
         if self.model.reference is not None and self.model.lora.r and self.reference == "resident":
             # A resident LoRA reference is the policy with its adapters off: the policy's base, not model.reference.
             raise ValueError(

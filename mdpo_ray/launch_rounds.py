@@ -8,6 +8,9 @@ Each round: Ray actors sample completions of the round's training prompts from t
 Resume is by files, written in order under output_dir/<name>/iterate/round_<r>/ (mdpo_ray.iterate.store):
 pairs (read back, not resampled), the round's checkpoints (its Ray Train run resumes from them), then
 done.json (the round is skipped).
+
+With LoRA and `export.lora: adapter`, each round exports its merged model (the next round's start) and its adapter;
+the run's export is the rounds' adapters stacked into one over the initial model (mdpo_ray.iterate.adapters).
 """
 
 from __future__ import annotations
@@ -87,6 +90,9 @@ def round_config(cfg: RunConfig, round_index: int, start_model: str) -> RunConfi
     raw |= {"name": f"{cfg.name}-round-{round_index}", "output_dir": location, "iterate": {"rounds": 0}}
     raw["data"] |= {"train": storage.join(location, store.PAIRS_FILE)}
     raw["tracking"] |= {"mlflow_uri": cfg.mlflow_uri}
+    if cfg.model.lora.r and cfg.export.lora != "merged":
+        # The next round starts from the merged model; the run's own export stacks the rounds' adapters.
+        raw["export"] |= {"lora": "both"}
     reference = cfg.model.reference  # round 0 (and `initial`): the configured reference
     if round_index and cfg.iterate.reference == "previous":
         reference = None  # the round's start policy
@@ -113,11 +119,33 @@ def train_rounds(cfg: RunConfig, *, tags: dict[str, str] | None = None,
             record = _run_round(cfg, r, start_model, rows, verifier, parent, callbacks)
             records.append(record)
             start_model = record["export"]
+        export = stacked_export(cfg, records) if cfg.model.lora.r and cfg.export.lora == "adapter" else start_model
     first, last = records[0], records[-1]
     metrics = last["metrics"] | {key: value for key, value in first["metrics"].items() if key.startswith("eval_start/")}
-    export = last["export"] if storage.is_remote(last["export"]) else Path(last["export"])
+    export = export if storage.is_remote(export) else Path(export)
     return launch.RunSummary(config=cfg, mlflow_run_id=parent, metrics=metrics, checkpoint=last["checkpoint"],
                              export_dir=export)
+
+
+def stacked_export(cfg: RunConfig, records: list[dict]) -> str:
+    """The iterate run's `export.lora: adapter` export: the finished rounds' adapters (`records`, in round order;
+    each round exported `both`) stacked into one over `model.name_or_path`, written where a single run's export
+    goes. Redone whole on a rerun, so rounds added later are in it."""
+    from mdpo_ray.iterate import adapters
+    from mdpo_ray.training.lora import ADAPTER_DIR
+
+    dirs = [storage.join(record["export"], ADAPTER_DIR) for record in records]
+    for record, adapter_dir in zip(records, dirs, strict=True):
+        if not storage.is_file(storage.join(adapter_dir, adapters.CONFIG_FILE)):
+            raise ConfigError(
+                f"export.lora=adapter stacks every round's adapter, but iterate round {record['round']} exported none "
+                f"({adapter_dir} is missing): it ran with export.lora=merged, which exports the merged model only. Set "
+                "export.lora=merged to keep this run's rounds, or start the iterate run afresh under another name")
+    location = storage.join(cfg.run_location, "export")
+    config = adapters.write_stacked(dirs, cfg.model.name_or_path, location, run_name=cfg.name)
+    print(f"iterate: the {len(dirs)} rounds' adapters stacked into one of rank {config['r']} over "
+          f"{cfg.model.name_or_path}: {location}", flush=True)
+    return location
 
 
 def _run_round(cfg: RunConfig, r: int, start_model: str, rows: list[dict], verifier: Verifier, parent: str | None,

@@ -73,7 +73,7 @@ def test_bad_iterate_values_are_refused_with_the_key(override, needle):
 
 
 @pytest.mark.parametrize(("overrides", "needle"), [
-    (["model.lora.r=4", "export.lora=adapter"], "set export.lora=merged"),
+    (["model.lora.r=4", "export.lora=both"], "Set export.lora=adapter"),
     (["model.lora.r=4", "iterate.reference=initial"], "set reference=precompute or iterate.reference=previous"),
 ])
 def test_iterate_rounds_refuse_what_the_rounds_cannot_chain(overrides, needle):

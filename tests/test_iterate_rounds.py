@@ -40,6 +40,19 @@ def test_the_round_reference_is_its_start_policy_or_the_initial_model(iterate_cf
     assert reference_config(round_config(cfg, 1, "/runs/r0/export")).name_or_path == round_1_reference
 
 
+
+def test_a_lora_iterate_run_may_export_an_adapter_and_its_rounds_then_export_both(iterate_cfg):
+    """Each round starts from the previous round's merged model and keeps its adapter for the run's own export,
+    the rounds' adapters stacked (test_iterate_adapters)."""
+    from mdpo_ray.launch_rounds import round_config
+
+    cfg = iterate_cfg("model.lora.r=4", "export.lora=adapter")  # refused before: rounds chained merged models only
+    assert cfg.export.lora == "adapter"
+    for r, start in ((0, "/models/sft"), (1, "/runs/r0/export")):
+        assert round_config(cfg, r, start).export.lora == "both"
+    assert round_config(iterate_cfg("model.lora.r=4"), 1, "/runs/r0/export").export.lora == "merged"
+    assert round_config(iterate_cfg("export.lora=adapter"), 1, "/runs/r0/export").export.lora == "adapter"  # no LoRA
+
 def test_a_configured_reference_is_loaded_instead_of_the_policy(tmp_path):
     cfg = load_config(None, ["model.name_or_path=/models/policy", "model.reference=/models/ref"])
     loaded = reference_config(cfg)

@@ -178,6 +178,40 @@ def test_a_lora_run_starts_at_ln2_trains_the_adapters_and_exports_merged_and_ada
     assert "LoRA r=4, alpha=8, exported as a peft adapter" in card.text and "AutoPeftModelForCausalLM" in card.text
 
 
+
+def test_export_both_writes_the_merged_model_and_its_adapter_in_adapter_dir(tiny_task, tiny_run_overrides, tmp_path):
+    """export.lora=both (an iterate round's export): the merged model loads without peft, the adapter in
+    adapter/ over the base model, both computing the trained policy; the model card still goes on top."""
+    from peft import PeftModel
+
+    from mdpo_ray.config import ExportConfig
+    from mdpo_ray.training.model import load_causal_lm, load_tokenizer
+    from mdpo_ray.training.model_card import RunFacts, write_model_card
+
+    cfg = ModelConfig(name_or_path=str(tiny_task["model"]), lora=LoraConfig(r=4, alpha=8))
+    policy = lora.wrap(load_causal_lm(cfg, trainable=False), cfg.lora)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(std=0.1)  # as if trained: B = 0 would export the base model twice over
+    input_ids = torch.arange(24).reshape(2, 12) % 16  # within the character vocabulary
+    trained = _logits(policy, input_ids)
+    state_dict = {key: value.clone() for key, value in policy.state_dict().items()}  # as rank 0 gathers it
+    out = lora.export(state_dict, cfg, ExportConfig(lora="both"), load_tokenizer(cfg), tmp_path / "export")
+    assert out == tmp_path / "export" and not state_dict  # the merge took the tensors over
+    merged = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no peft
+    torch.testing.assert_close(_logits(merged, input_ids), trained, rtol=0, atol=1e-5)
+    base = AutoModelForCausalLM.from_pretrained(tiny_task["model"])
+    assert not torch.allclose(_logits(base, input_ids), trained, atol=1e-3)
+    adapter = PeftModel.from_pretrained(base, out / lora.ADAPTER_DIR)
+    torch.testing.assert_close(_logits(adapter, input_ids), trained, rtol=0, atol=1e-5)
+    assert not (out / lora.ADAPTER_DIR / "model.safetensors").exists()  # the adapter alone in adapter/
+    assert (out / "tokenizer_config.json").is_file() and (out / lora.ADAPTER_DIR / "tokenizer_config.json").is_file()
+    run_cfg = load_config(None, [*tiny_run_overrides, *LORA, "export.lora=both"])
+    write_model_card(out, run_cfg, RunFacts(steps=4, data_counts=[], n_train_pairs=8, n_eval_pairs=0, n_problems=0))
+    assert "AutoModelForCausalLM.from_pretrained" in (out / "README.md").read_text()
+
 @pytest.mark.slow
 def test_a_lora_run_with_a_precomputed_reference_gives_the_resident_losses(tiny_run_overrides):
     _, resident = _run([*tiny_run_overrides, *LORA, NO_DECODING])

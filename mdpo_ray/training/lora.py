@@ -22,6 +22,7 @@ from mdpo_ray.config import ConfigError, ExportConfig, LoraConfig, ModelConfig
 from mdpo_ray.training.model import export_pretrained, load_causal_lm
 
 _LINEAR = (nn.Linear, Conv1D)  # Conv1D: GPT-2's linear layers
+ADAPTER_DIR = "adapter"  # export.lora=both: the peft adapter's folder inside the merged model's
 
 
 def linear_names(model: nn.Module) -> list[str]:
@@ -89,26 +90,32 @@ def export(state_dict: dict[str, torch.Tensor], cfg: ModelConfig, export_cfg: Ex
 
     `merged`: a plain transformers model directory, each W replaced by W + (alpha / r) B A, loadable
     without peft. `adapter`: a peft adapter directory (the adapter alone suffices in `state_dict`),
-    loaded with PeftModel.from_pretrained over the base model. The tokenizer is saved beside either.
+    loaded with PeftModel.from_pretrained over the base model. `both`: the merged model in `out_dir` and the
+    adapter in `out_dir/adapter` (an iterate round's export: the next round starts from the merged model, the
+    run's final adapter stacks the rounds' ones). The tokenizer is saved beside each.
     The model object is only an architecture on the meta device that takes over `state_dict`'s tensors
     (the dict is emptied), so rank 0 holds one full copy of the model here, plus one merged layer at a time.
     """
     model = wrap(load_causal_lm(cfg, trainable=False, weights=False), cfg.lora)
-    if export_cfg.lora == "merged":
-        from peft.tuners.lora import LoraLayer
+    if export_cfg.lora != "merged":
+        # The adapter first: the merge below takes over and empties `state_dict`, whose adapter tensors peft picks
+        # out here (the frozen base weights of a `both` dict are left, not written).
+        model.peft_config["default"].base_model_name_or_path = cfg.name_or_path
+        adapter_dir = out_dir if export_cfg.lora == "adapter" else out_dir / ADAPTER_DIR
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(adapter_dir, state_dict=state_dict)
+        tokenizer.save_pretrained(adapter_dir)
+        if export_cfg.lora == "adapter":
+            return out_dir
+    from peft.tuners.lora import LoraLayer
 
-        model.load_state_dict(state_dict, assign=True)
-        state_dict.clear()
-        # A merge adds B A into the loaded weight in place (peft 0.22 does so under safe_merge too), and on one rank
-        # the gathered state dict is the trained policy's own storage, which must not change under it. So each
-        # adapted weight is merged into a copy of its own; the loaded one is freed as it is replaced wherever it
-        # was the only reference (the gathered copy of several ranks): one layer's copy at a time.
-        for layer in (module for module in model.modules() if isinstance(module, LoraLayer)):
-            base = layer.get_base_layer()
-            base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
-        return export_pretrained(model.merge_and_unload(safe_merge=True).state_dict(), cfg, tokenizer, out_dir)
-    model.peft_config["default"].base_model_name_or_path = cfg.name_or_path
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir, state_dict=state_dict)
-    tokenizer.save_pretrained(out_dir)
-    return out_dir
+    model.load_state_dict(state_dict, assign=True)
+    state_dict.clear()
+    # A merge adds B A into the loaded weight in place (peft 0.22 does so under safe_merge too), and on one rank
+    # the gathered state dict is the trained policy's own storage, which must not change under it. So each
+    # adapted weight is merged into a copy of its own; the loaded one is freed as it is replaced wherever it
+    # was the only reference (the gathered copy of several ranks): one layer's copy at a time.
+    for layer in (module for module in model.modules() if isinstance(module, LoraLayer)):
+        base = layer.get_base_layer()
+        base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=False)
+    return export_pretrained(model.merge_and_unload(safe_merge=True).state_dict(), cfg, tokenizer, out_dir)
