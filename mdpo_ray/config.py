@@ -363,7 +363,8 @@ class IterateConfig(_Strict):
         "RPO); `initial`, the starting model throughout.")
     verifier: str | None = Field(
         None, description="`package.module:function` called as function(prompt, completion, row) -> float or bool, "
-        "`row` being the training row the prompt came from; a completion is correct when the result is at least "
+        "`row` being the training row the prompt came from and `prompt` its prompt as the data holds it (a text, or "
+        "conversational data's messages before the answers); a completion is correct when the result is at least "
         "0.5 (True is 1). null: the built-in final-answer check, the integer after the last `####` of the "
         "completion against the row's `answer` (or the integer after `####` in its chosen answer).")
 

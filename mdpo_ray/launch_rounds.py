@@ -42,7 +42,7 @@ class Sampler:
         self.backend = HFGenerator(policy.to("cuda") if use_gpu else policy, load_tokenizer(model_cfg),
                                    max_new_tokens=max_new_tokens, batch_size=batch_size)
 
-    def sample(self, prompts: list[str], *, n: int, temperature: float, seed: int) -> list[list[str]]:
+    def sample(self, prompts: list, *, n: int, temperature: float, seed: int) -> list[list[str]]:
         return self.backend.sample(prompts, n=n, temperature=temperature, seed=seed)
 
 
@@ -53,7 +53,7 @@ class ActorGenerator:
     def __init__(self, actors: list) -> None:
         self.actors = actors
 
-    def sample(self, prompts: list[str], *, n: int, temperature: float, seed: int) -> list[list[str]]:
+    def sample(self, prompts: list, *, n: int, temperature: float, seed: int) -> list[list[str]]:
         size = -(-len(prompts) // len(self.actors))
         shares = [prompts[i : i + size] for i in range(0, len(prompts), size)]
         futures = [actor.sample.remote(share, n=n, temperature=temperature, seed=seed * 65_537 + i)
@@ -88,7 +88,9 @@ def round_config(cfg: RunConfig, round_index: int, start_model: str) -> RunConfi
     location = store.round_location(cfg.run_location, round_index)
     raw = cfg.model_dump(mode="json")
     raw |= {"name": f"{cfg.name}-round-{round_index}", "output_dir": location, "iterate": {"rounds": 0}}
-    raw["data"] |= {"train": storage.join(location, store.PAIRS_FILE)}
+    # The saved pairs have a prompt column (a text, or messages with the answers as assistant turns), whatever
+    # the format of data.train, whose rows may have had none (implicit): the format is read from the pairs.
+    raw["data"] |= {"train": storage.join(location, store.PAIRS_FILE), "format": "auto"}
     raw["tracking"] |= {"mlflow_uri": cfg.mlflow_uri}
     if cfg.model.lora.r and cfg.export.lora != "merged":
         # The next round starts from the merged model; the run's own export stacks the rounds' adapters.
@@ -105,11 +107,11 @@ def round_config(cfg: RunConfig, round_index: int, start_model: str) -> RunConfi
 def train_rounds(cfg: RunConfig, *, tags: dict[str, str] | None = None,
                  callbacks: list | None = None) -> launch.RunSummary:
     """`iterate.rounds` rounds of sample, verify, train; finished rounds (done.json) are skipped."""
-    from mdpo_ray.data.rows import read_rows
+    from mdpo_ray.data.formats import prompt_rows
     from mdpo_ray.tracking import mlflow_runs
 
     cfg = launch.resolve_builtin(cfg)
-    rows = [dict(row) for row in read_rows(cfg.data.train, "train")]
+    rows = prompt_rows(cfg.data.train, split=cfg.data.train_split, format=cfg.data.format)
     verifier = load_verifier(cfg.iterate)
     records = []
     with launch.tracked_run(cfg, (tags or {}) | {mlflow_runs.ROLE_TAG: "iterate"}) as parent:

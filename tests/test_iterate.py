@@ -102,6 +102,8 @@ def test_final_answer_check_compares_the_integer_after_the_last_marker():
     assert final_answer_check("p", "#### 1005", {"prompt": "p", "answer": "so #### 1,005"}) is True
     with pytest.raises(ValueError, match="iterate.verifier"):
         final_answer_check("p", "#### 5", {"prompt": "p", "chosen": "five"})
+    talk = {"prompt": [{"role": "user", "content": "2+3-1="}], "chosen": [{"role": "assistant", "content": RIGHT}]}
+    assert final_answer_check(talk["prompt"], RIGHT, talk) and not final_answer_check(talk["prompt"], WRONG, talk)
 
 
 def test_scores_read_bools_and_numbers_against_one_half(user_module):
@@ -179,8 +181,34 @@ def test_a_round_draws_distinct_prompts_seeded_and_anew_each_round():
     assert [r["answer"] for r in first] == sorted(r["answer"] for r in first)  # in data order
     assert round_rows(rows, cfg, seed=0, round_index=0) == first
     assert round_rows(rows, cfg, seed=0, round_index=1) != first
-    with pytest.raises(ValueError, match="conversational"):
-        round_rows([{"prompt": [{"role": "user", "content": "hi"}]}], cfg, seed=0, round_index=0)
+    talk = [{"prompt": [{"role": "user", "content": f"Q: {i % 3}+0="}], "n": i} for i in range(6)]  # each twice
+    assert [r["n"] for r in round_rows(talk, IterateConfig(), seed=0, round_index=0)] == [0, 1, 2]
+
+
+def test_rounds_sample_the_prompts_of_every_data_format(tmp_path):
+    """data.formats.prompt_rows: the prompt as the data holds it, whatever the format; a row without one is left
+    out (the data check reported it)."""
+    import json
+
+    from mdpo_ray.data.formats import prompt_rows
+
+    def source(name, rows):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+        return str(path)
+
+    user = [{"role": "user", "content": "Q: 1+1="}]
+    answer = lambda text: [{"role": "assistant", "content": text}]
+    cases = {
+        "standard": ([ROW, {"prompt": None, "chosen": "a", "rejected": "b"}], [ROW["prompt"]]),
+        "implicit": ([{"chosen": "Q: 2+2= A: 4", "rejected": "Q: 2+2= A: 5"}], ["Q: 2+2= A:"]),
+        "messages": ([{"prompt": user, "chosen": answer("#### 2"), "rejected": answer("#### 3")}], [user]),
+        "shared": ([{"chosen": user + answer("#### 2"), "rejected": user + answer("#### 3")}], [user]),
+    }
+    for name, (rows, prompts) in cases.items():
+        read = prompt_rows(source(name, rows), split="train", format="auto")
+        assert [row["prompt"] for row in read] == prompts, name
+    assert prompt_rows(source("keeps", [ROW | {"answer": 4}]), split="train", format="auto")[0]["answer"] == 4
 
 
 @pytest.fixture(scope="module")
@@ -220,6 +248,45 @@ def test_a_sampled_round_accounts_for_every_prompt_and_sample(generator):
     assert out.samples == 5 * 4
     assert all("1" in p["chosen"] and "1" not in p["rejected"] for p in out.pairs)
     assert sample_round(generator, rows, cfg, has_digit_one, seed=0, round_index=2) == out
+
+
+def test_a_conversation_is_sampled_from_the_tokens_its_pairs_are_trained_on(generator, tmp_path, monkeypatch):
+    """Messages are rendered with the chat template and tokenized as training tokenizes a pair's prompt (one BOS,
+    though the template writes it), and the saved pairs are conversational data whose prompt tokens are exactly
+    those the policy was sampled from, and whose answers are the samples."""
+    import copy
+
+    from mdpo_ray.data.pairs import load_pairs
+    from mdpo_ray.iterate.store import PAIRS_FILE, save_pairing
+
+    tokenizer = copy.deepcopy(generator.tokenizer)  # the task's character tokenizer: Q, A, digits, signs
+    tokenizer.chat_template = ("{{ bos_token }}{% for m in messages %}{{ 'Q: ' if m['role'] == 'user' else 'A:' }}"
+                               "{{ m['content'] }}{{ eos_token }}{% endfor %}{% if add_generation_prompt %}A:{% endif %}")
+    chat = HFGenerator(generator.model, tokenizer, max_new_tokens=8, batch_size=3)
+    seen = []
+    generate = chat.model.generate
+
+    def recording(**kwargs):
+        for ids, mask in zip(kwargs["input_ids"], kwargs["attention_mask"], strict=True):
+            seen.append(ids[mask.bool()].tolist())
+        return generate(**kwargs)
+
+    monkeypatch.setattr(chat.model, "generate", recording)
+    rows = [{"prompt": [{"role": "user", "content": f"{i}+{i}="}], "answer": 2 * i} for i in range(6)]
+    has_digit_one = lambda prompt, completion, row: "1" in completion
+    out = sample_round(chat, rows, IterateConfig(samples_per_prompt=4, temperature=1.5), has_digit_one, seed=0,
+                       round_index=0)
+    assert out.pairs and all(isinstance(pair["prompt"], list) for pair in out.pairs)
+    assert all(pair["chosen"][0]["role"] == "assistant" and "1" in pair["chosen"][0]["content"] for pair in out.pairs)
+    assert seen[0][:2] == [tokenizer.bos_token_id, tokenizer.convert_tokens_to_ids("Q")]  # one BOS
+    save_pairing(str(tmp_path), out)
+    pairs, _ = load_pairs(str(tmp_path / PAIRS_FILE), split="train", tokenizer=tokenizer, max_length=128)
+    by_prompt = {tokenizer.decode(ids): ids for ids in seen}
+    for pair, trained in zip(out.pairs, pairs, strict=True):
+        sampled_from = by_prompt[tokenizer.decode(trained["prompt_input_ids"])]
+        assert trained["prompt_input_ids"] == sampled_from
+        chosen = tokenizer.decode(trained["chosen_input_ids"])
+        assert chosen.startswith(pair["chosen"][0]["content"]), (chosen, pair)
 
 
 def test_the_run_description_and_trial_names_say_the_nll_term():
@@ -262,7 +329,7 @@ def test_saved_pairs_are_a_training_file(tmp_path):
     location = round_location(str(tmp_path / "run"), 0)
     save_pairing(location, make_pairs(_rows(2), [["#### 0", "#### 5"], ["#### 6", "#### 1"]], final_answer_check,
                                       seed=0))
-    from mdpo_ray.data.rows import read_rows_as
+    from mdpo_ray.data.formats import read_rows_as
 
     rows, fmt = read_rows_as(f"{location}/{PAIRS_FILE}", split="train", format="auto")
     assert fmt == "standard"

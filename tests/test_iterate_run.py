@@ -1,9 +1,11 @@
 """System tier: two iterate rounds through Ray sampling actors, Ray Train and MLflow, stopped after round 0
 and rerun: round 0 is skipped (its pairs are not resampled), round 1 trains from round 0's export. The run keeps
 everything on object storage (an S3 server on 127.0.0.1), as on nodes without a shared file system: round 1's
-samplers and workers load round 0's export and read its pairs from the bucket. Rounds into a local directory
-run end to end in tests/test_iterate_sweep.py."""
+samplers and workers load round 0's export and read its pairs from the bucket. Its prompts are conversations
+(messages rendered by model.chat_template), so the rounds' pairs are too. Rounds on text prompts into a local
+directory run end to end in tests/test_iterate_sweep.py."""
 
+import json
 import textwrap
 
 import pytest
@@ -34,16 +36,33 @@ def coin_verifier(tmp_path, monkeypatch):
 
 
 BUCKET = "mdpo-iterate"
+# The task's character tokenizer knows only its own characters: a user turn ends with ";", an answer with EOS.
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['content'] }}"
+                 "{% if m['role'] == 'user' %};{% else %}{{ eos_token }}{% endif %}{% endfor %}")
 
 
-def test_two_rounds_sample_with_actors_track_in_mlflow_and_resume_at_the_round(tiny_run_overrides, coin_verifier,
-                                                                              tmp_path, monkeypatch):
+def _as_conversations(source, target):
+    """The tiny task's text pairs as conversations: the prompt a user turn, each answer an assistant turn."""
+    turn = lambda role, text: [{"role": role, "content": text}]
+    rows = [json.loads(line) for line in source.read_text().splitlines()]
+    target.write_text("".join(json.dumps({"prompt": turn("user", row["prompt"]), "chosen": turn("assistant", row["chosen"]),
+                                          "rejected": turn("assistant", row["rejected"])}) + "\n" for row in rows))
+    return target
+
+
+def test_two_rounds_sample_with_actors_track_in_mlflow_and_resume_at_the_round(tiny_task, tiny_run_overrides,
+                                                                              coin_verifier, tmp_path, monkeypatch):
     import ray
 
     from mdpo_ray import cluster, launch
 
+    conversations = _as_conversations(tiny_task["train"], tmp_path / "conversations.jsonl")
+    (tmp_path / "chat.jinja").write_text(CHAT_TEMPLATE)
+
     def cfg(rounds):
-        return load_config(None, [*tiny_run_overrides, f"iterate.rounds={rounds}", f"iterate.verifier={coin_verifier}",
+        return load_config(None, [*tiny_run_overrides, f"data.train={conversations}",
+                                  f"model.chat_template={tmp_path / 'chat.jinja'}",
+                                  f"iterate.rounds={rounds}", f"iterate.verifier={coin_verifier}",
                                   "iterate.prompts_per_round=8", "iterate.samples_per_prompt=4",
                                   "optim.max_steps=2", "eval.max_generation_problems=4", f"output_dir=s3://{BUCKET}/runs",
                                   f"tracking.mlflow_uri=sqlite:///{tmp_path}/mlflow.db"])
@@ -73,6 +92,8 @@ def test_two_rounds_sample_with_actors_track_in_mlflow_and_resume_at_the_round(t
         assert second.export_dir == round_1["export"] and round_1["metrics"]["step"] == 2
         pairing = store.load_pairing(store.round_location(second.config.run_location, 1))
     assert 0 < len(pairing.pairs) <= 8 and pairing.samples == 32
+    assert all(pair["prompt"][0]["role"] == "user" and pair["chosen"][0]["role"] == "assistant"
+               for pair in pairing.pairs)  # conversations in, conversations out
 
     client = MlflowClient(second.config.mlflow_uri)
     experiment = client.get_experiment_by_name(second.config.tracking.experiment).experiment_id

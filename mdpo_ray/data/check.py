@@ -20,7 +20,7 @@ import datasets
 
 from mdpo_ray import storage
 from mdpo_ray.config import DataConfig
-from mdpo_ray.data import rows
+from mdpo_ray.data import formats, rows
 from mdpo_ray.data.pairs import read_pairs
 from mdpo_ray.data.rows import DataError
 
@@ -79,7 +79,7 @@ def _check_hub(source: str, split: str, fmt: str, workers_here: bool) -> str:
             raise
         return f"{source} not checked here ({str(error).splitlines()[0]}); the Train workers read it"
     if names is not None:
-        rows.check_columns(names, source, fmt)
+        formats.check_columns(names, source, fmt)
     return f"{source} (Hugging Face Hub, split {split!r}: {'columns ' + ', '.join(names) if names else 'found'}); " \
            "the Train workers check its rows"
 
@@ -91,7 +91,7 @@ def _check_local(source: str, split: str, data: DataConfig, tokenizer: Callable[
     try:
         loaded = tokenizer()
     except Exception as error:  # noqa: BLE001 (a model only the workers have, or a model error they report)
-        _, fmt = rows.read_rows_as(source, split=split, format=data.format)
+        _, fmt = formats.read_rows_as(source, split=split, format=data.format)
         return (f"{source} reads as data.format={fmt}; its rows are left to the Train workers (the tokenizer does "
                 f"not load here: {str(error).splitlines()[0] if str(error) else type(error).__name__})")
     _, stats, fmt = read_pairs(source, split=split, tokenizer=loaded, format=data.format, on_bad_rows=data.on_bad_rows)

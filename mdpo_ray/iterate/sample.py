@@ -6,34 +6,40 @@ transformers one on GPUs; a Ray actor holding the policy calls `sample_round` wi
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from mdpo_ray.config import IterateConfig
+from mdpo_ray.data.formats import Prompt, render_prompt
 from mdpo_ray.iterate.verify import Pairing, Verifier, make_pairs
 from mdpo_ray.task.generation import sample_completions
 
 
 class Generator(Protocol):
-    def sample(self, prompts: list[str], *, n: int, temperature: float, seed: int) -> list[list[str]]:
-        """`n` completions per prompt, in prompt order, reproducible from `seed`."""
+    def sample(self, prompts: list[Prompt], *, n: int, temperature: float, seed: int) -> list[list[str]]:
+        """`n` completions per prompt (a text, or messages the backend renders with the chat template), in prompt
+        order, reproducible from `seed`."""
         ...
 
 
 @dataclass
 class HFGenerator:
     """transformers `generate` on the policy in this process: batched, left-padded, seeded
-    (mdpo_ray.task.generation.sample_completions); the caller's RNG is left as it was."""
+    (mdpo_ray.task.generation.sample_completions); the caller's RNG is left as it was. Messages are rendered
+    and tokenized as the round's pairs will be (data.formats.render_prompt, data.pairs.prompt_ids), so the
+    policy samples from exactly the tokens it is then trained on."""
 
     model: Any
     tokenizer: Any
     max_new_tokens: int
     batch_size: int
 
-    def sample(self, prompts: list[str], *, n: int, temperature: float, seed: int) -> list[list[str]]:
-        return sample_completions(self.model, self.tokenizer, prompts, n=n, temperature=temperature,
+    def sample(self, prompts: list[Prompt], *, n: int, temperature: float, seed: int) -> list[list[str]]:
+        texts = [render_prompt(self.tokenizer, prompt) for prompt in prompts]
+        return sample_completions(self.model, self.tokenizer, texts, n=n, temperature=temperature,
                                   max_new_tokens=self.max_new_tokens, batch_size=self.batch_size, seed=seed)
 
 
@@ -44,16 +50,13 @@ def round_seed(seed: int, round_index: int) -> int:
 
 
 def round_rows(rows: Sequence[dict], cfg: IterateConfig, *, seed: int, round_index: int) -> list[dict]:
-    """The training rows whose prompts round `round_index` samples: one row per distinct prompt (its first),
+    """The training rows whose prompts round `round_index` samples (`rows` as data.formats.prompt_rows gives
+    them, each with its prompt, a text or messages): one row per distinct prompt (its first),
     then `iterate.prompts_per_round` of them drawn without replacement, a new draw each round, in data order."""
     firsts: dict[str, dict] = {}
-    for row in rows:
+    for row in rows:  # messages are told apart by their JSON, which keeps their order
         prompt = row["prompt"]
-        if not isinstance(prompt, str):  # the user's data: a ValueError, as the data checks raise
-            raise ValueError(  # noqa: TRY004
-                f"iterate samples from text prompts; this row's prompt is a {type(prompt).__name__} "
-                "(conversational data is not supported by iterate yet)")
-        firsts.setdefault(prompt, row)
+        firsts.setdefault(prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True), row)
     distinct = list(firsts.values())
     k = cfg.prompts_per_round
     if k is None or k >= len(distinct):

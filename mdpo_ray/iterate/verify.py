@@ -13,21 +13,25 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from mdpo_ray.config import IterateConfig, import_function
+from mdpo_ray.data.formats import Prompt
 from mdpo_ray.task.generation import extract_answer
 
-Verifier = Callable[[str, str, dict], "float | bool"]
+Verifier = Callable[[Prompt, str, dict], "float | bool"]  # (the row's prompt: a text or messages, completion, row)
 CORRECT_AT = 0.5
 
 
-def final_answer_check(prompt: str, completion: str, row: dict) -> bool:
+def final_answer_check(prompt: Prompt, completion: str, row: dict) -> bool:
     """The built-in task's exact check: the integer after the completion's last `####` equals the row's
     `answer` (an int, or text ending in `#### N`), or, without one, the integer after `####` in its `chosen`
-    answer. A completion without a final answer is wrong; a row without a true answer is an error."""
-    truth = row.get("answer")
+    answer (conversational rows: its last message). A completion without a final answer is wrong; a row
+    without a true answer is an error."""
+    truth, chosen = row.get("answer"), row.get("chosen")
+    if isinstance(chosen, list) and chosen and isinstance(chosen[-1], dict):
+        chosen = chosen[-1].get("content")
     if isinstance(truth, str):
         truth = extract_answer(truth if "####" in truth else f"#### {truth}")
-    elif truth is None and isinstance(row.get("chosen"), str):
-        truth = extract_answer(row["chosen"])
+    elif truth is None and isinstance(chosen, str):
+        truth = extract_answer(chosen)
     if not isinstance(truth, int):  # bad data, as DataError and the config say it: a ValueError
         raise ValueError(  # noqa: TRY004
             f"the built-in final-answer check needs each row's `answer` or a chosen answer ending in "
@@ -107,5 +111,12 @@ def make_pairs(rows: Sequence[dict], completions: Sequence[Sequence[str]], verif
             all_correct += 1
         else:
             rng = random.Random(f"{seed}:{index}")
-            pairs.append({"prompt": prompt, "chosen": rng.choice(right), "rejected": rng.choice(wrong)})
+            pairs.append({"prompt": prompt, "chosen": _answer(prompt, rng.choice(right)),
+                          "rejected": _answer(prompt, rng.choice(wrong))})
     return Pairing(pairs, all_correct, all_wrong, n_samples, n_correct)
+
+
+def _answer(prompt: Prompt, completion: str) -> str | list[dict]:
+    """A sampled completion as a pair's answer: text after a text prompt, the assistant's turn after messages
+    (so the round's pairs are conversational data, rendered by the chat template the prompt was sampled with)."""
+    return completion if isinstance(prompt, str) else [{"role": "assistant", "content": completion}]

@@ -10,6 +10,8 @@ import re
 
 import torch
 
+from mdpo_ray.data.pairs import prompt_ids
+
 # GSM8K convention: the final answer follows "####"; allow a sign, thousands commas and a zero fraction.
 _ANSWER = re.compile(r"\s*([-+]?\d[\d,]*)(?:\.(\d+))?")
 
@@ -111,8 +113,9 @@ def sample_completions(
 ) -> list[list[str]]:
     """`n` completions per prompt, sampled at `temperature` from the full distribution (no top-k / top-p).
 
-    Seeded without touching the caller's RNG; runs in eval mode under no_grad. Returns, per prompt, its
-    `n` decoded completions (special tokens dropped).
+    Prompts are tokenized as training tokenizes a pair's prompt (data.pairs.prompt_ids: BOS added unless the
+    text starts with it, as a rendered chat template often does). Seeded without touching the caller's RNG;
+    runs in eval mode under no_grad. Returns, per prompt, its `n` decoded completions (special tokens dropped).
     """
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
@@ -123,8 +126,7 @@ def sample_completions(
             torch.manual_seed(seed)
             for start in range(0, len(prompts), batch_size):
                 batch = prompts[start : start + batch_size]
-                input_ids, attention_mask = _left_padded(
-                    tokenizer(batch, add_special_tokens=True)["input_ids"], pad_id)
+                input_ids, attention_mask = _left_padded(prompt_ids(tokenizer, batch), pad_id)
                 generated = model.generate(
                     input_ids=input_ids.to(model.device), attention_mask=attention_mask.to(model.device),
                     do_sample=True, temperature=temperature, top_k=0, top_p=1.0, num_return_sequences=n,
