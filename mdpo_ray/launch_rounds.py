@@ -111,6 +111,9 @@ def train_rounds(cfg: RunConfig, *, tags: dict[str, str] | None = None,
     from mdpo_ray.tracking import mlflow_runs
 
     cfg = launch.resolve_builtin(cfg)
+    if cfg.model.lora.r and cfg.export.lora == "adapter":  # a rerun whose finished rounds ran merged: said before any
+        finished = (store.load_done(store.round_location(cfg.run_location, r)) for r in range(cfg.iterate.rounds))
+        _adapter_dirs([record for record in finished if record is not None])  # round trains, not after them all
     rows = prompt_rows(cfg.data.train, split=cfg.data.train_split, format=cfg.data.format)
     verifier = load_verifier(cfg.iterate)
     records = []
@@ -134,6 +137,18 @@ def stacked_export(cfg: RunConfig, records: list[dict]) -> str:
     each round exported `both`) stacked into one over `model.name_or_path`, written where a single run's export
     goes. Redone whole on a rerun, so rounds added later are in it."""
     from mdpo_ray.iterate import adapters
+
+    dirs = _adapter_dirs(records)
+    location = storage.join(cfg.run_location, "export")
+    config = adapters.write_stacked(dirs, cfg.model.name_or_path, location, run_name=cfg.name)
+    print(f"iterate: the {len(dirs)} rounds' adapters stacked into one of rank {config['r']} over "
+          f"{cfg.model.name_or_path}: {location}", flush=True)
+    return location
+
+
+def _adapter_dirs(records: list[dict]) -> list[str]:
+    """Each finished round's adapter directory; a ConfigError if a round exported none (it ran merged)."""
+    from mdpo_ray.iterate import adapters
     from mdpo_ray.training.lora import ADAPTER_DIR
 
     dirs = [storage.join(record["export"], ADAPTER_DIR) for record in records]
@@ -143,11 +158,7 @@ def stacked_export(cfg: RunConfig, records: list[dict]) -> str:
                 f"export.lora=adapter stacks every round's adapter, but iterate round {record['round']} exported none "
                 f"({adapter_dir} is missing): it ran with export.lora=merged, which exports the merged model only. Set "
                 "export.lora=merged to keep this run's rounds, or start the iterate run afresh under another name")
-    location = storage.join(cfg.run_location, "export")
-    config = adapters.write_stacked(dirs, cfg.model.name_or_path, location, run_name=cfg.name)
-    print(f"iterate: the {len(dirs)} rounds' adapters stacked into one of rank {config['r']} over "
-          f"{cfg.model.name_or_path}: {location}", flush=True)
-    return location
+    return dirs
 
 
 def _run_round(cfg: RunConfig, r: int, start_model: str, rows: list[dict], verifier: Verifier, parent: str | None,

@@ -86,6 +86,18 @@ def test_rounds_exported_without_their_adapters_are_an_error_naming_the_key(tmp_
     assert "export.lora=merged" in str(info.value)
 
 
+def test_a_rerun_whose_finished_rounds_ran_merged_is_refused_before_anything_trains(tmp_path, monkeypatch):
+    from mdpo_ray import launch, launch_rounds
+    from mdpo_ray.iterate import store
+
+    cfg = load_config(None, [f"output_dir={tmp_path}", "model.name_or_path=/models/sft", "data.train=/d.jsonl",
+                             "model.lora.r=4", "export.lora=adapter", "iterate.rounds=3"])
+    store.save_done(store.round_location(cfg.run_location, 0), {"round": 0, "export": str(tmp_path / "r0" / "export")})
+    monkeypatch.setattr(launch, "tracked_run", lambda *a, **k: pytest.fail("MLflow was asked for a run"))
+    with pytest.raises(ConfigError, match="iterate round 0 exported none"):
+        launch_rounds.train_rounds(cfg)
+
+
 def _adapter(config_changes: dict | None = None, extra: dict | None = None) -> tuple[dict, dict]:
     tensors = {"m.q_proj.lora_A.weight": torch.ones(2, 3), "m.q_proj.lora_B.weight": torch.ones(5, 2)}
     config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "v_proj"],
