@@ -58,6 +58,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--hidden", type=int, default=256, help="vs_trl.py's model sizes: the hidden size ...")
     p.add_argument("--intermediate", type=int, default=688, help="... the MLP's inner size")
     p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=32_000)
+    p.add_argument("--batch", type=int, default=8, help="pairs a step")
+    p.add_argument("--shots", type=int, default=3, help="solved problems before each question (vs_trl.py's --shots)")
+    p.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n matmul rate HFU is a fraction of")
     p.add_argument("--per-tensor-adamw", action="store_true", help="AdamW(fused=False) in the loop, as before "
                    "2026-12-07: the optimizer's share without PyTorch's fused kernel")
     return p
@@ -123,14 +128,15 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     bench = vs_trl._resolve(vs_trl._parser().parse_args([
         "--threads", str(args.threads), "--hidden", str(args.hidden), "--intermediate", str(args.intermediate),
-        "--heads", str(args.heads)]))
+        "--heads", str(args.heads), "--layers", str(args.layers), "--vocab", str(args.vocab), "--batch",
+        str(args.batch), "--shots", str(args.shots)]))
     if args.per_tensor_adamw:
         adamw = torch.optim.AdamW
         torch.optim.AdamW = lambda *a, **k: adamw(*a, **k | {"fused": False})
     bench.workdir = Path(tempfile.mkdtemp(prefix="mdpo-step-bound-"))
     bench.window, bench.warmup, bench.windows = 1, args.warmup_steps, args.steps + 1  # a log point every step
     assets = vs_trl.prepare(bench, bench.workdir)
-    rate = vs_trl.matmul_rate("cpu", 2048)
+    rate, n = vs_trl.matmul_rate("cpu", args.matmul_size), args.matmul_size
     _, loss, reference = vs_trl.CONFIGS[args.config]
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True,
                                   with_flops=True)
@@ -162,7 +168,7 @@ def main() -> None:
     print(f"config {args.config} (vs_trl.py's model and pairs: hidden {bench.hidden}, {bench.layers} layers, vocab "
           f"{bench.vocab}; batch {bench.batch} pairs of ~{assets['tokens_per_pair'] / 2:.0f} tokens a sequence), "
           f"fp32, {args.threads} torch threads" + (", per-tensor AdamW" if args.per_tensor_adamw else ""))
-    print(f"2048x2048 matmul rate: {rate / 1e9:.1f} GFLOP/s")
+    print(f"{n}x{n} matmul rate: {rate / 1e9:.1f} GFLOP/s")
     print(f"step: {step_s:.3f} s profiled ({args.steps} steps), {statistics.median(plain):.3f} s without the "
           f"profiler (median of the warm-up's steps 2-{first})")
     print(f"\n{'part of the profiled steps':<52}{'seconds':>9}{'share':>8}")
@@ -174,11 +180,11 @@ def main() -> None:
     share, inside, ceiling = mm_seconds / profiled, mm_flops / mm_seconds, mm_flops / alone_seconds
     print(f"\nmatmul FLOPs per step: {mm_flops / args.steps / 1e9:.1f} GFLOP in {sum(c for *_, c, _ in shapes)} "
           f"calls of {len(shapes)} distinct shapes")
-    print(f"HFU in the profiled steps: {mm_flops / (step_s * args.steps) / rate:.0%} of the 2048x2048 rate")
+    print(f"HFU in the profiled steps: {mm_flops / (step_s * args.steps) / rate:.0%} of the {n}x{n} rate")
     print(f"  = matmul share of the step {share:.0%} x matmul rate inside the step {inside / 1e9:.1f} GFLOP/s "
-          f"({inside / rate:.0%} of the 2048x2048 rate)")
+          f"({inside / rate:.0%} of the {n}x{n} rate)")
     print(f"matmul ceiling, the step's shapes timed alone: {ceiling / 1e9:.1f} GFLOP/s = {ceiling / rate:.0%} of the "
-          f"2048x2048 rate: HFU's bound with every other op taking no time")
+          f"{n}x{n} rate: HFU's bound with every other op taking no time")
     print("\nthe largest ops besides the matmuls, by input shapes:")
     for seconds, name, shape, count in sorted(other_shapes, key=lambda o: -o[0])[:10]:
         print(f"  {name.removeprefix('aten::'):<48} {shape!s:<52} x{count:<5} {seconds / profiled:>6.1%}")

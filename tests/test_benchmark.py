@@ -5,6 +5,7 @@ TRL is only in the `bench` extra, so TRL's configs are not run here."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,25 @@ def test_the_benchmark_runs_the_in_process_step_with_the_head_on_every_position_
         assert name in results, (proc.stdout + proc.stderr)[-3000:]
         result = results[name]
         assert len(result["windows"]) == 2 and all(w > 0 for w in result["windows"]), result
+
+
+@pytest.mark.slow
+def test_the_step_bound_profile_splits_the_step_by_part_and_its_hfu_into_matmul_share_and_rate(tmp_path):
+    """benchmarks/step_bound.py on a tiny model: the parts of the profiled step add up to it, the matmuls are one
+    of them with FLOPs counted, and HFU is printed as their share times their rate."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "step_bound.py"), "--hidden", "32", "--layers", "1",
+                           "--heads", "2", "--intermediate", "64", "--vocab", "500", "--batch", "4", "--shots", "0",
+                           "--warmup-steps", "3", "--steps", "2", "--matmul-size", "256"],
+                          capture_output=True, text=True, timeout=300, check=False,
+                          env=os.environ | {"PYTHONPATH": str(ROOT), "TMPDIR": str(tmp_path)})
+    out = proc.stdout
+    assert proc.returncode == 0, (out + proc.stderr)[-3000:]
+    table = out.split("part of the profiled steps", 1)[1].split("all ops", 1)[0]
+    shares = {line[:52].strip(): float(line.split()[-1].rstrip("%")) for line in table.splitlines()[1:] if line.strip()}
+    assert "matmul" in shares and abs(sum(shares.values()) - 100) <= len(shares), shares  # each share rounded
+    flops = float(re.search(r"matmul FLOPs per step: ([\d.]+) GFLOP", out).group(1))
+    share, inside = re.search(r"= matmul share of the step (\d+)% x matmul rate inside the step ([\d.]+)", out).groups()
+    assert flops > 0 and abs(int(share) - shares["matmul"]) <= 1 and float(inside) > 0, out
 
 
 def test_the_variable_length_pairs_have_the_stated_long_tailed_lengths_and_tokenize_to_them(tmp_path, monkeypatch):
