@@ -56,6 +56,7 @@ CONFIGS = {  # name: (model, max_length, pairs per step, --set overrides)
     "s512": ("s", 512, 2, []),
     "s512_ckpt": ("s", 512, 2, ["scaling.activation_checkpointing=true"]),
     "s1024": ("s", 1024, 2, []),
+    "s1024_padded": ("s", 1024, 2, ["data.padding_free=false"]),  # the others pack (data.padding_free: auto)
     "s1024_ckpt": ("s", 1024, 2, ["scaling.activation_checkpointing=true"]),
     "s2048_ckpt_precompute": ("s", 2048, 1, ["reference=precompute", "scaling.activation_checkpointing=true"]),
     "s512_lora": ("s", 512, 2, ["model.lora.r=16"]),
