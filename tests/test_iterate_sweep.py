@@ -64,7 +64,8 @@ def test_scaled_down_iterate_experiment_end_to_end(tiny_run_overrides, coin_veri
     path = _scaled_down(tmp_path)
     overrides = [*tiny_run_overrides, f"iterate.rounds={ROUNDS}", f"iterate.verifier={coin_verifier}",
                  "iterate.prompts_per_round=8", f"optim.max_steps={STEPS}", f"eval.every_steps={STEPS}",
-                 f"checkpoint.every_steps={STEPS}", "eval.max_generation_problems=4"]
+                 f"checkpoint.every_steps={STEPS}", "eval.max_generation_problems=4",
+                 "scaling.num_workers=1"]  # 2 workers' sampling and rounds: test_iterate_run
     sweep, base = load_sweep(path, overrides)
     try:
         summary = sweeps.run_sweep(sweep, base)

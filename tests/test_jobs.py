@@ -71,8 +71,9 @@ def _status(env, job_id):
 def test_job_submit_stop_and_resubmit_resumes(head, tiny_run_overrides, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
+    # One worker: the job's path (submit, stop, resubmit, resume) is the same; 2-worker runs are test_ray_run's.
     overrides = [*tiny_run_overrides, "optim.max_steps=120", "checkpoint.every_steps=10", "tracking.log_every_steps=10",
-                 "name=job-run"]
+                 "name=job-run", "scaling.num_workers=1"]
     cfg = load_config(None, overrides)
     (work / "run.yaml").write_text(json.dumps(cfg.model_dump(mode="json")))  # JSON is YAML
     job_id = f"mdpo-test-{os.getpid()}"

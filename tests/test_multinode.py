@@ -24,7 +24,7 @@ pytestmark = pytest.mark.slow
 
 BUCKET = "mdpo-multinode"
 NODE_CPUS = 2  # a node fits both workers of a run: PACK puts them on one node, SPREAD on two
-STEPS, EVERY, LOG_EVERY = 30, 10, 2
+STEPS, EVERY, LOG_EVERY = 30, 10, 5
 
 
 @pytest.fixture(scope="module")

@@ -47,7 +47,9 @@ def _assert_nothing_left(own_ray, grace_s: float = 10.0):
 
 
 def test_a_finished_and_a_failed_run_leave_no_ray_process_behind(tiny_run_overrides, tiny_task, own_ray, tmp_path):
-    finished = _train([*tiny_run_overrides, "name=finished"], own_ray, tmp_path / "finished.log")
+    # One Train worker each: what is left behind is the instance's processes, whatever the number of workers.
+    finished = _train([*tiny_run_overrides, "name=finished", "scaling.num_workers=1"], own_ray,
+                      tmp_path / "finished.log")
     seen = _watch(finished, own_ray, timeout=400)
     assert finished.wait(timeout=60) == 0, (tmp_path / "finished.log").read_text()[-3000:]
     # titles are sampled every 0.5 s: a Train worker is seen in some state, not always inside run_train_fn
@@ -57,8 +59,8 @@ def test_a_finished_and_a_failed_run_leave_no_ray_process_behind(tiny_run_overri
     # The driver's check passes (every row is a good pair); only the workers' tokenizing finds every prompt
     # too long for max_length=4.
     with open(tmp_path / "failed.err", "w") as err:
-        failed = _train([*tiny_run_overrides, "name=failed", "data.max_length=4"], own_ray, tmp_path / "failed.log",
-                        stderr=err)
+        failed = _train([*tiny_run_overrides, "name=failed", "data.max_length=4", "scaling.num_workers=1"], own_ray,
+                        tmp_path / "failed.log", stderr=err)
         _watch(failed, own_ray, timeout=400)
         code = failed.wait(timeout=60)
     err = (tmp_path / "failed.err").read_text()

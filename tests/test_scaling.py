@@ -105,11 +105,11 @@ def test_accumulated_micro_batches_give_the_step_of_one_forward(tiny_task, tiny_
     forwards = []
     original = train_loop.concatenated_logps
     monkeypatch.setattr(train_loop, "concatenated_logps",
-                        lambda model, batch, **kw: forwards.append(batch["input_ids"].shape[0]) or original(
+                        lambda model, batch, **kw: forwards.append(batch["loss_mask"].shape[0]) or original(
                             model, batch, **kw))
     base = _overrides(tiny_run_overrides, "one-forward")
     cfg_one, one = _run_in_process([*base, "optim.micro_batch_size=8"])
-    assert forwards == [16] * 3  # 8 pairs, chosen + rejected rows
+    assert forwards == [16] * 3  # 8 pairs, chosen + rejected sequences (packed, in fewer rows)
     forwards.clear()
     cfg_acc, acc = _run_in_process([*_overrides(tiny_run_overrides, "accumulated"), "optim.micro_batch_size=2"])
     assert forwards == [4] * 12  # 4 micro-batches of 2 pairs a step
