@@ -141,6 +141,19 @@ def test_attention_by_sequence_only_replaces_sdpa_over_full_causal_windows():
     assert not attention.use_for_packing(sliding)
 
 
+def test_attention_by_sequence_reads_the_sequence_bounds_back_once_a_forward(monkeypatch):
+    """On a GPU each read-back waits for the device: the layers of one forward share the bounds of its position_ids
+    (and a new forward reads its own)."""
+    model = _tiny_causal_lm("llama_by_sequence")
+    reads = []
+    read = attention._read_starts
+    monkeypatch.setattr(attention, "_read_starts", lambda *args: reads.append(1) or read(*args))
+    for _ in range(2):  # two batches, as two steps collate them
+        _, packed = _both(_rows(), one_row=True)
+        logps.concatenated_logps(model, packed)[0].sum().backward()
+    assert model.config.num_hidden_layers == 2 and len(reads) == 2  # one a forward, two layers each
+
+
 def test_a_model_attending_by_sequence_generates_what_sdpa_generates():
     """The evaluation and sampling of a packed run: left-padded prompts of different lengths (their padding a
     sequence of its own to attention by sequence), then cached decoding steps (sdpa with its mask)."""

@@ -34,10 +34,7 @@ def sdpa_by_sequence(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
     rows, width = query.shape[0], query.shape[2]
     starts = None
     if position_ids is not None and key.shape[2] == width and not (dropout and module.training):
-        resets = (position_ids.expand(rows, -1)[:, 1:] == 0).nonzero().tolist()  # (row, position - 1) of each restart
-        starts = [[0] for _ in range(rows)]
-        for row, before in resets:
-            starts[row].append(before + 1)
+        starts = sequence_starts(position_ids, rows)
     if not starts or all(len(row) == 1 for row in starts):
         return sdpa_attention_forward(module, query, key, value, attention_mask, position_ids=position_ids,
                                       scaling=scaling, dropout=dropout, **kwargs)
@@ -51,6 +48,28 @@ def sdpa_by_sequence(module: nn.Module, query: torch.Tensor, key: torch.Tensor, 
                                                        value[row : row + 1, :, a:b], is_causal=True, scale=scaling)
             for a, b in itertools.pairwise(bounds)], dim=2))
     return torch.cat(out).transpose(1, 2).contiguous(), None
+
+
+_last: list = [None, None, None]  # position_ids, (its version, rows), its sequence starts: a forward's layers share one
+
+
+def sequence_starts(position_ids: torch.Tensor, rows: int) -> list[list[int]]:
+    """Where each row's sequences start: 0, then every position whose position_id restarts at 0. Read back to the host
+    once per forward, not once per layer: every layer of a forward (and its recomputation under activation
+    checkpointing) gets the same position_ids tensor, and on a GPU each read-back waits for the device."""
+    if _last[0] is position_ids and _last[1] == (position_ids._version, rows):
+        return _last[2]
+    starts = _read_starts(position_ids, rows)
+    _last[:] = [position_ids, (position_ids._version, rows), starts]
+    return starts
+
+
+def _read_starts(position_ids: torch.Tensor, rows: int) -> list[list[int]]:
+    resets = (position_ids.expand(rows, -1)[:, 1:] == 0).nonzero().tolist()  # (row, position - 1) of each restart
+    starts = [[0] for _ in range(rows)]
+    for row, before in resets:
+        starts[row].append(before + 1)
+    return starts
 
 
 def _mask(*args, attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor | None:
