@@ -49,20 +49,14 @@ PARTS = [  # (part, how an op's name tells it), first match wins
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="Every other option is vs_trl.py's, with its defaults: the model (--hidden, "
+                                "--intermediate, --heads, --layers, --vocab), the pairs (--batch, --shots), --threads "
+                                "and --matmul-size.")
     p.add_argument("--config", default="minor_dpo", choices=["minor_dpo", "minor_dpo_precompute", "dpo"],
                    help="a vs_trl.py in-process config")
     p.add_argument("--steps", type=int, default=4, help="profiled steps, after --warmup-steps")
     p.add_argument("--warmup-steps", type=int, default=6)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=256, help="vs_trl.py's model sizes: the hidden size ...")
-    p.add_argument("--intermediate", type=int, default=688, help="... the MLP's inner size")
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=32_000)
-    p.add_argument("--batch", type=int, default=8, help="pairs a step")
-    p.add_argument("--shots", type=int, default=3, help="solved problems before each question (vs_trl.py's --shots)")
-    p.add_argument("--matmul-size", type=int, default=2048, help="n of the n x n matmul rate HFU is a fraction of")
     p.add_argument("--per-tensor-adamw", action="store_true", help="AdamW(fused=False) in the loop, as before "
                    "2026-12-07: the optimizer's share without PyTorch's fused kernel")
     return p
@@ -119,24 +113,22 @@ def _alone_seconds(shapes: list[list[int]], name: str, torch) -> float:
 
 
 def main() -> None:
-    args = _parser().parse_args()
+    args, rest = _parser().parse_known_args()
+    bench = vs_trl._resolve(vs_trl._parser().parse_args(rest))  # the model, pairs and threads: vs_trl.py's options
     import torch
     import torch.profiler
 
     from mdpo_ray.training.train_loop import Worker, train
 
-    torch.set_num_threads(args.threads)
-    bench = vs_trl._resolve(vs_trl._parser().parse_args([
-        "--threads", str(args.threads), "--hidden", str(args.hidden), "--intermediate", str(args.intermediate),
-        "--heads", str(args.heads), "--layers", str(args.layers), "--vocab", str(args.vocab), "--batch",
-        str(args.batch), "--shots", str(args.shots)]))
+    torch.set_num_threads(bench.threads)
     if args.per_tensor_adamw:
         adamw = torch.optim.AdamW
         torch.optim.AdamW = lambda *a, **k: adamw(*a, **k | {"fused": False})
     bench.workdir = Path(tempfile.mkdtemp(prefix="mdpo-step-bound-"))
     bench.window, bench.warmup, bench.windows = 1, args.warmup_steps, args.steps + 1  # a log point every step
     assets = vs_trl.prepare(bench, bench.workdir)
-    rate, n = vs_trl.matmul_rate("cpu", args.matmul_size), args.matmul_size
+    n = bench.matmul_size or 2048  # vs_trl.py's CPU default
+    rate = vs_trl.matmul_rate("cpu", n)
     _, loss, reference = vs_trl.CONFIGS[args.config]
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True,
                                   with_flops=True)
@@ -167,7 +159,7 @@ def main() -> None:
 
     print(f"config {args.config} (vs_trl.py's model and pairs: hidden {bench.hidden}, {bench.layers} layers, vocab "
           f"{bench.vocab}; batch {bench.batch} pairs of ~{assets['tokens_per_pair'] / 2:.0f} tokens a sequence), "
-          f"fp32, {args.threads} torch threads" + (", per-tensor AdamW" if args.per_tensor_adamw else ""))
+          f"fp32, {bench.threads} torch threads" + (", per-tensor AdamW" if args.per_tensor_adamw else ""))
     print(f"{n}x{n} matmul rate: {rate / 1e9:.1f} GFLOP/s")
     print(f"step: {step_s:.3f} s profiled ({args.steps} steps), {statistics.median(plain):.3f} s without the "
           f"profiler (median of the warm-up's steps 2-{first})")
