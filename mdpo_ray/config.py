@@ -63,7 +63,8 @@ class ModelConfig(_Strict):
         "null: the tokenizer's own. The exported tokenizer keeps it.")
     reference: str | None = Field(
         None, description="The frozen reference's weights (hub id, `save_pretrained` directory or s3://, same "
-        "tokenizer); null: `model.name_or_path`. `iterate.reference: initial` sets it to the first round's model in later rounds.")
+        "tokenizer); null: `model.name_or_path`. `iterate.reference: initial` sets it to the first round's model in "
+        "later rounds.")
     trust_remote_code: bool = Field(False, description="Passed to transformers when loading the model, its config "
                                     "and the tokenizer: runs the repository's own Python code.")
     attn_implementation: str | None = Field(
