@@ -2,15 +2,21 @@
 and rerun: round 0 is skipped (its pairs are not resampled), round 1 trains from round 0's export. The run keeps
 everything on object storage (an S3 server on 127.0.0.1), as on nodes without a shared file system: round 1's
 samplers and workers load round 0's export and read its pairs from the bucket. Its prompts are conversations
-(messages rendered by model.chat_template), so the rounds' pairs are too. Rounds on text prompts into a local
-directory run end to end in tests/test_iterate_sweep.py."""
+(messages rendered by model.chat_template), so the rounds' pairs are too. The rounds train LoRA adapters with
+`export.lora: adapter`: each round exports its merged model (the next round's start) and its adapter, and the run's
+export is the rounds' adapters stacked into one over the initial model, which must compute the last round's policy.
+Full fine-tuning rounds on text prompts into a local directory run end to end in tests/test_iterate_sweep.py."""
 
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
+import torch
 from conftest import s3_server
 from mlflow.tracking import MlflowClient
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
 
 from mdpo_ray import storage
 from mdpo_ray.config import load_config
@@ -65,6 +71,7 @@ def test_two_rounds_sample_with_actors_track_in_mlflow_and_resume_at_the_round(t
                                   f"iterate.rounds={rounds}", f"iterate.verifier={coin_verifier}",
                                   "iterate.prompts_per_round=8", "iterate.samples_per_prompt=4",
                                   "optim.max_steps=2", "eval.max_generation_problems=4", f"output_dir=s3://{BUCKET}/runs",
+                                  "model.lora.r=4", "model.lora.alpha=8", "export.lora=adapter",
                                   f"tracking.mlflow_uri=sqlite:///{tmp_path}/mlflow.db"])
 
     def versions(key):  # how often an object was written (the bucket keeps every version)
@@ -86,11 +93,27 @@ def test_two_rounds_sample_with_actors_track_in_mlflow_and_resume_at_the_round(t
             cluster.stop_ray()
         assert [versions(key) for key in files] == [1, 1, 1]  # round 0 neither resampled nor retrained
         round_1 = store.load_done(store.round_location(second.config.run_location, 1))
-        assert round_1["start_model"] == store.load_done(round_0)["export"] == first.export_dir
-        assert first.export_dir.startswith(f"s3://{BUCKET}/runs/") and storage.is_file(
-            storage.join(first.export_dir, "model.safetensors"))
-        assert second.export_dir == round_1["export"] and round_1["metrics"]["step"] == 2
+        round_0_export = store.load_done(round_0)["export"]
+        assert round_1["start_model"] == round_0_export and round_1["metrics"]["step"] == 2
+        assert storage.is_file(storage.join(round_0_export, "model.safetensors"))  # merged: round 1's start
+        # The run's export, rewritten by the rerun: one adapter of both rounds, over the model round 0 started from.
+        assert first.export_dir == second.export_dir == storage.join(second.config.run_location, "export")
+        assert first.export_dir.startswith(f"s3://{BUCKET}/runs/") and versions(
+            storage.join(first.export_dir, "adapter_model.safetensors").split(f"{BUCKET}/", 1)[1]) == 2
+        stacked = Path(storage.staged(second.export_dir))
+        last_merged = storage.staged(round_1["export"])
         pairing = store.load_pairing(store.round_location(second.config.run_location, 1))
+    config = json.loads((stacked / "adapter_config.json").read_text())
+    assert (config["r"], config["lora_alpha"]) == (8, 16)  # two rounds of r=4, alpha=8: the scale kept
+    assert not (stacked / "model.safetensors").exists() and (stacked / "tokenizer_config.json").is_file()
+    input_ids = torch.arange(24).reshape(2, 12) % 16  # within the character vocabulary
+    with torch.no_grad():
+        from_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_task["model"]),
+                                                 stacked)(input_ids=input_ids).logits
+        merged = AutoModelForCausalLM.from_pretrained(last_merged)(input_ids=input_ids).logits
+        initial = AutoModelForCausalLM.from_pretrained(tiny_task["model"])(input_ids=input_ids).logits
+    torch.testing.assert_close(from_adapter, merged, rtol=0, atol=1e-5)
+    assert not torch.allclose(initial, merged, atol=1e-4)  # the rounds trained
     assert 0 < len(pairing.pairs) <= 8 and pairing.samples == 32
     assert all(pair["prompt"][0]["role"] == "user" and pair["chosen"][0]["role"] == "assistant"
                for pair in pairing.pairs)  # conversations in, conversations out
