@@ -72,7 +72,7 @@ def configuration_page() -> str:
     out = [
         "# Configuration reference",
         "",
-        _GENERATED.format(sources="`mdpo_ray/config.py` and `mdpo_ray/sweep_config.py`"),
+        _GENERATED.format(sources="`mdpo_ray/config/` and `mdpo_ray/sweep_config.py`"),
         "",
         ("A run is one YAML file of nested sections (`loss: {beta: 0.3}`) plus `--set key=value` overrides with the "
         "dotted keys below (`--set loss.beta=0.3`; the value is read as YAML); `mdpo-ray config` prints the resolved "
