@@ -61,9 +61,9 @@ class ActorGenerator:
         return [completions for part in ray.get(futures) for completions in part]
 
 
-def sample_pairs(cfg: RunConfig, start_model: str, rows: list[dict], verifier: Verifier, round_index: int) -> Pairing:
-    """Round `round_index`'s pairs, sampled by one actor per Train worker's resources (a lost actor is restarted
-    once), which are let go before the round trains."""
+def start_samplers(cfg: RunConfig, start_model: str) -> list:
+    """One sampling actor of `start_model` per Train worker's resources. A lost actor (its process killed, its node
+    gone) is restarted once, and the share it was sampling is sampled again, the same, since a share is seeded."""
     scaling = cfg.scaling
     # Outside any enclosing placement group: a Tune trial's captures its child actors by default, and holds only
     # the trial driver's token CPU (mdpo_ray.sweep), where a sampler would wait forever.
@@ -71,9 +71,15 @@ def sample_pairs(cfg: RunConfig, start_model: str, rows: list[dict], verifier: V
                "max_restarts": 1, "max_task_retries": 1,
                "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None)}
     model = cfg.model.model_dump(mode="json") | {"name_or_path": start_model, "reference": None}
-    actors = [Sampler.options(**options).remote(model, use_gpu=scaling.use_gpu, max_new_tokens=cfg.eval.max_new_tokens,
-                                                batch_size=cfg.eval.generation_batch_size)
-              for _ in range(scaling.num_workers)]
+    return [Sampler.options(**options).remote(model, use_gpu=scaling.use_gpu, max_new_tokens=cfg.eval.max_new_tokens,
+                                              batch_size=cfg.eval.generation_batch_size)
+            for _ in range(scaling.num_workers)]
+
+
+def sample_pairs(cfg: RunConfig, start_model: str, rows: list[dict], verifier: Verifier, round_index: int) -> Pairing:
+    """Round `round_index`'s pairs, sampled by the round's actors (start_samplers), which are let go before the
+    round trains."""
+    actors = start_samplers(cfg, start_model)
     try:
         return sample_round(ActorGenerator(actors), rows, cfg.iterate, verifier, seed=cfg.seed,
                             round_index=round_index)

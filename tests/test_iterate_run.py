@@ -136,3 +136,32 @@ def test_two_rounds_sample_with_actors_track_in_mlflow_and_resume_at_the_round(t
     accuracy = {m.step: m.value for m in client.get_metric_history(second.mlflow_run_id, "eval/answer_accuracy")}
     assert sorted(accuracy) == [0, 2, 4] and accuracy[4] == round_1["metrics"]["eval/answer_accuracy"]
 
+
+
+def test_a_lost_sampling_actor_is_restarted_and_samples_its_share_again_the_same(tiny_task, tiny_run_overrides):
+    """A sampler's process killed while its share is asked of it: Ray restarts the actor (it loads the policy
+    again) and runs the share on it, which gives what the lost one would have, since a share is seeded."""
+    import os
+    import signal
+
+    import ray
+
+    from mdpo_ray import cluster
+    from mdpo_ray.launch_rounds import start_samplers
+
+    cfg = load_config(None, [*tiny_run_overrides, "scaling.num_workers=1", "eval.max_new_tokens=6"])
+    prompts = [json.loads(line)["prompt"] for line in tiny_task["train"].read_text().splitlines()[:3]]
+    ray.shutdown()
+    cluster.init_ray(use_gpu=False)
+    try:
+        [actor] = start_samplers(cfg, str(tiny_task["model"]))
+        pid = lambda: ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=120)
+        sample = lambda: actor.sample.remote(prompts, n=2, temperature=1.0, seed=7)
+        expected, first_pid = ray.get(sample(), timeout=120), pid()
+        pending = sample()
+        os.kill(first_pid, signal.SIGKILL)
+        assert ray.get(pending, timeout=120) == expected
+        assert pid() != first_pid  # a new process: the actor was restarted, not the call answered before the kill
+    finally:
+        cluster.stop_ray()
+    assert len(expected) == 3 and all(len(completions) == 2 for completions in expected)
