@@ -13,16 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 from mdpo_ray.config import BuiltinTaskConfig
 from mdpo_ray.task import arith
-from mdpo_ray.task.builtin import (
-    MARKER,
-    SFT_EVAL_PROBLEMS,
-    SFT_SCREEN_PROBLEMS,
-    _sft_backward,
-    _sft_tensors,
-    cache_key,
-    prepare_builtin,
-)
+from mdpo_ray.task.builtin import MARKER, cache_key, prepare_builtin
 from mdpo_ray.task.generation import extract_answer, greedy_answer_accuracy
+from mdpo_ray.task.sft import SFT_EVAL_PROBLEMS, SFT_SCREEN_PROBLEMS, _sft_backward, _sft_tensors
 
 TINY = dict(
     n_layers=1, hidden_size=32, n_heads=2, intermediate_size=64, n_sft_problems=200, n_pref_pairs=20,
@@ -202,7 +195,7 @@ def test_a_busy_core_is_left_to_the_process_using_it():
     import subprocess
     import sys
 
-    from mdpo_ray.task.builtin import _cpu_mark, _free_cores
+    from mdpo_ray.task.sft import _cpu_mark, _free_cores
 
     busy = subprocess.Popen([sys.executable, "-c", "import time\nend = time.time() + 3\nwhile time.time() < end: pass"])
     try:

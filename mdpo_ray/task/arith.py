@@ -14,7 +14,7 @@ Rejected answers come in two kinds:
   on_policy    sampled from the SFT model itself and judged wrong (builtin.py fills these in: they need
                the trained model), where preference learning should beat plain SFT if it does at all.
 
-Pure Python apart from the tokenizer and model config; no training here (see builtin.py).
+Pure Python apart from the tokenizer and model config; no training here (see sft.py).
 """
 
 from __future__ import annotations
