@@ -2,7 +2,7 @@
 
 Every search key and every value it can take is checked against the run schema at load time, so a
 typo (`loss.betta`) or an impossible value (`loss.reject_threshold: {grid: [0.5]}`) fails before Ray
-is asked for anything. No Ray import here: the Tune objects are built in sweep.py.
+is asked for anything. No Ray import here: the Tune objects are built in sweep.py and sweep_trial.py.
 """
 
 from __future__ import annotations

@@ -47,7 +47,8 @@ def test_interrupted_sweep_resumes_keeping_finished_trials(tiny_run_overrides, t
     overrides = [*tiny_run_overrides, f"optim.max_steps={steps}", "checkpoint.every_steps=5", "scaling.num_workers=1"]
     command = [sys.executable, "-m", "mdpo_ray", "sweep", str(path), *[a for o in overrides for a in ("--set", o)]]
     sweep, base = load_sweep(path, overrides)
-    from mdpo_ray.sweep import _in_trial, shared_run_keys
+    from mdpo_ray.sweep import shared_run_keys
+    from mdpo_ray.sweep_trial import _in_trial
 
     cfg = trial_config(base, shared_run_keys(sweep, base) | {"name": "x"})
     assert _in_trial(sweep, cfg)

@@ -97,7 +97,8 @@ def test_search_algorithm_and_scheduler_become_tune_objects(tmp_path):
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from mdpo_ray.sweep import _domain, _max_reports, _tune_config
+    from mdpo_ray.sweep import _domain
+    from mdpo_ray.sweep_trial import _max_reports, _tune_config
 
     path = _write(tmp_path, """
 name: tuned
@@ -141,7 +142,7 @@ space:
 def test_run_variants_span_sections_and_iterate_trials_go_through_ray_train(tmp_path):
     """space.run lists variants of the whole run config (loss + iterate + optim at once); an iterate variant sends
     every trial through Ray Train, and ASHA's max_t covers every round's reports."""
-    from mdpo_ray.sweep import _in_trial, _max_reports
+    from mdpo_ray.sweep_trial import _in_trial, _max_reports
 
     path = _write(tmp_path, """
 name: recipes
