@@ -66,7 +66,7 @@ def start_samplers(cfg: RunConfig, start_model: str) -> list:
     gone) is restarted once, and the share it was sampling is sampled again, the same, since a share is seeded."""
     scaling = cfg.scaling
     # Outside any enclosing placement group: a Tune trial's captures its child actors by default, and holds only
-    # the trial driver's token CPU (mdpo_ray.sweep), where a sampler would wait forever.
+    # the trial driver's token CPU (mdpo_ray.sweep_trial), where a sampler would wait forever.
     options = {"num_cpus": scaling.cpus_per_worker, "num_gpus": scaling.gpus_per_worker if scaling.use_gpu else 0,
                "max_restarts": 1, "max_task_retries": 1,
                "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None)}
