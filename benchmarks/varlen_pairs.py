@@ -78,7 +78,7 @@ def layouts(lengths: list[tuple[int, int, int]], *, batch_size: int, micro_batch
     {layout: (real tokens / token positions computed, sum of rows x width^2 relative to padded's)}.
     The second is what sdpa and eager attention cost, dense over a row whatever its mask."""
     from mdpo_ray.data.pairs import collate_pairs, real_tokens
-    from mdpo_ray.training.train_loop import micro_batches
+    from mdpo_ray.training.schedule import micro_batches
 
     rows = [{"prompt_input_ids": [1] * p, "chosen_input_ids": [2] * c, "rejected_input_ids": [3] * r}
             for p, c, r in lengths]

@@ -4,7 +4,7 @@
     python benchmarks/varlen_step.py --micro-batch 2 --rounds 5
 
 Each round runs every layout once on the same global batch of benchmarks/varlen_pairs.py's pairs (the
-step's micro-batches as the training loop cuts them, mdpo_ray.training.train_loop.micro_batches):
+step's micro-batches as the training loop cuts them, mdpo_ray.training.schedule.micro_batches):
 per micro-batch the policy's forward and backward and a resident reference's forward, through
 mdpo_ray.training.logps.concatenated_logps as the loop calls it. Layouts alternate within a round, so
 a shared machine's drift hits them alike; the median round is reported, as wall seconds and as CPU
@@ -27,7 +27,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from mdpo_ray.data.pairs import collate_pairs, real_tokens
 from mdpo_ray.training.logps import concatenated_logps, device_batch
 from mdpo_ray.training.losses import LOSSES
-from mdpo_ray.training.train_loop import micro_batches
+from mdpo_ray.training.schedule import micro_batches
 
 LAYOUTS = {"padded": (False, False), "grouped": (True, False), "packed": (False, True),
            "grouped+packed": (True, True)}  # name: (group_by_length, padding_free)

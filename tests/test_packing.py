@@ -6,7 +6,7 @@ import torch
 from mdpo_ray.config import ConfigError, load_config
 from mdpo_ray.data.pairs import collate_pairs, real_tokens
 from mdpo_ray.training import attention, logps
-from mdpo_ray.training.train_loop import batch_indices, micro_batches
+from mdpo_ray.training.schedule import batch_indices, micro_batches
 
 # (prompt, chosen, rejected) tokens of 4 pairs: 1 to 131 tokens a sequence, a 100x spread within a batch.
 SPANS = [(2, 90, 3), (60, 1, 40), (5, 7, 126), (1, 2, 2)]

@@ -10,7 +10,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mdpo_ray.config import load_config
 from mdpo_ray.training import distributed, reference, train_loop
-from mdpo_ray.training.train_loop import Worker, batch_indices, train
+from mdpo_ray.training.schedule import batch_indices
+from mdpo_ray.training.train_loop import Worker, train
 
 
 class Recorder:

@@ -7,19 +7,17 @@ backward, clip, step, reduce, log, report, checkpoint; then export. (nanoGPT `tr
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 
 import torch
 
 from mdpo_ray import storage
-from mdpo_ray.config import OptimConfig, RunConfig
+from mdpo_ray.config import RunConfig
 from mdpo_ray.data.pairs import collate_pairs, load_train_eval, pair_lengths, real_tokens
 from mdpo_ray.tracking.mlflow_runs import EXPORT_PATH_TAG, EXPORT_URI_TAG, STOP_REASON_TAG, WORKER_NODES_TAG
 from mdpo_ray.tracking.sinks import MetricSink, NullSink
@@ -31,6 +29,7 @@ from mdpo_ray.training.losses import LOSSES, with_chosen_nll
 from mdpo_ray.training.metrics import EVAL_PREFIX, EVAL_START_PREFIX, data_tags, pair_metrics
 from mdpo_ray.training.model import export_pretrained, load_causal_lm, load_tokenizer
 from mdpo_ray.training.model_card import RunFacts, write_model_card
+from mdpo_ray.training.schedule import lr_at, micro_batches
 
 STATE_FILE = "trainer_state.json"
 
@@ -49,57 +48,6 @@ class Worker:
 
 class NonFiniteError(RuntimeError):
     pass
-
-
-@lru_cache(maxsize=4)
-def _epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-
-
-def batch_indices(step: int, *, n: int, batch_size: int, seed: int, rank: int, world: int) -> list[int]:
-    """This rank's slice of global batch `step` (1-based) in an endless stream of seeded epochs.
-
-    The data position is a pure function of the step, so a resumed run sees exactly the batches an
-    uninterrupted one would, and 1 or N workers see the same global batches.
-    """
-    per_rank = batch_size // world
-    positions = range((step - 1) * batch_size + rank * per_rank, (step - 1) * batch_size + (rank + 1) * per_rank)
-    return [int(_epoch_order(n, seed, p // n)[p % n]) for p in positions]
-
-
-def micro_batches(step: int, *, n: int, batch_size: int, micro_batch_size: int, seed: int, rank: int, world: int,
-                  lengths: list[int] | None = None) -> list[list[int]]:
-    """This rank's micro-batches of global batch `step`: its batch_indices slice cut in order, or, given
-    `lengths` (each pair's longer sequence, data.group_by_length), the whole global batch sorted by length,
-    cut into micro-batches and dealt to the ranks in turn.
-
-    Grouped, each rank still gets batch_size / world pairs and the global batch is the same set of pairs,
-    so the step's loss (the sum over the global batch over its size) and gradient do not change; its order
-    is a function of the step, so a resumed run sees what an uninterrupted one would. Dealing in turn gives
-    the ranks micro-batches of about the same length at each accumulation step: they wait on each other
-    inside every forward (FSDP's all-gathers).
-    """
-    if lengths is None:
-        indices = batch_indices(step, n=n, batch_size=batch_size, seed=seed, rank=rank, world=world)
-        return ref.batches(indices, micro_batch_size)
-    everything = batch_indices(step, n=n, batch_size=batch_size, seed=seed, rank=0, world=1)
-    ordered = sorted(everything, key=lambda i: lengths[i])  # stable: equal lengths keep the seeded order
-    return ref.batches(ordered, micro_batch_size)[rank::world]
-
-
-def lr_at(cfg: OptimConfig, step: int) -> float:
-    """The learning rate of step `step` (1-based): a linear warm-up over `warmup_steps`, then the schedule.
-    A function of the step alone, so a resumed run and a skipped non-finite step keep to the schedule
-    with no scheduler state to save or to step."""
-    done = step - 1  # steps before this one
-    if done < cfg.warmup_steps:
-        return cfg.lr * (done + 1) / (cfg.warmup_steps + 1)
-    progress = (done - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-    if cfg.schedule == "linear":
-        return cfg.lr * max(0.0, 1.0 - progress)
-    if cfg.schedule == "cosine":
-        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-    return cfg.lr
 
 
 def _setup(cfg: RunConfig, worker: Worker):
