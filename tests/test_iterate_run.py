@@ -56,11 +56,29 @@ def _as_conversations(source, target):
     return target
 
 
-def test_two_rounds_sample_with_actors_track_in_mlflow_and_resume_at_the_round(tiny_task, tiny_run_overrides,
-                                                                              coin_verifier, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def s3_ray(tmp_path_factory):
+    """A versioned bucket on an S3 server, and a local Ray instance started after its settings are set, so its
+    workers inherit them, as they inherit TMPDIR, where a node's copies of the bucket's models go. Shared by the
+    module's tests: one Ray start-up, not one per test."""
     import ray
 
-    from mdpo_ray import cluster, launch
+    from mdpo_ray import cluster
+
+    ray.shutdown()
+    with s3_server(BUCKET) as client, pytest.MonkeyPatch.context() as env:
+        env.setenv("TMPDIR", str(tmp_path_factory.mktemp("node")))
+        client.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
+        cluster.init_ray(use_gpu=False)
+        try:
+            yield client
+        finally:
+            cluster.stop_ray()
+
+
+def test_two_rounds_sample_with_actors_track_in_mlflow_and_resume_at_the_round(s3_ray, tiny_task, tiny_run_overrides,
+                                                                              coin_verifier, tmp_path):
+    from mdpo_ray import launch
 
     conversations = _as_conversations(tiny_task["train"], tmp_path / "conversations.jsonl")
     (tmp_path / "chat.jinja").write_text(CHAT_TEMPLATE)
@@ -77,32 +95,25 @@ def test_two_rounds_sample_with_actors_track_in_mlflow_and_resume_at_the_round(t
     def versions(key):  # how often an object was written (the bucket keeps every version)
         return len(client.list_object_versions(Bucket=BUCKET, Prefix=key).get("Versions", []))
 
-    ray.shutdown()  # Ray starts below with the S3 settings, which its workers inherit
-    monkeypatch.setenv("TMPDIR", str(tmp_path / "node"))  # where the workers' copies of round 0's export go
-    (tmp_path / "node").mkdir()
-    with s3_server(BUCKET) as client:
-        client.put_bucket_versioning(Bucket=BUCKET, VersioningConfiguration={"Status": "Enabled"})
-        try:
-            first = launch.train(cfg(1))  # stopped after round 0, as a kill between the rounds would leave it
-            round_0 = store.round_location(first.config.run_location, 0)
-            files = [storage.join(round_0, name).split(f"{BUCKET}/", 1)[1]
-                     for name in (store.PAIRS_FILE, store.PAIRING_FILE, store.DONE_FILE)]
-            assert [versions(key) for key in files] == [1, 1, 1]
-            second = launch.train(cfg(2))
-        finally:
-            cluster.stop_ray()
-        assert [versions(key) for key in files] == [1, 1, 1]  # round 0 neither resampled nor retrained
-        round_1 = store.load_done(store.round_location(second.config.run_location, 1))
-        round_0_export = store.load_done(round_0)["export"]
-        assert round_1["start_model"] == round_0_export and round_1["metrics"]["step"] == 2
-        assert storage.is_file(storage.join(round_0_export, "model.safetensors"))  # merged: round 1's start
-        # The run's export, rewritten by the rerun: one adapter of both rounds, over the model round 0 started from.
-        assert first.export_dir == second.export_dir == storage.join(second.config.run_location, "export")
-        assert first.export_dir.startswith(f"s3://{BUCKET}/runs/") and versions(
-            storage.join(first.export_dir, "adapter_model.safetensors").split(f"{BUCKET}/", 1)[1]) == 2
-        stacked = Path(storage.staged(second.export_dir))
-        last_merged = storage.staged(round_1["export"])
-        pairing = store.load_pairing(store.round_location(second.config.run_location, 1))
+    client = s3_ray
+    first = launch.train(cfg(1))  # stopped after round 0, as a kill between the rounds would leave it
+    round_0 = store.round_location(first.config.run_location, 0)
+    files = [storage.join(round_0, name).split(f"{BUCKET}/", 1)[1]
+             for name in (store.PAIRS_FILE, store.PAIRING_FILE, store.DONE_FILE)]
+    assert [versions(key) for key in files] == [1, 1, 1]
+    second = launch.train(cfg(2))
+    assert [versions(key) for key in files] == [1, 1, 1]  # round 0 neither resampled nor retrained
+    round_1 = store.load_done(store.round_location(second.config.run_location, 1))
+    round_0_export = store.load_done(round_0)["export"]
+    assert round_1["start_model"] == round_0_export and round_1["metrics"]["step"] == 2
+    assert storage.is_file(storage.join(round_0_export, "model.safetensors"))  # merged: round 1's start
+    # The run's export, rewritten by the rerun: one adapter of both rounds, over the model round 0 started from.
+    assert first.export_dir == second.export_dir == storage.join(second.config.run_location, "export")
+    assert first.export_dir.startswith(f"s3://{BUCKET}/runs/") and versions(
+        storage.join(first.export_dir, "adapter_model.safetensors").split(f"{BUCKET}/", 1)[1]) == 2
+    stacked = Path(storage.staged(second.export_dir))
+    last_merged = storage.staged(round_1["export"])
+    pairing = store.load_pairing(store.round_location(second.config.run_location, 1))
     config = json.loads((stacked / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"]) == (8, 16)  # two rounds of r=4, alpha=8: the scale kept
     assert not (stacked / "model.safetensors").exists() and (stacked / "tokenizer_config.json").is_file()
@@ -138,7 +149,7 @@ def test_two_rounds_sample_with_actors_track_in_mlflow_and_resume_at_the_round(t
 
 
 
-def test_a_lost_sampling_actor_is_restarted_and_samples_its_share_again_the_same(tiny_task, tiny_run_overrides):
+def test_a_lost_sampling_actor_is_restarted_and_samples_its_share_again_the_same(s3_ray, tiny_task, tiny_run_overrides):
     """A sampler's process killed while its share is asked of it: Ray restarts the actor (it loads the policy
     again) and runs the share on it, which gives what the lost one would have, since a share is seeded."""
     import os
@@ -146,22 +157,19 @@ def test_a_lost_sampling_actor_is_restarted_and_samples_its_share_again_the_same
 
     import ray
 
-    from mdpo_ray import cluster
     from mdpo_ray.launch_rounds import start_samplers
 
     cfg = load_config(None, [*tiny_run_overrides, "scaling.num_workers=1", "eval.max_new_tokens=6"])
     prompts = [json.loads(line)["prompt"] for line in tiny_task["train"].read_text().splitlines()[:3]]
-    ray.shutdown()
-    cluster.init_ray(use_gpu=False)
+    [actor] = start_samplers(cfg, str(tiny_task["model"]))
+    pid = lambda: ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=120)
+    sample = lambda: actor.sample.remote(prompts, n=2, temperature=1.0, seed=7)
     try:
-        [actor] = start_samplers(cfg, str(tiny_task["model"]))
-        pid = lambda: ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=120)
-        sample = lambda: actor.sample.remote(prompts, n=2, temperature=1.0, seed=7)
         expected, first_pid = ray.get(sample(), timeout=120), pid()
         pending = sample()
         os.kill(first_pid, signal.SIGKILL)
         assert ray.get(pending, timeout=120) == expected
         assert pid() != first_pid  # a new process: the actor was restarted, not the call answered before the kill
     finally:
-        cluster.stop_ray()
+        ray.kill(actor)
     assert len(expected) == 3 and all(len(completions) == 2 for completions in expected)
