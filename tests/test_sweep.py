@@ -43,7 +43,7 @@ def test_interrupted_sweep_resumes_keeping_finished_trials(tiny_run_overrides, t
     path.write_text(SWEEP.format(name="resumable").replace("cpus_per_worker: 0.45", "cpus_per_worker: 1.5")  # one at a time
                     .replace("grid: [0.0, -1.0]", "grid: [0.0]")
                     .replace("reference: precompute", "reference: resident"))  # test_evidence covers sharing
-    steps = 60  # an in-trial step is quick: enough of them to interrupt one mid-run
+    steps = 30  # an in-trial step is quick: enough of them to interrupt one mid-run
     overrides = [*tiny_run_overrides, f"optim.max_steps={steps}", "checkpoint.every_steps=5", "scaling.num_workers=1"]
     command = [sys.executable, "-m", "mdpo_ray", "sweep", str(path), *[a for o in overrides for a in ("--set", o)]]
     sweep, base = load_sweep(path, overrides)
