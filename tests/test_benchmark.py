@@ -89,3 +89,34 @@ def test_the_variable_length_pairs_have_the_stated_long_tailed_lengths_and_token
     # The benchmark's layout figures: a padded forward of 8 pairs is mostly padding, a packed one is not.
     figures = varlen_pairs.layouts(lengths[:64], batch_size=8, micro_batch_size=8, steps=8)
     assert figures["padded"][0] < 0.6 and figures["packed"][0] > 0.85 and figures["packed"][1] < 0.6
+
+
+def test_the_step_benchmark_packs_as_a_packed_run_does_and_stops_when_the_layouts_losses_differ(monkeypatch, capsys):
+    """benchmarks/varlen_step.py (the step on variable-length pairs, the first GPU check of packing): its packed
+    layouts run models switched to attention by sequence, one row a forward, and it exits 1 when a layout's loss
+    is not the padded one's."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import varlen_step
+
+    argv = ["varlen_step.py", "--hidden", "64", "--layers", "2", "--vocab", "500", "--batch", "4", "--micro-batch",
+            "2", "--rounds", "1", "--max-length", "256", "--threads", str(torch.get_num_threads())]
+    monkeypatch.setattr(sys, "argv", argv)
+    varlen_step.main()
+    out = capsys.readouterr().out
+    assert "cpu fp32" in out and "packed rows attend sequence by sequence" in out, out
+    for name in varlen_step.LAYOUTS:
+        assert re.search(rf"^{re.escape(name)} +[\d.]+ s wall", out, re.MULTILINE), (name, out)
+    assert "losses agree to" in out and "NOT EXACT" not in out, out
+
+    step = varlen_step.step
+
+    def off_when_packed(*args):  # as a packed forward that let sequences see their neighbours would be
+        loss, tokens = step(*args)
+        return loss + 1e-3 * args[4], tokens
+
+    monkeypatch.setattr(varlen_step, "step", off_when_packed)
+    with pytest.raises(SystemExit, match="1"):
+        varlen_step.main()
+    assert "NOT EXACT" in capsys.readouterr().out
