@@ -2,6 +2,7 @@
 MLflow store) and the reference model a run loads."""
 
 import os
+from types import SimpleNamespace
 
 import pytest
 
@@ -120,8 +121,6 @@ def test_a_round_without_a_pair_is_an_error_naming_the_keys(rounds):
 
 
 def test_actors_sample_contiguous_shares_in_prompt_order_each_seeded_apart(monkeypatch):
-    from types import SimpleNamespace
-
     from mdpo_ray import launch_rounds
 
     seeds = []
@@ -138,6 +137,31 @@ def test_actors_sample_contiguous_shares_in_prompt_order_each_seeded_apart(monke
     assert out == [["a:p0"] * 2, ["a:p1"] * 2, ["b:p2"] * 2, ["b:p3"] * 2, ["c:p4"] * 2]
     assert len(set(seeds)) == 3
     assert generator.sample(["p0"], n=1, temperature=1.0, seed=7) == [["a:p0"]]  # idle actors get nothing
+
+
+@pytest.mark.parametrize("use_gpu", [False, True])
+def test_a_round_starts_one_sampler_per_worker_with_a_workers_resources(iterate_cfg, monkeypatch, use_gpu):
+    """On GPUs the samplers are the same actors, each holding a worker's GPU (and loading the policy onto it),
+    restarted once if lost; outside the caller's placement group, where a Tune trial would starve them."""
+    from mdpo_ray import launch_rounds
+
+    started = []
+
+    class Sampler:
+        @staticmethod
+        def options(**options):
+            return SimpleNamespace(remote=lambda model, **kwargs: started.append((options, model, kwargs)) or "actor")
+
+    monkeypatch.setattr(launch_rounds, "Sampler", Sampler)
+    cfg = iterate_cfg("scaling.num_workers=2", "scaling.cpus_per_worker=4", f"scaling.use_gpu={use_gpu}",
+                      "scaling.gpus_per_worker=1", "eval.max_new_tokens=7", "model.reference=/models/ref")
+    assert launch_rounds.start_samplers(cfg, "/runs/round_0/export") == ["actor"] * 2
+    options, model, kwargs = started[0]
+    assert (options["num_cpus"], options["num_gpus"]) == (4, 1 if use_gpu else 0)
+    assert (options["max_restarts"], options["max_task_retries"]) == (1, 1)
+    assert options["scheduling_strategy"].placement_group is None
+    assert model["name_or_path"] == "/runs/round_0/export" and model["reference"] is None  # samplers need no reference
+    assert kwargs == {"use_gpu": use_gpu, "max_new_tokens": 7, "batch_size": cfg.eval.generation_batch_size}
 
 
 def test_the_summary_says_rounds_and_compares_round_0_start_with_the_last_round(iterate_cfg, tmp_path):
