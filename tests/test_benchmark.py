@@ -93,8 +93,8 @@ def test_the_variable_length_pairs_have_the_stated_long_tailed_lengths_and_token
 
 def test_the_step_benchmark_packs_as_a_packed_run_does_and_stops_when_the_layouts_losses_differ(monkeypatch, capsys):
     """benchmarks/varlen_step.py (the step on variable-length pairs, the first GPU check of packing): its packed
-    layouts run models switched to attention by sequence, one row a forward, and it exits 1 when a layout's loss
-    is not the padded one's."""
+    layouts run models switched to attention by sequence, one row a forward, and it exits 1 when a layout's
+    per-pair log-probs are not the padded one's."""
     import torch
 
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
@@ -108,15 +108,41 @@ def test_the_step_benchmark_packs_as_a_packed_run_does_and_stops_when_the_layout
     assert "cpu fp32" in out and "packed rows attend sequence by sequence" in out, out
     for name in varlen_step.LAYOUTS:
         assert re.search(rf"^{re.escape(name)} +[\d.]+ s wall", out, re.MULTILINE), (name, out)
-    assert "losses agree to" in out and "NOT EXACT" not in out, out
+    assert "per-pair log-probs agree with padded's to" in out and "NOT EXACT" not in out, out
 
     step = varlen_step.step
 
     def off_when_packed(*args):  # as a packed forward that let sequences see their neighbours would be
-        loss, tokens = step(*args)
-        return loss + 1e-3 * args[4], tokens
+        loss, tokens, logps = step(*args)
+        return loss, tokens, logps * (1 + 1e-3 * args[4])
 
     monkeypatch.setattr(varlen_step, "step", off_when_packed)
     with pytest.raises(SystemExit, match="1"):
         varlen_step.main()
     assert "NOT EXACT" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_the_gpu_checks_are_steps_whose_options_their_scripts_accept():
+    """benchmarks/gpu_checks.sh, what a machine with a GPU runs first: each step's command line parses as its
+    script reads it (gpu.sh's through vs_trl.py's own --check-args, which needs no GPU)."""
+    env = os.environ | {"PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
+    listed = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_checks.sh"), "--list"], capture_output=True,
+                            text=True, timeout=30, check=True, env=env).stdout.splitlines()
+    assert [line.split()[0] for line in listed] == ["packing_exact", "packing_bf16", "vs_trl", "vs_trl_varlen", "memory"]
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        for line in listed:
+            name, limit, *command = line.split()
+            assert 60 <= int(limit) <= 150, name
+            if command[0].endswith("gpu.sh"):
+                checked = subprocess.run(["bash", str(ROOT / command[0]), *command[1:], "--check-args"],
+                                         capture_output=True, text=True, timeout=120, check=False, env=env)
+                assert checked.returncode == 0, (name, checked.stdout[-2000:] + checked.stderr[-2000:])
+                assert json.loads(checked.stdout)["device"] == "cuda", name
+            else:
+                assert command[0] == sys.executable and "--device" in command, name
+                script = __import__(Path(command[1]).stem)
+                assert script._parser().parse_args(command[2:]).device == "cuda", name
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
