@@ -13,7 +13,8 @@ sequence, mdpo_ray.training.attention) and a forward's sequences are one row; th
 copies left as loaded. Layouts alternate within a round, so a shared machine's drift hits them alike; the
 median round is reported, as wall seconds and as CPU seconds of this process (steadier than wall time when
 other work shares the cores; on a GPU, the host's), with real tokens (padding not counted) per second of
-each, and on a GPU each layout's peak allocated memory. It exits 1 unless every layout gives each pair the
+each, and on a GPU each layout's peak allocated memory (which holds both copies of the models: compare the
+layouts' differences, not the figures with a run's). It exits 1 unless every layout gives each pair the
 padded layout's log-probs (relative; fp32: to 1e-5, --bf16 autocast: to 1e-2).
 
 vs_trl.py --varlen measures whole runs against TRL; this isolates the step, quickly.
