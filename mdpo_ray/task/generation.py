@@ -122,7 +122,9 @@ def sample_completions(
     model.eval()
     out: list[list[str]] = []
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        # manual_seed seeds every device: fork the RNG of the one the model samples on too, not the CPU's alone
+        on_gpu = [model.device.index or torch.cuda.current_device()] if model.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=on_gpu):
             torch.manual_seed(seed)
             for start in range(0, len(prompts), batch_size):
                 batch = prompts[start : start + batch_size]
