@@ -34,13 +34,19 @@ class Sampler:
     """One sampling actor: the round's start policy in this process, behind the one-method backend
     (mdpo_ray.iterate.sample.Generator); a vLLM engine would be another backend built here."""
 
-    def __init__(self, model: dict, *, use_gpu: bool, max_new_tokens: int, batch_size: int) -> None:
+    def __init__(self, model: dict, *, use_gpu: bool, mixed_precision: str, max_new_tokens: int,
+                 batch_size: int) -> None:
+        import torch
+
+        from mdpo_ray.training.distributed import compute_dtype
         from mdpo_ray.training.model import load_causal_lm, load_tokenizer
 
         model_cfg = ModelConfig.model_validate(model)
-        policy = load_causal_lm(model_cfg, trainable=False)
-        self.backend = HFGenerator(policy.to("cuda") if use_gpu else policy, load_tokenizer(model_cfg),
-                                   max_new_tokens=max_new_tokens, batch_size=batch_size)
+        device = torch.device("cuda" if use_gpu else "cpu")  # Ray made the actor's one GPU its cuda:0
+        # In the dtype training computes in: bf16 on GPUs with bf16 units, loaded so (half a 7B model's 28 GB)
+        policy = load_causal_lm(model_cfg, trainable=False, dtype=compute_dtype(mixed_precision, device))
+        self.backend = HFGenerator(policy.to(device), load_tokenizer(model_cfg), max_new_tokens=max_new_tokens,
+                                   batch_size=batch_size)
 
     def sample(self, prompts: list, *, n: int, temperature: float, seed: int) -> list[list[str]]:
         return self.backend.sample(prompts, n=n, temperature=temperature, seed=seed)
@@ -71,7 +77,8 @@ def start_samplers(cfg: RunConfig, start_model: str) -> list:
                "max_restarts": 1, "max_task_retries": 1,
                "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=None)}
     model = cfg.model.model_dump(mode="json") | {"name_or_path": start_model, "reference": None}
-    return [Sampler.options(**options).remote(model, use_gpu=scaling.use_gpu, max_new_tokens=cfg.eval.max_new_tokens,
+    return [Sampler.options(**options).remote(model, use_gpu=scaling.use_gpu, mixed_precision=scaling.mixed_precision,
+                                              max_new_tokens=cfg.eval.max_new_tokens,
                                               batch_size=cfg.eval.generation_batch_size)
             for _ in range(scaling.num_workers)]
 

@@ -161,7 +161,27 @@ def test_a_round_starts_one_sampler_per_worker_with_a_workers_resources(iterate_
     assert (options["max_restarts"], options["max_task_retries"]) == (1, 1)
     assert options["scheduling_strategy"].placement_group is None
     assert model["name_or_path"] == "/runs/round_0/export" and model["reference"] is None  # samplers need no reference
-    assert kwargs == {"use_gpu": use_gpu, "max_new_tokens": 7, "batch_size": cfg.eval.generation_batch_size}
+    assert kwargs == {"use_gpu": use_gpu, "mixed_precision": "auto", "max_new_tokens": 7,
+                      "batch_size": cfg.eval.generation_batch_size}
+
+
+def test_samplers_load_the_policy_in_the_dtype_training_computes_in(tiny_task, monkeypatch):
+    """bf16 on a GPU with bf16 units (under `auto` or `bf16`), fp32 on CPU and on GPUs that only emulate bf16:
+    a 7B sampler then holds 14 GB, not 28."""
+    import torch
+
+    from mdpo_ray.config import ModelConfig
+    from mdpo_ray.training.distributed import compute_dtype
+    from mdpo_ray.training.model import load_causal_lm
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert compute_dtype("auto", cpu) == compute_dtype("fp32", cpu) == torch.float32
+    for native, auto in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True, native=native: native)
+        assert compute_dtype("auto", gpu) == auto and compute_dtype("bf16", gpu) == torch.bfloat16
+        assert compute_dtype("fp32", gpu) == torch.float32
+    model = load_causal_lm(ModelConfig(name_or_path=str(tiny_task["model"])), trainable=False, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
 
 
 def test_the_summary_says_rounds_and_compares_round_0_start_with_the_last_round(iterate_cfg, tmp_path):

@@ -69,11 +69,17 @@ def make_mesh(device: torch.device) -> DeviceMesh:
     return init_device_mesh(device.type, (world_size(),))
 
 
-def mixed_precision(mode: str, device: torch.device) -> MixedPrecisionPolicy:
-    """bf16 compute with fp32 gradient reduction on a GPU with bf16 units (Ampere on); plain fp32 on CPU,
-    where bf16 matmuls are slow, and for `auto` on older GPUs (V100, T4), which only emulate bf16."""
+def compute_dtype(mode: str, device: torch.device) -> torch.dtype:
+    """The dtype a model computes in under `scaling.mixed_precision` = `mode` on `device`: bf16 on a GPU with
+    bf16 units (Ampere on), fp32 on CPU, where bf16 matmuls are slow, and for `auto` on older GPUs (V100, T4),
+    which only emulate bf16."""
     native_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported(including_emulation=False)
-    if mode == "bf16" or (mode == "auto" and native_bf16):
+    return torch.bfloat16 if mode == "bf16" or (mode == "auto" and native_bf16) else torch.float32
+
+
+def mixed_precision(mode: str, device: torch.device) -> MixedPrecisionPolicy:
+    """bf16 compute with fp32 gradient reduction where compute_dtype says bf16; plain fp32 elsewhere."""
+    if compute_dtype(mode, device) == torch.bfloat16:
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()
 

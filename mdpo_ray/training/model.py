@@ -29,8 +29,10 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_causal_lm(cfg: ModelConfig, *, trainable: bool, weights: bool = True) -> nn.Module:
-    """fp32 master weights on CPU; sharding moves them to the mesh device.
+def load_causal_lm(cfg: ModelConfig, *, trainable: bool, weights: bool = True,
+                   dtype: torch.dtype = torch.float32) -> nn.Module:
+    """fp32 master weights on CPU; sharding moves them to the mesh device. (`dtype`: a model that only
+    generates, a sampling actor's, may load in the dtype it computes in, at half the memory in bf16.)
 
     `weights=False` builds only the architecture, on the meta device (no memory, nothing read): ranks
     other than 0 do that and sharding fills their shards from rank 0, so a node holds one full copy of
@@ -40,7 +42,7 @@ def load_causal_lm(cfg: ModelConfig, *, trainable: bool, weights: bool = True) -
     """
     if weights:
         model = AutoModelForCausalLM.from_pretrained(
-            storage.staged(cfg.name_or_path), dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
+            storage.staged(cfg.name_or_path), dtype=dtype, trust_remote_code=cfg.trust_remote_code,
             attn_implementation=cfg.attn_implementation,
         )
     else:
