@@ -9,6 +9,7 @@ timestamps, so `--resume` finds each trial's checkpoints and MLflow child run ag
 from __future__ import annotations
 
 import os
+import time
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -40,11 +41,29 @@ def _trial(config: dict[str, Any], *, sweep: SweepConfig, base: dict[str, Any], 
                      labels.RUN_NAME_TAG: labels.trial_run_name(cfg.loss.name, overrides, rounds=cfg.iterate.rounds)}
     tags |= {f"{mlflow_runs.OVERRIDE_PREFIX}{key}": str(value) for key, value in overrides.items()}
     if not in_trial:
-        launch.train(cfg, tags=tags, callbacks=[TuneReportCallback()])
+        forward = TuneReportCallback()
+        launch.train(cfg, tags=tags, callbacks=[forward])
+        _wait_until_tune_took_every_report(forward)
         return
     checkpoint = tune.get_checkpoint()  # set when Tune restarts or resumes this trial
     with checkpoint.as_directory() if checkpoint else nullcontext() as restore_dir:
         launch.train_in_process(cfg, tags=tags, report=_tune_report, restore_dir=Path(restore_dir) if restore_dir else None)
+
+
+def _wait_until_tune_took_every_report(forward: TuneReportCallback, timeout_s: float = 120.0) -> None:
+    """Return once the trial's main thread has taken the Train run's last report from the callback's queue.
+
+    Tune's function trainable (Ray 2.60, train/_internal/session.py get_next) takes a Train run's reports from
+    that queue only while this function runs; one it finds after the function has returned, behind the
+    function's own last result, it blocks on putting into the full result queue, and the trial hangs for
+    good. That happened to an iterate trial whose last round's final report was still queued when the
+    function returned, because Tune had not yet asked the trainable for its next result. So the function
+    does not return before the queue is empty. The queue is a private attribute of Ray's callback: without
+    it there is nothing to wait for."""
+    queue = getattr(forward, "_training_actor_item_queue", None)
+    deadline = time.monotonic() + timeout_s
+    while queue is not None and not queue.empty() and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def _tune_report(metrics: dict[str, float], checkpoint_dir: Path | None, step: int) -> None:

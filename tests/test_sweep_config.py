@@ -240,3 +240,27 @@ def test_the_iterate_experiment_loads_and_spans_what_it_claims():
     assert recipes[SFT].eval_every_steps == recipes[RFT].optim.max_steps  # SFT evaluated where the rounds end
     assert {(c.optim.lr, c.loss.beta, c.model.name_or_path, c.scaling.num_workers) for c in configs} == {
         (3e-5, 0.1, "builtin:arith", 1)}
+
+
+def test_a_trial_returns_only_once_tune_took_the_train_runs_last_report(monkeypatch):
+    """A Train report still queued for Tune when the trial function returns hangs the trial for good (Ray 2.60's
+    function trainable): the function waits until the queue is empty, and does not wait without one."""
+    from types import SimpleNamespace
+
+    from mdpo_ray import sweep_trial
+
+    polls = []
+    queue = SimpleNamespace(empty=lambda: polls.append(1) or len(polls) > 3)  # Tune takes it on the 4th look
+    monkeypatch.setattr(sweep_trial.time, "sleep", lambda s: None)
+    sweep_trial._wait_until_tune_took_every_report(SimpleNamespace(_training_actor_item_queue=queue))
+    assert len(polls) == 4
+    sweep_trial._wait_until_tune_took_every_report(SimpleNamespace())  # a Ray without that queue: nothing to wait for
+    stuck = SimpleNamespace(empty=lambda: False)
+    clock = iter(range(0, 1000, 10))
+    monkeypatch.setattr(sweep_trial.time, "monotonic", lambda: next(clock))
+    sweep_trial._wait_until_tune_took_every_report(SimpleNamespace(_training_actor_item_queue=stuck), timeout_s=50)
+    assert next(clock) <= 80  # gave up at its timeout rather than hang the trial itself
+    import inspect
+
+    from ray.tune.integration.ray_train import TuneReportCallback  # the attribute is Ray's: still there?
+    assert "self._training_actor_item_queue = " in inspect.getsource(TuneReportCallback.__init__)
