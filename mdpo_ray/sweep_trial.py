@@ -50,20 +50,32 @@ def _trial(config: dict[str, Any], *, sweep: SweepConfig, base: dict[str, Any], 
         launch.train_in_process(cfg, tags=tags, report=_tune_report, restore_dir=Path(restore_dir) if restore_dir else None)
 
 
-def _wait_until_tune_took_every_report(forward: TuneReportCallback, timeout_s: float = 120.0) -> None:
-    """Return once the trial's main thread has taken the Train run's last report from the callback's queue.
+def _wait_until_tune_took_every_report(forward: TuneReportCallback, timeout_s: float = 120.0,
+                                      settle_s: float = 0.5) -> None:
+    """Return once the trial's main thread has taken the Train run's last report from the callback's queue and
+    handed it to Tune.
 
     Tune's function trainable (Ray 2.60, train/_internal/session.py get_next) takes a Train run's reports from
-    that queue only while this function runs; one it finds after the function has returned, behind the
-    function's own last result, it blocks on putting into the full result queue, and the trial hangs for
-    good. That happened to an iterate trial whose last round's final report was still queued when the
-    function returned, because Tune had not yet asked the trainable for its next result. So the function
-    does not return before the queue is empty. The queue is a private attribute of Ray's callback: without
-    it there is nothing to wait for."""
+    that queue in the trial's main thread. When the trial function returns, Ray's wrapper reports a last
+    result (RESULT_DUPLICATE) into the one-slot result queue; a Train report the main thread finds after that
+    it blocks on putting behind it, and the trial hangs for good. That happened to an iterate trial whose last
+    round's final report was still queued when the function returned, because Tune had not yet asked the
+    trainable for its next result. So the function returns only once both queues have stayed empty for
+    `settle_s` (the main thread takes a report from one and puts it into the other: the two checks bracket
+    that). The queues are private attributes of Ray's: without them there is nothing to wait for."""
+    from ray.train._internal.session import get_session
+
     queue = getattr(forward, "_training_actor_item_queue", None)
+    results = getattr(get_session(), "result_queue", None) if queue is not None else None
+    drained = lambda: queue is None or (queue.empty() and (results is None or results.empty()))
     deadline = time.monotonic() + timeout_s
-    while queue is not None and not queue.empty() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    while time.monotonic() < deadline:
+        if drained():
+            time.sleep(settle_s)
+            if drained():
+                return
+        else:
+            time.sleep(0.05)
 
 
 def _tune_report(metrics: dict[str, float], checkpoint_dir: Path | None, step: int) -> None:

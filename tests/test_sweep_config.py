@@ -244,23 +244,29 @@ def test_the_iterate_experiment_loads_and_spans_what_it_claims():
 
 def test_a_trial_returns_only_once_tune_took_the_train_runs_last_report(monkeypatch):
     """A Train report still queued for Tune when the trial function returns hangs the trial for good (Ray 2.60's
-    function trainable): the function waits until the queue is empty, and does not wait without one."""
+    function trainable): the function waits until the callback's queue and the session's result queue have both
+    stayed empty a moment, gives up at its timeout, and does not wait without them."""
+    import inspect
     from types import SimpleNamespace
+
+    from ray.train._internal import session as ray_session
+    from ray.tune.integration.ray_train import TuneReportCallback
 
     from mdpo_ray import sweep_trial
 
-    polls = []
-    queue = SimpleNamespace(empty=lambda: polls.append(1) or len(polls) > 3)  # Tune takes it on the 4th look
+    looks = []
+    queue = SimpleNamespace(empty=lambda: looks.append("queue") or len(looks) > 3)  # Tune takes it on the 4th look
+    results = SimpleNamespace(empty=lambda: looks.append("results") is None)
+    monkeypatch.setattr(ray_session, "get_session", lambda: SimpleNamespace(result_queue=results))
     monkeypatch.setattr(sweep_trial.time, "sleep", lambda s: None)
     sweep_trial._wait_until_tune_took_every_report(SimpleNamespace(_training_actor_item_queue=queue))
-    assert len(polls) == 4
+    assert looks == ["queue"] * 4 + ["results", "queue", "results"]  # empty, then still empty after settling
     sweep_trial._wait_until_tune_took_every_report(SimpleNamespace())  # a Ray without that queue: nothing to wait for
     stuck = SimpleNamespace(empty=lambda: False)
     clock = iter(range(0, 1000, 10))
     monkeypatch.setattr(sweep_trial.time, "monotonic", lambda: next(clock))
     sweep_trial._wait_until_tune_took_every_report(SimpleNamespace(_training_actor_item_queue=stuck), timeout_s=50)
     assert next(clock) <= 80  # gave up at its timeout rather than hang the trial itself
-    import inspect
-
-    from ray.tune.integration.ray_train import TuneReportCallback  # the attribute is Ray's: still there?
+    # The attributes are Ray's: still there?
     assert "self._training_actor_item_queue = " in inspect.getsource(TuneReportCallback.__init__)
+    assert "self.result_queue = queue.Queue(1)" in inspect.getsource(ray_session._TrainSession)
