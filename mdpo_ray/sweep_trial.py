@@ -66,8 +66,10 @@ def _wait_until_tune_took_every_report(forward: TuneReportCallback, timeout_s: f
     from ray.train._internal.session import get_session
 
     queue = getattr(forward, "_training_actor_item_queue", None)
-    results = getattr(get_session(), "result_queue", None) if queue is not None else None
-    drained = lambda: queue is None or (queue.empty() and (results is None or results.empty()))
+    if queue is None:
+        return
+    results = getattr(get_session(), "result_queue", None)
+    drained = lambda: queue.empty() and (results is None or results.empty())
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if drained():

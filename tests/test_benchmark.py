@@ -3,6 +3,7 @@ calls the training loop, and its head-on-every-position config reaches into mdpo
 change there can break it with nothing else failing (as a change of the hook's signature once did).
 TRL is only in the `bench` extra, so TRL's configs are not run here."""
 
+import importlib
 import json
 import os
 import re
@@ -123,26 +124,23 @@ def test_the_step_benchmark_packs_as_a_packed_run_does_and_stops_when_the_layout
 
 
 @pytest.mark.slow
-def test_the_gpu_checks_are_steps_whose_options_their_scripts_accept():
+def test_the_gpu_checks_are_steps_whose_options_their_scripts_accept(monkeypatch):
     """benchmarks/gpu_checks.sh, what a machine with a GPU runs first: each step's command line parses as its
     script reads it (gpu.sh's through vs_trl.py's own --check-args, which needs no GPU)."""
     env = os.environ | {"PYTHON": sys.executable, "PYTHONPATH": str(ROOT)}
     listed = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_checks.sh"), "--list"], capture_output=True,
                             text=True, timeout=30, check=True, env=env).stdout.splitlines()
     assert [line.split()[0] for line in listed] == ["packing_exact", "packing_bf16", "vs_trl", "vs_trl_varlen", "memory"]
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        for line in listed:
-            name, limit, *command = line.split()
-            assert 60 <= int(limit) <= 150, name
-            if command[0].endswith("gpu.sh"):
-                checked = subprocess.run(["bash", str(ROOT / command[0]), *command[1:], "--check-args"],
-                                         capture_output=True, text=True, timeout=120, check=False, env=env)
-                assert checked.returncode == 0, (name, checked.stdout[-2000:] + checked.stderr[-2000:])
-                assert json.loads(checked.stdout)["device"] == "cuda", name
-            else:
-                assert command[0] == sys.executable and "--device" in command, name
-                script = __import__(Path(command[1]).stem)
-                assert script._parser().parse_args(command[2:]).device == "cuda", name
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    for line in listed:
+        name, limit, *command = line.split()
+        assert 60 <= int(limit) <= 150, name
+        if command[0].endswith("gpu.sh"):
+            checked = subprocess.run(["bash", str(ROOT / command[0]), *command[1:], "--check-args"],
+                                     capture_output=True, text=True, timeout=120, check=False, env=env)
+            assert checked.returncode == 0, (name, checked.stdout[-2000:] + checked.stderr[-2000:])
+            assert json.loads(checked.stdout)["device"] == "cuda", name
+        else:
+            assert command[0] == sys.executable and "--device" in command, name
+            script = importlib.import_module(Path(command[1]).stem)
+            assert script._parser().parse_args(command[2:]).device == "cuda", name
