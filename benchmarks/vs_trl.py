@@ -30,6 +30,8 @@ Configurations:
   minor_dpo_grouped            data.group_by_length: micro-batches of similar lengths (needs --micro-batch)
   minor_dpo_packed             data.padding_free: each forward's sequences packed without padding
   minor_dpo_grouped_packed     both: micro-batches of similar lengths, each packed (needs --micro-batch)
+  minor_dpo_packed_budget      packed forwards of at most --micro-batch-tokens tokens (optim.micro_batch_tokens)
+                               in place of --micro-batch pairs: memory bounded by tokens, whatever the lengths
 
 Speed is steady state: the first --warmup windows of --window steps are warm-up; then --windows windows, each
 timed from the end of one window to the end of the next (TRL: a callback's on_step_end; mdpo-ray:
@@ -77,9 +79,12 @@ CONFIGS = {  # name: (side, loss, reference)
     "minor_dpo_grouped": ("ours", "minor_dpo", "resident"),
     "minor_dpo_packed": ("ours", "minor_dpo", "resident"),
     "minor_dpo_grouped_packed": ("ours", "minor_dpo", "resident"),
+    "minor_dpo_packed_budget": ("ours", "minor_dpo", "resident"),
 }
 DATA_MODES = {"minor_dpo_grouped": {"group_by_length": True}, "minor_dpo_packed": {"padding_free": True},
-              "minor_dpo_grouped_packed": {"group_by_length": True, "padding_free": True}}
+              "minor_dpo_grouped_packed": {"group_by_length": True, "padding_free": True},
+              "minor_dpo_packed_budget": {"padding_free": True}}
+BUDGETED = {"minor_dpo_packed_budget"}  # forwards cut by optim.micro_batch_tokens, not --micro-batch
 VARLEN_CONFIGS = set(DATA_MODES)  # run by default only with --varlen: on the fixed-length pairs they save nothing
 CHECKPOINTED = {"trl_checkpointing", "minor_dpo_checkpointing"}  # recompute each decoder block in backward
 BETA, LR = 0.1, 1e-4
@@ -107,6 +112,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8, help="pairs per optimizer step")
     p.add_argument("--micro-batch", type=int, default=None, help="pairs per forward, accumulated to --batch on both "
                    "sides (mdpo-ray optim.micro_batch_size, TRL gradient_accumulation_steps); default: --batch")
+    p.add_argument("--micro-batch-tokens", type=int, default=None, help="minor_dpo_packed_budget's "
+                   "optim.micro_batch_tokens (default: 2 x --max-length, the least that holds every pair)")
     p.add_argument("--max-length", type=int, default=None, help="data.max_length (default 512; 2048 with --varlen)")
     p.add_argument("--varlen", action="store_true", help="variable-length pairs (benchmarks/varlen_pairs.py)")
     p.add_argument("--window", type=int, default=4, help="steps per timed window")
@@ -307,7 +314,8 @@ def _run_config(args, assets: dict, name: str, loss: str, reference: str):
         | DATA_MODES.get(name, {}),
         "loss": {"name": loss, "beta": BETA},
         "optim": {"lr": LR, "warmup_steps": 0, "max_steps": _total_steps(args), "batch_size": args.batch,
-                  "micro_batch_size": args.micro_batch, "grad_clip": 1.0},
+                  "grad_clip": 1.0} | ({"micro_batch_tokens": args.micro_batch_tokens} if name in BUDGETED
+                                       else {"micro_batch_size": args.micro_batch}),
         "scaling": {"num_workers": 1, "use_gpu": gpu, "cpus_per_worker": args.threads,
                     "mixed_precision": "bf16" if gpu else "fp32", "activation_checkpointing": name in CHECKPOINTED},
         "checkpoint": {"every_steps": _total_steps(args), "num_to_keep": 1},
@@ -507,7 +515,8 @@ def _table(args, assets: dict, results: dict, rate: float, n_matmul: int, n_head
         what = {"trl": "TRL DPOTrainer", "ours": "mdpo-ray in-process", "ours_full_logits": "mdpo-ray, head on all",
                 "ray": "mdpo-ray Ray Train, 1 worker"}[side] + f", {loss}, {reference} reference" \
             + (", activation checkpointing" if name in CHECKPOINTED else "") \
-            + "".join(f", {key}" for key in DATA_MODES.get(name, {}))
+            + "".join(f", {key}" for key in DATA_MODES.get(name, {})) \
+            + (f", micro_batch_tokens {args.micro_batch_tokens}" if name in BUDGETED else "")
         lines.append(f"{name:22s} {pairs:7.2f} {pairs * assets['tokens_per_pair']:8.0f} {speed:>6s} "
                      f"{mem:>9s} {mem_ratio:>6s} {model_flops / rate:6.1%} {executed / rate:5.0%} {cores:>9s}  {what}")
     lines += ["MFU: (6N + 2N with a resident reference) x tokens/s over the matmul rate, N the multiplying parameters",
@@ -533,7 +542,8 @@ def _targets(results: dict) -> list[str]:
             m = results[ours]["peak_memory"] / results[trl]["peak_memory"]
             lines.append(f"  {ours} vs {trl}: {s:.2f}x pairs/s (target >= 1.5x: {'met' if s >= 1.5 else 'MISSED'}), "
                          f"{m:.2f}x peak memory (target <= 0.5x: {'met' if m <= 0.5 else 'MISSED'})")
-    for ours in ("minor_dpo_packed", "minor_dpo_grouped", "minor_dpo_grouped_packed"):  # issue 24, --varlen pairs
+    for ours in ("minor_dpo_packed", "minor_dpo_grouped", "minor_dpo_grouped_packed",  # issue 24, --varlen pairs
+                 "minor_dpo_packed_budget"):
         if ours in results and "trl" in results:
             s, m = speed(ours) / speed("trl"), results[ours]["peak_memory"] / results["trl"]["peak_memory"]
             lines.append(f"  {ours} vs trl: {s:.2f}x pairs/s (target >= 3x: {'met' if s >= 3 else 'MISSED'}), "
@@ -600,6 +610,7 @@ def check_args(args) -> None:
 def _resolve(args):
     """The defaults that depend on --varlen."""
     args.max_length = args.max_length or (2048 if args.varlen else 512)
+    args.micro_batch_tokens = args.micro_batch_tokens or 2 * args.max_length
     args.configs = args.configs or [name for name in CONFIGS if args.varlen or name not in VARLEN_CONFIGS]
     return args
 

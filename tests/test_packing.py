@@ -6,7 +6,7 @@ import torch
 from mdpo_ray.config import ConfigError, load_config
 from mdpo_ray.data.pairs import collate_pairs, real_tokens
 from mdpo_ray.training import attention, logps
-from mdpo_ray.training.schedule import batch_indices, micro_batches
+from mdpo_ray.training.schedule import batch_indices, micro_batches, token_micro_batches
 
 # (prompt, chosen, rejected) tokens of 4 pairs: 1 to 131 tokens a sequence, a 100x spread within a batch.
 SPANS = [(2, 90, 3), (60, 1, 40), (5, 7, 126), (1, 2, 2)]
@@ -224,3 +224,55 @@ def test_group_by_length_without_micro_batches_is_refused_with_the_fix():
     load_config(None, ["data.group_by_length=true", "optim.batch_size=8", "scaling.num_workers=1",
                        "optim.micro_batch_size=2"])
     load_config(None, ["data.group_by_length=true", "optim.batch_size=8", "scaling.num_workers=2"])
+
+
+# ------------------------------------------------------------------------------------- token-budget forwards
+
+
+def _sizes(n=37, seed=0):
+    """(both sequences, the longer one) of n pairs with a long tail: 20 to 1,800 tokens a sequence."""
+    gen = torch.Generator().manual_seed(seed)
+    prompt, chosen, rejected = (torch.randint(10, 900, (n,), generator=gen).tolist() for _ in range(3))
+    return [(2 * p + c + r, p + max(c, r)) for p, c, r in zip(prompt, chosen, rejected, strict=True)]
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_token_budget_forwards_hold_the_ranks_pairs_in_order_within_the_budget_and_as_many_on_every_rank(world, packed):
+    sizes, budget = _sizes(), 5000  # the longest pair costs at most 2 x 1,800 tokens, padded or packed
+    cost = (lambda m: sum(sizes[i][0] for i in m)) if packed else (lambda m: 2 * len(m) * max(sizes[i][1] for i in m))
+    options = dict(n=37, batch_size=16, seed=5, world=world, sizes=sizes, budget=budget, packed=packed)
+    counts = set()
+    for step in range(1, 10):  # four epochs
+        forwards = [token_micro_batches(step, rank=r, **options) for r in range(world)]
+        for r, mine in enumerate(forwards):
+            assert [i for m in mine for i in m] == batch_indices(step, n=37, batch_size=16, seed=5, rank=r, world=world)
+            assert all(m and cost(m) <= budget for m in mine)
+        assert len({len(mine) for mine in forwards}) == 1  # FSDP's collectives: as many forwards on every rank
+        counts.add(len(forwards[0]))
+        assert forwards == [token_micro_batches(step, rank=r, **options) for r in range(world)]
+    assert len(counts) > 1  # the lengths vary, so does the number of forwards: the test sees both cases
+
+
+def test_a_rank_that_needs_fewer_forwards_splits_its_costliest_one():
+    # Rank 0 holds four short pairs (one forward), rank 1 a long one and three short ones (two forwards).
+    sizes = [(100, 60)] * 3 + [(3000, 1600)] + [(100, 60)] * 4
+    order = batch_indices(1, n=8, batch_size=8, seed=0, rank=0, world=1)
+    by_rank = {r: order[4 * r: 4 * r + 4] for r in range(2)}
+    long_rank = next(r for r, pairs in by_rank.items() if 3 in pairs)
+    forwards = [token_micro_batches(1, n=8, batch_size=8, seed=0, rank=r, world=2, sizes=sizes, budget=3200,
+                                    packed=True) for r in range(2)]
+    assert len(forwards[long_rank]) == 2
+    assert [len(m) for m in forwards[1 - long_rank]] == [2, 2]  # split at its middle, the halves' costs equal
+
+
+def test_a_token_budget_is_refused_with_the_fix_when_it_cannot_hold_a_pair_or_meets_another_cut():
+    base = ["optim.batch_size=8", "scaling.num_workers=1", "data.max_length=512"]
+    with pytest.raises(ValueError, match=r"micro_batch_tokens \(1000\) must hold the longest pair.*1024"):
+        load_config(None, [*base, "optim.micro_batch_tokens=1000"])
+    with pytest.raises(ValueError, match="set one of them"):
+        load_config(None, [*base, "optim.micro_batch_tokens=4096", "optim.micro_batch_size=2"])
+    with pytest.raises(ValueError, match="data.group_by_length=false"):
+        load_config(None, [*base, "optim.micro_batch_tokens=4096", "data.group_by_length=true"])
+    cfg = load_config(None, [*base, "optim.micro_batch_tokens=1024"])
+    assert cfg.accumulation_steps == 8  # at most one forward a pair

@@ -19,6 +19,8 @@ from mdpo_ray.training import logps
 
 LLAMA_70B = dict(hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
                  intermediate_size=28672, vocab_size=32000)
+LLAMA_7B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32,
+                intermediate_size=11008, vocab_size=32000)
 TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             intermediate_size=160, vocab_size=300)
 
@@ -120,6 +122,26 @@ def test_a_70b_full_finetune_does_not_fit_on_8x80gb_and_the_suggestion_does(tmp_
     assert change["model.lora.r"] == planner.LORA_RANK  # 69B of fp32 master weights + AdamW cannot fit on 8
     assert fitting.total_bytes <= 80 * 2**30
     assert "does not fit" in planner.one_line(plan) and "--set model.lora.r=16" in planner.one_line(plan)
+
+
+def test_a_token_budget_bounds_the_activations_and_the_suggestion_lowers_it(tmp_path):
+    """optim.micro_batch_tokens: a forward holds at most that many tokens, so the activations are those of
+    that many; the suggestion for a run that does not fit halves the budget, not the micro-batch."""
+    def activations(*overrides):
+        return _row(planner.plan(_cfg(_model_dir(tmp_path, **TINY), "optim.batch_size=8", "data.max_length=1024",
+                                      *overrides)), "activations, no checkpointing")
+
+    assert activations("optim.micro_batch_tokens=4096") == activations("optim.micro_batch_size=2")  # 2 x 2 x 1024
+    assert activations("optim.micro_batch_tokens=1000000") == activations()  # no more than the whole slice
+
+    cfg = _cfg(_model_dir(tmp_path / "7b", **LLAMA_7B), "scaling.use_gpu=true", "scaling.num_workers=8",
+               "optim.batch_size=64", "data.max_length=2048", "optim.micro_batch_tokens=65536")
+    plan = planner.plan(cfg, gpu_memory_gib=80)
+    assert not plan.fits and "forwards of at most 65536 tokens" in planner.report(plan)
+    change, fitting = planner.suggest(plan)[0]
+    assert change.keys() - {"optim.sync_every_micro_batch"} == {"optim.micro_batch_tokens"}  # no checkpointing yet
+    assert 4096 <= change["optim.micro_batch_tokens"] < 65536
+    assert fitting.fits and "--set optim.micro_batch_tokens=" in planner.one_line(plan)
 
 
 def test_the_chunk_size_is_the_one_logps_uses():

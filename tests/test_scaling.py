@@ -100,8 +100,9 @@ def _assert_same_run(a: dict, b: dict, params_a: dict, params_b: dict, initial: 
 
 
 def test_accumulated_micro_batches_give_the_step_of_one_forward(tiny_task, tiny_run_overrides, monkeypatch):
-    """batch 8 in one forward vs 4 micro-batches of 2: the gradient of the summed micro-batch losses over
-    the whole slice is that of the mean loss, so the parameters after 3 AdamW steps agree to 1e-6."""
+    """batch 8 in one forward vs 4 micro-batches of 2, and vs forwards cut by a token budget: the gradient of the
+    summed micro-batch losses over the whole slice is that of the mean loss, so the parameters after 3 AdamW
+    steps agree to 1e-6."""
     forwards = []
     original = train_loop.concatenated_logps
     monkeypatch.setattr(train_loop, "concatenated_logps",
@@ -116,18 +117,27 @@ def test_accumulated_micro_batches_give_the_step_of_one_forward(tiny_task, tiny_
     _assert_same_run(one, acc, _exported(cfg_one), _exported(cfg_acc), _exported(tiny_task["model"]))
     assert acc[3]["eval/loss"] == pytest.approx(one[3]["eval/loss"], rel=1e-5)
 
+    # Forwards of at most 256 tokens: 2 to 3 of these pairs (66-124 tokens each, none cut at 64 a sequence).
+    forwards.clear()
+    cfg_tok, tok = _run_in_process([*_overrides(tiny_run_overrides, "budget"), "optim.micro_batch_tokens=256",
+                                    "data.max_length=64"])
+    assert len(forwards) > 6 and len(set(forwards)) > 1 and sum(forwards) == 16 * 3, forwards
+    _assert_same_run(one, tok, _exported(cfg_one), _exported(cfg_tok), _exported(tiny_task["model"]))
+
 
 @pytest.mark.slow
 def test_accumulation_across_two_ranks_matches_one_forward_per_rank(tiny_task, tiny_run_overrides, tmp_path):
     """2 gloo ranks, 4 pairs each: one forward per rank vs 2 micro-batches per rank, the non-final one
-    without the gradient reduce-scatter (and with one, `optim.sync_every_micro_batch`)."""
+    without the gradient reduce-scatter (and with one, `optim.sync_every_micro_batch`), and forwards cut by a
+    token budget (both ranks run as many, or FSDP's collectives would hang)."""
     output_dir = Path(next(o for o in tiny_run_overrides if o.startswith("output_dir=")).split("=", 1)[1])
     runs = {"plain": [], "accumulated": ["optim.micro_batch_size=2"],
-            "synced": ["optim.micro_batch_size=2", "optim.sync_every_micro_batch=true"]}
+            "synced": ["optim.micro_batch_size=2", "optim.sync_every_micro_batch=true"],
+            "budget": ["optim.micro_batch_tokens=200", "data.max_length=64"]}
     logged = dict(zip(runs, _run_ranks([_overrides(tiny_run_overrides, name) + extra for name, extra in runs.items()],
                                        2, tmp_path), strict=True))
     params = {name: _exported(output_dir / name / "export") for name in runs}
-    for name in ("accumulated", "synced"):
+    for name in ("accumulated", "synced", "budget"):
         _assert_same_run(logged["plain"], logged[name], params["plain"], params[name], _exported(tiny_task["model"]))
 
 

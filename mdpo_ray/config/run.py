@@ -79,6 +79,23 @@ class RunConfig(_Strict):
                 f"({self.optim.batch_size}) / scaling.num_workers ({self.scaling.num_workers}) = "
                 f"{self.per_worker_batch_size}: each optimizer step accumulates whole micro-batches"
             )
+        budget = self.optim.micro_batch_tokens
+        if budget is not None:
+            if micro is not None:
+                raise ValueError(
+                    f"optim.micro_batch_tokens ({budget}) and optim.micro_batch_size ({micro}) both cut a step into "
+                    "forwards: set one of them, and the other to null")
+            if budget < 2 * self.data.max_length:
+                raise ValueError(
+                    f"optim.micro_batch_tokens ({budget}) must hold the longest pair, 2 x data.max_length "
+                    f"({self.data.max_length}) = {2 * self.data.max_length} tokens, since a pair's chosen and rejected "
+                    f"sequences run in one forward: raise it to at least {2 * self.data.max_length}, or lower "
+                    "data.max_length")
+            if self.data.group_by_length:
+                raise ValueError(
+                    "data.group_by_length sorts a step's pairs into micro-batches of optim.micro_batch_size pairs; "
+                    "with optim.micro_batch_tokens set, forwards are cut by tokens already: set "
+                    "data.group_by_length=false (data.padding_free leaves no padding to save)")
         if self.data.group_by_length and self.accumulation_steps == 1 and self.scaling.num_workers == 1:
             raise ValueError(
                 f"data.group_by_length groups a step's pairs into micro-batches, but one worker runs the whole batch "
@@ -146,7 +163,9 @@ class RunConfig(_Strict):
 
     @property
     def accumulation_steps(self) -> int:
-        """Forwards per worker per optimizer step."""
+        """Forwards per worker per optimizer step; with optim.micro_batch_tokens, at most this many (one a pair)."""
+        if self.optim.micro_batch_tokens is not None:
+            return self.per_worker_batch_size
         return self.per_worker_batch_size // self.micro_batch_size
 
     @property

@@ -67,6 +67,13 @@ class OptimConfig(_Strict):
         None, ge=1, description="Pairs per worker per forward; smaller values accumulate gradients over "
         "`batch_size / num_workers / micro_batch_size` forwards per step (it must divide that per-worker batch). "
         "Loss, gradient and metrics stay those of the whole batch. null: `batch_size / num_workers` (one forward).")
+    micro_batch_tokens: int | None = Field(
+        None, ge=2, description="Tokens per worker per forward, in place of a fixed `optim.micro_batch_size`: each "
+        "worker runs its pairs of a step, in order, in forwards of at most this many tokens (a packed forward counts "
+        "its sequences' tokens, a padded one its rows times its width). Activation memory is then bounded by it "
+        "whatever the lengths, and short pairs share a forward where long ones would not. At least "
+        "2 x `data.max_length`, since a pair's two sequences run in one forward. Loss, gradient and metrics stay "
+        "those of the whole batch. null: `optim.micro_batch_size`.")
     sync_every_micro_batch: bool = Field(
         False, description="When accumulating: false reduce-scatters the gradients once per step (each rank holds "
         "an unsharded fp32 gradient in between); true after every micro-batch (gradients stay sharded: less "

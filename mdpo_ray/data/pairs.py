@@ -28,7 +28,7 @@ from mdpo_ray.config import DataConfig
 from mdpo_ray.data.formats import TEXT_COLUMNS, read_pair_texts
 from mdpo_ray.data.rows import DataError, column_values, read_rows
 
-__all__ = ["DataError", "DataStats", "collate_pairs", "load_pairs", "load_train_eval", "pair_lengths", "prompt_ids",
+__all__ = ["DataError", "DataStats", "collate_pairs", "load_pairs", "load_train_eval", "pair_sizes", "prompt_ids",
            "read_pairs", "read_rows", "real_tokens"]
 
 
@@ -204,12 +204,12 @@ def _hold_out_prompts(pairs: datasets.Dataset, fraction: float, seed: int, sourc
 # -------------------------------------------------------------------------------------------- batching
 
 
-def pair_lengths(pairs: datasets.Dataset) -> list[int]:
-    """Tokens of each pair's longer sequence, prompt + the longer completion: what a pair adds to the
-    width of a padded batch (the key of data.group_by_length)."""
+def pair_sizes(pairs: datasets.Dataset) -> list[tuple[int, int]]:
+    """(tokens of both sequences, tokens of the longer one) of each pair: what the pair adds to a packed
+    forward, and what it adds to the width of a padded batch (the key of data.group_by_length)."""
     columns = pairs.select_columns(["prompt_input_ids", "chosen_input_ids", "rejected_input_ids"])
-    return [len(prompt) + max(len(chosen), len(rejected)) for batch in columns.iter(batch_size=4096)
-            for prompt, chosen, rejected in zip(*batch.values(), strict=True)]
+    return [(2 * len(prompt) + len(chosen) + len(rejected), len(prompt) + max(len(chosen), len(rejected)))
+            for batch in columns.iter(batch_size=4096) for prompt, chosen, rejected in zip(*batch.values(), strict=True)]
 
 
 def collate_pairs(rows: list[dict], pad_token_id: int, *, padding_free: bool = False,

@@ -21,6 +21,7 @@ the forward and backward, `rows` counts only the rows of its largest instant.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 CHUNK_FLOATS = 2**24  # logps.CHUNK_FLOATS (a test pins them equal; importing it would load torch for the CLI)
@@ -71,6 +72,7 @@ class StepSettings:
     compute_bytes: int  # 2: bf16 params and activations; 4: fp32
     micro_batch: int  # pairs per forward per rank: 2x as many sequences
     seq: int  # data.max_length: every sequence is counted at full length
+    budget: int | None  # optim.micro_batch_tokens: a forward's tokens, at most; None: micro_batch x 2 x seq
     completion_fraction: float  # share of the tokens whose log-prob is scored (the LM head's rows)
     accumulation: int  # micro-batches per optimizer step
     sync_every_micro_batch: bool  # optim.sync_every_micro_batch: gradients reduce-scattered after each micro-batch
@@ -117,7 +119,7 @@ def rows(m: ModelShape, s: StepSettings) -> list[Row]:
     reference's forward, with the policy's logits kept; the head's backward, their gradient beside them;
     and a block's backward, after the logits are freed."""
     d, g = s.compute_bytes, s.ranks
-    tokens = 2 * s.micro_batch * s.seq  # chosen and rejected in one forward
+    tokens = min(s.budget or math.inf, 2 * s.micro_batch * s.seq)  # chosen and rejected in one forward
     out = _sharded_rows(m, s) + _reference_rows(m, s)
     out.append(Row("parameters, gathered root", d * m.root_params, STEP,
                    f"{fmt_count(m.root_params)} in {_dtype(d)}, kept from the forward to the end of the backward"))

@@ -99,21 +99,26 @@ def suggest(p: Plan) -> list[tuple[dict[str, object], Plan]]:
 
 
 def _first_fit(p: Plan, changes: dict[str, object], gpus: int) -> list[tuple[dict[str, object], Plan]]:
-    """The largest micro-batch that fits with `changes` on `gpus` ranks, as [(changes, plan)], or []."""
-    per_worker = p.config.optim.batch_size // gpus
-    micro = p.config.micro_batch_size if gpus == p.config.scaling.num_workers else per_worker
-    for size in (m for m in range(min(micro, per_worker), 0, -1) if per_worker % m == 0):
-        change = dict(changes)
-        if gpus != p.config.scaling.num_workers:
-            change = {"scaling.num_workers": gpus, **change, "optim.micro_batch_size": size}
-        elif size != p.config.micro_batch_size:
-            change["optim.micro_batch_size"] = size
+    """The largest micro-batch (or token budget, optim.micro_batch_tokens, halved down to the longest pair) that
+    fits with `changes` on `gpus` ranks, as [(changes, plan)], or []."""
+    cfg, budget = p.config, p.config.optim.micro_batch_tokens
+    per_worker, regrouped = cfg.optim.batch_size // gpus, gpus != cfg.scaling.num_workers
+    if budget:
+        key, now, floor = "optim.micro_batch_tokens", budget, 2 * cfg.data.max_length
+        sizes = sorted({max(floor, budget >> k) for k in range(budget.bit_length())}, reverse=True)
+    else:
+        key, now = "optim.micro_batch_size", cfg.micro_batch_size
+        sizes = [m for m in range(min(per_worker if regrouped else now, per_worker), 0, -1) if per_worker % m == 0]
+    for size in sizes:
+        change = {"scaling.num_workers": gpus, **changes} if regrouped else dict(changes)
+        if size != now or (regrouped and not budget):  # another worker count needs its own micro-batch size
+            change[key] = size
         if not change:
             continue
         # Accumulating across ranks, each rank holds a whole fp32 gradient between micro-batches unless it
         # reduce-scatters after each one: try without, then with, the extra traffic.
-        syncs = [False, True] if size < per_worker and gpus > 1 and not p.config.optim.sync_every_micro_batch \
-            else [False]
+        accumulates = per_worker > 1 if budget else size < per_worker
+        syncs = [False, True] if accumulates and gpus > 1 and not cfg.optim.sync_every_micro_batch else [False]
         for sync in syncs:
             tried = change | ({"optim.sync_every_micro_batch": True} if sync else {})
             candidate = plan(_with(p.config, tried, "suggestion"), gpu_memory_gib=p.gpu_memory_gib or 0,
@@ -130,9 +135,8 @@ def report(p: Plan) -> str:
     model = (f"model {cfg.model.name_or_path}: {fmt_count(m.params)} params, {m.blocks} blocks of "
              f"{fmt_count(m.block_params)}, root {fmt_count(m.root_params)}{lora}")
     run = (f"{s.ranks} {'GPU' if s.on_gpu else 'CPU worker'}{'s' if s.ranks > 1 else ''}, "
-           f"{'bf16' if s.compute_bytes == 2 else 'fp32'} compute, micro-batch {s.micro_batch} pairs "
-           f"({2 * s.micro_batch} sequences) x {s.seq} tokens (data.max_length; every sequence counted at full "
-           f"length), accumulation {s.accumulation}, checkpointing {'on' if s.checkpointing else 'off'}, "
+           f"{'bf16' if s.compute_bytes == 2 else 'fp32'} compute, {_forwards(s)}, "
+           f"checkpointing {'on' if s.checkpointing else 'off'}, "
            f"cpu offload {'on' if s.offload else 'off'}, reference {s.reference}; completion tokens "
            f"{s.completion_fraction:.0%} of each sequence (--completion-fraction)")
     lines = [model, run, "", f"{'per rank':<38} {'GiB':>8}  {'when':<8} note"]
@@ -146,6 +150,14 @@ def report(p: Plan) -> str:
               f"{'overhead':<38} {p.overhead_bytes / GIB:>8.2f}  {'':<8} {fixed:g} GiB + {share:.0%} ({what})",
               f"{'total':<38} {p.total_bytes / GIB:>8.2f}", "", one_line(p)]
     return "\n".join(lines)
+
+
+def _forwards(s: StepSettings) -> str:
+    if s.budget:
+        return (f"forwards of at most {s.budget} tokens (optim.micro_batch_tokens), up to {s.accumulation} a step, "
+                f"sequences of up to {s.seq} tokens (data.max_length)")
+    return (f"micro-batch {s.micro_batch} pairs ({2 * s.micro_batch} sequences) x {s.seq} tokens (data.max_length; "
+            f"every sequence counted at full length), accumulation {s.accumulation}")
 
 
 def one_line(p: Plan) -> str:
@@ -174,7 +186,8 @@ def step_settings(cfg: RunConfig, completion_fraction: float) -> StepSettings:
     bf16 = cfg.scaling.use_gpu and cfg.scaling.mixed_precision in ("auto", "bf16")
     return StepSettings(
         ranks=cfg.scaling.num_workers, on_gpu=cfg.scaling.use_gpu, compute_bytes=2 if bf16 else 4,
-        micro_batch=cfg.micro_batch_size, seq=cfg.data.max_length, completion_fraction=completion_fraction,
+        micro_batch=cfg.micro_batch_size, seq=cfg.data.max_length, budget=cfg.optim.micro_batch_tokens,
+        completion_fraction=completion_fraction,
         accumulation=cfg.accumulation_steps, sync_every_micro_batch=cfg.optim.sync_every_micro_batch,
         checkpointing=cfg.scaling.activation_checkpointing,
         offload=cfg.scaling.cpu_offload,

@@ -51,6 +51,41 @@ def micro_batches(step: int, *, n: int, batch_size: int, micro_batch_size: int, 
     return ref.batches(ordered, micro_batch_size)[rank::world]
 
 
+def token_micro_batches(step: int, *, n: int, batch_size: int, seed: int, rank: int, world: int,
+                        sizes: list[tuple[int, int]], budget: int, packed: bool) -> list[list[int]]:
+    """This rank's batch_indices slice cut, in order, into forwards of at most `budget` tokens
+    (optim.micro_batch_tokens): a packed forward costs its sequences' tokens, a padded one its rows times the
+    longest sequence. `sizes` are data.pairs.pair_sizes; every pair fits alone (the config checks the budget
+    against data.max_length).
+
+    FSDP's collectives need every rank to run as many forwards as the others, so each rank cuts every rank's
+    slice (a pure function of the step: no communication) and all run the largest count, a rank that needs
+    fewer splitting its costliest forwards in two. The pairs stay those of the plain slice, so the step's loss
+    and gradient do not change.
+    """
+    def cost(micro: list[int]) -> int:
+        return sum(sizes[i][0] for i in micro) if packed else 2 * len(micro) * max(sizes[i][1] for i in micro)
+
+    def cut(indices: list[int]) -> list[list[int]]:
+        micros = [[indices[0]]]
+        for i in indices[1:]:
+            if cost([*micros[-1], i]) <= budget:
+                micros[-1].append(i)
+            else:
+                micros.append([i])
+        return micros
+
+    slices = [batch_indices(step, n=n, batch_size=batch_size, seed=seed, rank=r, world=world) for r in range(world)]
+    count = max(len(cut(indices)) for indices in slices)
+    micros = cut(slices[rank])
+    while len(micros) < count:  # count <= pairs per rank, so a forward of two pairs or more is left to split
+        costliest = max((m for m in micros if len(m) > 1), key=cost)
+        half = min(range(1, len(costliest)), key=lambda k: max(cost(costliest[:k]), cost(costliest[k:])))
+        at = micros.index(costliest)
+        micros[at : at + 1] = [costliest[:half], costliest[half:]]
+    return micros
+
+
 def lr_at(cfg: OptimConfig, step: int) -> float:
     """The learning rate of step `step` (1-based): a linear warm-up over `warmup_steps`, then the schedule.
     A function of the step alone, so a resumed run and a skipped non-finite step keep to the schedule

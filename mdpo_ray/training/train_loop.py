@@ -18,7 +18,7 @@ import torch
 
 from mdpo_ray import storage
 from mdpo_ray.config import RunConfig
-from mdpo_ray.data.pairs import collate_pairs, load_train_eval, pair_lengths, real_tokens
+from mdpo_ray.data.pairs import collate_pairs, load_train_eval, pair_sizes, real_tokens
 from mdpo_ray.tracking.mlflow_runs import EXPORT_PATH_TAG, EXPORT_URI_TAG, STOP_REASON_TAG, WORKER_NODES_TAG
 from mdpo_ray.tracking.sinks import MetricSink, NullSink
 from mdpo_ray.training import distributed, evaluate, lora
@@ -29,7 +29,7 @@ from mdpo_ray.training.losses import LOSSES, with_chosen_nll
 from mdpo_ray.training.metrics import EVAL_PREFIX, EVAL_START_PREFIX, data_tags, pair_metrics
 from mdpo_ray.training.model import export_pretrained, load_causal_lm, load_tokenizer
 from mdpo_ray.training.model_card import RunFacts, write_model_card
-from mdpo_ray.training.schedule import lr_at, micro_batches
+from mdpo_ray.training.schedule import lr_at, micro_batches, token_micro_batches
 
 STATE_FILE = "trainer_state.json"
 
@@ -138,7 +138,9 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
         say("before training: " + _describe(state["eval_start"]))
 
     loss_fn, knobs = LOSSES[cfg.loss.name], cfg.loss.knobs()
-    lengths = pair_lengths(train_ds) if cfg.data.group_by_length else None
+    budget = cfg.optim.micro_batch_tokens
+    sizes = pair_sizes(train_ds) if budget or cfg.data.group_by_length else []
+    lengths = [longer for _, longer in sizes] if cfg.data.group_by_length else None
     one_row = by_sequence(policy)  # packed forwards of all their sequences in one row (training.attention)
     window: list[torch.Tensor] = []  # per-pair columns since the last log
     step_stats = {"grad_norm": 0.0, "tokens": 0.0, "seconds": 0.0, "steps": 0}
@@ -148,13 +150,18 @@ def train(cfg: RunConfig, worker: Worker) -> dict[str, float]:
         lr = lr_at(cfg.optim, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        micros = micro_batches(step, n=len(train_ds), batch_size=cfg.optim.batch_size,
-                               micro_batch_size=cfg.micro_batch_size, seed=cfg.seed, rank=rank, world=world,
-                               lengths=lengths)
+        if budget:
+            micros = token_micro_batches(step, n=len(train_ds), batch_size=cfg.optim.batch_size, seed=cfg.seed,
+                                         rank=rank, world=world, sizes=sizes, budget=budget,
+                                         packed=cfg.data.padding_free)
+        else:
+            micros = micro_batches(step, n=len(train_ds), batch_size=cfg.optim.batch_size,
+                                   micro_batch_size=cfg.micro_batch_size, seed=cfg.seed, rank=rank, world=world,
+                                   lengths=lengths)
         n_pairs = sum(map(len, micros))  # this rank's share of the global batch
         step_loss, columns = torch.zeros((), device=device), []  # columns: per-pair values of each micro-batch
         for micro, micro_indices in enumerate(micros):
-            last = micro == cfg.accumulation_steps - 1
+            last = micro == len(micros) - 1
             distributed.sync_gradients(policy, last or cfg.optim.sync_every_micro_batch)
             host_batch = collate_pairs(ref.take(train_ds, micro_indices), tokenizer.pad_token_id,
                                        padding_free=cfg.data.padding_free, one_row=one_row)
