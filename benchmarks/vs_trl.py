@@ -32,6 +32,7 @@ Configurations:
   minor_dpo_grouped_packed     both: micro-batches of similar lengths, each packed (needs --micro-batch)
   minor_dpo_packed_budget      packed forwards of at most --micro-batch-tokens tokens (optim.micro_batch_tokens)
                                in place of --micro-batch pairs: memory bounded by tokens, whatever the lengths
+  minor_dpo_packed_budget_selective  the same with selective activation checkpointing (matmul outputs kept)
 
 Speed is steady state: the first --warmup windows of --window steps are warm-up; then --windows windows, each
 timed from the end of one window to the end of the next (TRL: a callback's on_step_end; mdpo-ray:
@@ -80,11 +81,13 @@ CONFIGS = {  # name: (side, loss, reference)
     "minor_dpo_packed": ("ours", "minor_dpo", "resident"),
     "minor_dpo_grouped_packed": ("ours", "minor_dpo", "resident"),
     "minor_dpo_packed_budget": ("ours", "minor_dpo", "resident"),
+    "minor_dpo_packed_budget_selective": ("ours", "minor_dpo", "resident"),
 }
 DATA_MODES = {"minor_dpo_grouped": {"group_by_length": True}, "minor_dpo_packed": {"padding_free": True},
               "minor_dpo_grouped_packed": {"group_by_length": True, "padding_free": True},
-              "minor_dpo_packed_budget": {"padding_free": True}}
-BUDGETED = {"minor_dpo_packed_budget"}  # forwards cut by optim.micro_batch_tokens, not --micro-batch
+              "minor_dpo_packed_budget": {"padding_free": True}, "minor_dpo_packed_budget_selective": {"padding_free": True}}
+BUDGETED = {"minor_dpo_packed_budget", "minor_dpo_packed_budget_selective"}  # optim.micro_batch_tokens, not --micro-batch
+SELECTIVE = {"minor_dpo_packed_budget_selective"}  # scaling.activation_checkpointing: selective
 VARLEN_CONFIGS = set(DATA_MODES)  # run by default only with --varlen: on the fixed-length pairs they save nothing
 CHECKPOINTED = {"trl_checkpointing", "minor_dpo_checkpointing"}  # recompute each decoder block in backward
 BETA, LR = 0.1, 1e-4
@@ -317,7 +320,8 @@ def _run_config(args, assets: dict, name: str, loss: str, reference: str):
                   "grad_clip": 1.0} | ({"micro_batch_tokens": args.micro_batch_tokens} if name in BUDGETED
                                        else {"micro_batch_size": args.micro_batch}),
         "scaling": {"num_workers": 1, "use_gpu": gpu, "cpus_per_worker": args.threads,
-                    "mixed_precision": "bf16" if gpu else "fp32", "activation_checkpointing": name in CHECKPOINTED},
+                    "mixed_precision": "bf16" if gpu else "fp32",
+                    "activation_checkpointing": True if name in CHECKPOINTED else "selective" if name in SELECTIVE else False},
         "checkpoint": {"every_steps": _total_steps(args), "num_to_keep": 1},
         "tracking": {"log_every_steps": args.window, "mlflow_uri": f"sqlite:///{args.workdir / name / 'mlflow.db'}"},
         "eval": {"batch_size": args.batch},  # the precompute batch, as TRL's precompute_ref_batch_size
@@ -516,7 +520,8 @@ def _table(args, assets: dict, results: dict, rate: float, n_matmul: int, n_head
                 "ray": "mdpo-ray Ray Train, 1 worker"}[side] + f", {loss}, {reference} reference" \
             + (", activation checkpointing" if name in CHECKPOINTED else "") \
             + "".join(f", {key}" for key in DATA_MODES.get(name, {})) \
-            + (f", micro_batch_tokens {args.micro_batch_tokens}" if name in BUDGETED else "")
+            + (f", micro_batch_tokens {args.micro_batch_tokens}" if name in BUDGETED else "") \
+            + (", selective checkpointing" if name in SELECTIVE else "")
         lines.append(f"{name:22s} {pairs:7.2f} {pairs * assets['tokens_per_pair']:8.0f} {speed:>6s} "
                      f"{mem:>9s} {mem_ratio:>6s} {model_flops / rate:6.1%} {executed / rate:5.0%} {cores:>9s}  {what}")
     lines += ["MFU: (6N + 2N with a resident reference) x tokens/s over the matmul rate, N the multiplying parameters",
@@ -543,7 +548,7 @@ def _targets(results: dict) -> list[str]:
             lines.append(f"  {ours} vs {trl}: {s:.2f}x pairs/s (target >= 1.5x: {'met' if s >= 1.5 else 'MISSED'}), "
                          f"{m:.2f}x peak memory (target <= 0.5x: {'met' if m <= 0.5 else 'MISSED'})")
     for ours in ("minor_dpo_packed", "minor_dpo_grouped", "minor_dpo_grouped_packed",  # issue 24, --varlen pairs
-                 "minor_dpo_packed_budget"):
+                 "minor_dpo_packed_budget", "minor_dpo_packed_budget_selective"):
         if ours in results and "trl" in results:
             s, m = speed(ours) / speed("trl"), results[ours]["peak_memory"] / results["trl"]["peak_memory"]
             lines.append(f"  {ours} vs trl: {s:.2f}x pairs/s (target >= 3x: {'met' if s >= 3 else 'MISSED'}), "

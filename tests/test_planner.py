@@ -111,6 +111,35 @@ def test_a_block_keeps_what_the_formula_says(tmp_path):
     assert footprint.layer_saved_per_token(shape, 4, 96) * 4 * 96 == pytest.approx(measured, rel=0.02)
 
 
+def test_selective_checkpointing_keeps_what_its_formula_says_and_less_than_no_checkpointing(tmp_path):
+    """layer_kept_selective against what a forward under distributed.checkpoint_blocks leaves allocated (the
+    profiler's CPU memory: autograd's hooks cannot see selective checkpointing's cache), a 2-block model less a
+    1-block one; and the gradients are those of the plain model."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from mdpo_ray.training import distributed
+
+    ids = torch.randint(0, TINY["vocab_size"], (2, 96), generator=torch.Generator().manual_seed(0))
+
+    def held_and_grads(layers: int, selective: bool):
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(**(TINY | {"num_hidden_layers": layers})))
+        if selective:
+            distributed.checkpoint_blocks(model, list(model.model.layers), selective=True)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = model.model(input_ids=ids, use_cache=False).last_hidden_state
+        out.pow(2).mean().backward()
+        return sum(e.self_cpu_memory_usage for e in prof.events()), [p.grad for p in model.parameters()]
+
+    (two, grads), (one, _) = held_and_grads(2, True), held_and_grads(1, True)
+    shape = planner.plan(_cfg(_model_dir(tmp_path, **TINY))).shape
+    assert footprint.layer_kept_selective(shape, 4) * ids.numel() == pytest.approx(two - one, rel=0.05)
+    (plain_two, plain_grads), (plain_one, _) = held_and_grads(2, False), held_and_grads(1, False)
+    assert two - one < 0.7 * (plain_two - plain_one)
+    for grad, plain in zip(grads, plain_grads, strict=True):
+        torch.testing.assert_close(grad, plain, rtol=1e-5, atol=1e-7)
+
+
 def test_a_70b_full_finetune_does_not_fit_on_8x80gb_and_the_suggestion_does(tmp_path):
     cfg = _cfg(_model_dir(tmp_path, **LLAMA_70B), "scaling.use_gpu=true", "scaling.num_workers=8",
                "optim.batch_size=64", "data.max_length=2048")

@@ -152,23 +152,29 @@ def test_a_micro_batch_that_does_not_divide_the_worker_batch_exits_2_before_ray(
 
 @pytest.mark.slow
 def test_activation_checkpointing_gives_the_same_losses_and_gradients(tiny_task, tiny_run_overrides, monkeypatch):
-    """Each decoder block is checkpointed (non-reentrant, under FSDP2), beside the head-on-completion hook
-    and a frozen resident reference; recomputing a block's forward in backward changes no number."""
+    """Each decoder block is checkpointed (non-reentrant, under FSDP2), fully or selectively, beside the
+    head-on-completion hook and a frozen resident reference; recomputing a block's forward (or its cheap ops)
+    in backward changes no number."""
     wrapped = []
     original = distributed.shard_model
 
     def spy(model, mesh, mp_policy, **kwargs):
         out = original(model, mesh, mp_policy, **kwargs)
-        wrapped.append(sum(hasattr(m, "_checkpoint_wrapped_module") for m in out.modules()))
+        wrapped.append((kwargs.get("checkpoint", False),
+                        sum(hasattr(m, "_checkpoint_wrapped_module") for m in out.modules())))
         return out
 
     monkeypatch.setattr(distributed, "shard_model", spy)
     cfg_plain, plain = _run_in_process(_overrides(tiny_run_overrides, "plain"))
     cfg_ac, ac = _run_in_process([*_overrides(tiny_run_overrides, "checkpointed"),
                                   "scaling.activation_checkpointing=true"])
+    cfg_sel, sel = _run_in_process([*_overrides(tiny_run_overrides, "selective"),
+                                    "scaling.activation_checkpointing=selective"])
     layers = AutoModelForCausalLM.from_pretrained(tiny_task["model"]).config.num_hidden_layers
-    assert wrapped == [0, 0, layers, 0]  # policy, reference; then the checkpointed policy, reference
+    # (mode, wrapped blocks) of the policy, then the reference, in each run
+    assert wrapped == [(False, 0), (False, 0), (True, layers), (False, 0), ("selective", layers), (False, 0)]
     _assert_same_run(plain, ac, _exported(cfg_plain), _exported(cfg_ac), _exported(tiny_task["model"]))
+    _assert_same_run(plain, sel, _exported(cfg_plain), _exported(cfg_sel), _exported(tiny_task["model"]))
 
 
 @pytest.mark.slow

@@ -103,9 +103,11 @@ class ScalingConfig(_Strict):
         "PACK", description="How Ray places the run's workers over the cluster's nodes (Ray Train's "
         "ScalingConfig.placement_strategy, a placement group strategy): PACK fills as few nodes as fit, SPREAD "
         "puts them on as many nodes as it can, STRICT_* fail to schedule rather than do otherwise.")
-    activation_checkpointing: bool = Field(
-        False, description="Recompute each decoder block's activations in backward (non-reentrant): a block keeps "
-        "only its input between forward and backward.")
+    activation_checkpointing: bool | Literal["selective"] = Field(
+        False, description="Recompute each decoder block's activations in backward (non-reentrant): `true` keeps "
+        "only a block's input between forward and backward (its whole forward runs again); `selective` also keeps "
+        "what its matmuls and attention return and recomputes only the cheap ops between them (norms, rotary "
+        "embeddings, activation functions): less memory saved, little compute added.")
     cpu_offload: bool = Field(
         False, description="FSDP2 CPUOffloadPolicy for the policy: its sharded parameters, gradients and AdamW state "
         "live in host memory and AdamW steps on the CPU; each block visits the GPU for its forward and backward.")

@@ -52,6 +52,7 @@ class ModelShape:
     heads: int
     head_dim: int
     vocab: int
+    kv_heads: int  # grouped-query attention: fewer key/value heads than query heads
     eager_attention: bool  # attn_implementation="eager" keeps the (T, T) attention probabilities
     adapters_per_block: int = 0  # LoRA: adapted linears per block
     lora_rank: int = 0
@@ -76,7 +77,7 @@ class StepSettings:
     completion_fraction: float  # share of the tokens whose log-prob is scored (the LM head's rows)
     accumulation: int  # micro-batches per optimizer step
     sync_every_micro_batch: bool  # optim.sync_every_micro_batch: gradients reduce-scattered after each micro-batch
-    checkpointing: bool
+    checkpointing: bool | str  # scaling.activation_checkpointing: False, True (full) or "selective"
     offload: bool  # params, grads and AdamW state in host memory
     reference: str  # "resident", "precompute" or "adapters" (LoRA: the policy with adapters off)
     eval_batch: int | None  # pairs per eval forward; None: no pair eval
@@ -114,6 +115,17 @@ def layer_saved_per_token(m: ModelShape, d: int, seq: int) -> float:
     return saved
 
 
+def layer_kept_selective(m: ModelShape, d: int) -> float:
+    """Bytes one decoder block keeps per token under selective checkpointing (distributed.checkpoint_blocks):
+    its input, and what its matmuls and attention kernel return: q, k and v as projected, the attention
+    output and its logsumexp per head, the output projection's, the gate's, the up projection's and the
+    down projection's outputs; with LoRA each adapter's rank-r middle and its output (counted at the
+    hidden width)."""
+    q_width, kv_width = m.heads * m.head_dim, m.kv_heads * m.head_dim
+    kept = d * (m.hidden + 2 * q_width + 2 * kv_width) + FP32 * m.heads + d * m.hidden * 2 + d * m.intermediate * 2
+    return kept + d * m.adapters_per_block * (m.lora_rank + m.hidden)
+
+
 def rows(m: ModelShape, s: StepSettings) -> list[Row]:
     """Every row of the per-rank table. Within a step, three moments compete (the largest counts): the
     reference's forward, with the policy's logits kept; the head's backward, their gradient beside them;
@@ -125,11 +137,13 @@ def rows(m: ModelShape, s: StepSettings) -> list[Row]:
                    f"{fmt_count(m.root_params)} in {_dtype(d)}, kept from the forward to the end of the backward"))
 
     per_layer = layer_saved_per_token(m, d, s.seq)
-    saved_per_block = m.hidden * d if s.checkpointing else per_layer  # per token
+    kept = {False: per_layer, True: m.hidden * d, "selective": layer_kept_selective(m, d)}  # per token and block
+    saved_per_block = kept[s.checkpointing]
     around = tokens * (FP32 * m.hidden + (d * m.hidden if m.full_finetune else 0) + 8 + s.seq)  # final norm, ids, mask
-    for checkpointing, per_block in ((False, per_layer), (True, m.hidden * d)):
-        out.append(Row(f"activations, {'' if checkpointing else 'no '}checkpointing", tokens * m.blocks * per_block
-                       + around, STEP, f"{m.blocks} blocks x {fmt_count(per_block)} B/token x {tokens} tokens",
+    for checkpointing, per_block in kept.items():
+        name = {False: "no checkpointing", True: "checkpointing", "selective": "selective checkpointing"}[checkpointing]
+        out.append(Row(f"activations, {name}", tokens * m.blocks * per_block + around, STEP,
+                       f"{m.blocks} blocks x {fmt_count(per_block)} B/token x {tokens} tokens",
                        counted=checkpointing == s.checkpointing, why_not="not configured"))
 
     scored = s.completion_fraction * tokens

@@ -69,15 +69,17 @@ def suggest(p: Plan) -> list[tuple[dict[str, object], Plan]]:
     """Changes that make a plan that does not fit fit, each with its plan.
 
     The first is the cheapest, trying in order (each keeping the ones before): a smaller micro-batch
-    (more accumulation), activation checkpointing, LoRA, CPU offload; the largest micro-batch that fits
-    wins at each stage. When that needs LoRA or offload (or nothing fits), the second keeps the run's
+    (more accumulation), selective then full activation checkpointing, LoRA, CPU offload; the largest
+    micro-batch that fits wins at each stage. When that needs LoRA or offload (or nothing fits), the second keeps the run's
     method: the fewest GPUs (the current count doubled, and again) that fit with checkpointing.
     """
     if p.fits:
         return []
     cfg, found = p.config, []
     stages, changes = [{}], {}
-    for key, value, already in (("scaling.activation_checkpointing", True, cfg.scaling.activation_checkpointing),
+    checkpointing = cfg.scaling.activation_checkpointing
+    for key, value, already in (("scaling.activation_checkpointing", "selective", bool(checkpointing)),
+                                ("scaling.activation_checkpointing", True, checkpointing is True),
                                 ("model.lora.r", LORA_RANK, cfg.model.lora.r > 0),
                                 ("scaling.cpu_offload", True, cfg.scaling.cpu_offload)):
         if not already:
@@ -136,7 +138,7 @@ def report(p: Plan) -> str:
              f"{fmt_count(m.block_params)}, root {fmt_count(m.root_params)}{lora}")
     run = (f"{s.ranks} {'GPU' if s.on_gpu else 'CPU worker'}{'s' if s.ranks > 1 else ''}, "
            f"{'bf16' if s.compute_bytes == 2 else 'fp32'} compute, {_forwards(s)}, "
-           f"checkpointing {'on' if s.checkpointing else 'off'}, "
+           f"checkpointing {({True: 'on', False: 'off'}).get(s.checkpointing, s.checkpointing)}, "
            f"cpu offload {'on' if s.offload else 'off'}, reference {s.reference}; completion tokens "
            f"{s.completion_fraction:.0%} of each sequence (--completion-fraction)")
     lines = [model, run, "", f"{'per rank':<38} {'GiB':>8}  {'when':<8} note"]

@@ -82,6 +82,7 @@ def _count(model, config, lora_rank: int) -> ModelShape:
         trainable_block=sum(p.numel() for p in largest.parameters() if p.requires_grad),
         head_trainable=sum(p.numel() for p in model.get_output_embeddings().parameters() if p.requires_grad),
         hidden=config.hidden_size, intermediate=config.intermediate_size, heads=heads,
+        kv_heads=getattr(config, "num_key_value_heads", None) or heads,
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads, vocab=config.vocab_size,
         eager_attention=model.config._attn_implementation == "eager",
         adapters_per_block=len(adapted), lora_rank=lora_rank,

@@ -7,6 +7,7 @@ of the training step exercise the FSDP2 code that a multi-GPU run uses. (torchti
 
 from __future__ import annotations
 
+import functools
 import socket
 import time
 import uuid
@@ -38,6 +39,7 @@ from torch.distributed.fsdp import (
     register_fsdp_forward_method,
 )
 from torch.distributed.tensor import DTensor
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from mdpo_ray.config import ConfigError
 
@@ -85,13 +87,14 @@ def mixed_precision(mode: str, device: torch.device) -> MixedPrecisionPolicy:
 
 
 def shard_model(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy, *,
-                frozen: bool = False, checkpoint: bool = False, offload: bool = False) -> nn.Module:
+                frozen: bool = False, checkpoint: bool | str = False, offload: bool = False) -> nn.Module:
     """fully_shard each decoder block, then the root (embeddings, final norm, head).
 
     `checkpoint` wraps each block in non-reentrant activation checkpointing before sharding (torchtitan's
     order): backward recomputes the block's forward from its input, so a block keeps only its input
     alive between forward and backward. Non-reentrant checkpointing is the one that takes keyword
     arguments (HF blocks get the mask and rotary embeddings as such) and composes with FSDP2's hooks.
+    `checkpoint="selective"` keeps what the block's matmuls and attention return as well (checkpoint_blocks).
     `offload` keeps the sharded parameters, their gradients and so the optimizer state in host memory
     (FSDP2's CPUOffloadPolicy): each block is copied to the device for its forward and backward, and
     AdamW steps on the CPU.
@@ -109,14 +112,7 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPol
     blocks = decoder_blocks(model)
     full = model.state_dict() if mesh.size() > 1 and rank() == 0 else {}  # the unsharded tensors, to send
     if checkpoint:
-        wrap = set(blocks)
-        apply_activation_checkpointing(
-            model, checkpoint_wrapper_fn=lambda m: checkpoint_wrapper(m, checkpoint_impl=CheckpointImpl.NO_REENTRANT),
-            check_fn=lambda m: m in wrap)
-        # The wrappers take the blocks' places; their state-dict keys stay the blocks' (DCP strips the wrapper's
-        # prefix), so checkpoints load with and without checkpointing.
-        blocks = [m for m in model.modules() if getattr(m, "_checkpoint_wrapped_module", None) in wrap]
-        assert len(blocks) == len(wrap), (len(blocks), len(wrap))
+        blocks = checkpoint_blocks(model, blocks, selective=checkpoint == "selective")
     # Pinned host memory lets the copies to a GPU overlap compute; a CPU-only run (tests) has nothing to pin for.
     offload_policy = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if offload else OffloadPolicy()
     for block in blocks:
@@ -129,6 +125,40 @@ def shard_model(model: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPol
     # transformers model's forward, past the root's hooks (a plain model's calls its own forward: no change).
     register_fsdp_forward_method(model, "generate")
     return model
+
+
+def checkpoint_blocks(model: nn.Module, blocks: list[nn.Module], *, selective: bool = False) -> list[nn.Module]:
+    """Wrap each of `blocks` in non-reentrant activation checkpointing, in place; returns the wrappers.
+
+    Full checkpointing keeps a block's input and recomputes its whole forward in backward: about a third
+    more compute. Selective checkpointing (torchtitan's op-level policy) also keeps what the block's
+    matmuls and attention kernels return, and recomputes only the rest: norms, rotary embeddings, the
+    MLP's activation and product, residual adds, the cheap memory-bound ops that hold most of a block's
+    saved tensors (tests/test_scaling.py measures the split). The wrappers' state-dict keys stay the
+    blocks' (DCP strips the wrapper's prefix), so checkpoints load with and without either.
+    """
+    wrap = set(blocks)
+    options = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _keep_matmuls)} if selective else {}
+    apply_activation_checkpointing(
+        model, check_fn=lambda m: m in wrap,
+        checkpoint_wrapper_fn=lambda m: checkpoint_wrapper(m, checkpoint_impl=CheckpointImpl.NO_REENTRANT, **options))
+    wrappers = [m for m in model.modules() if getattr(m, "_checkpoint_wrapped_module", None) in wrap]
+    assert len(wrappers) == len(wrap), (len(wrappers), len(wrap))
+    return wrappers
+
+
+_aten = torch.ops.aten
+# The ops whose outputs selective checkpointing keeps: the matmuls (a linear is addmm or mm underneath, eager
+# attention bmm) and PyTorch's fused attention kernels; flash-attn's own kernels are matched by name.
+_KEPT = {getattr(_aten, name).default for name in (
+    "mm", "addmm", "bmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention") if hasattr(_aten, name)}
+
+
+def _keep_matmuls(ctx, func, *args, **kwargs) -> CheckpointPolicy:
+    if func in _KEPT or "flash_attn" in str(func):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def decoder_blocks(model: nn.Module) -> list[nn.Module]:
