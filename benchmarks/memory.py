@@ -58,6 +58,7 @@ CONFIGS = {  # name: (model, max_length, pairs per step, --set overrides)
     "s1024": ("s", 1024, 2, []),
     "s1024_padded": ("s", 1024, 2, ["data.padding_free=false"]),  # the others pack (data.padding_free: auto)
     "s1024_ckpt": ("s", 1024, 2, ["scaling.activation_checkpointing=true"]),
+    "s1024_selective": ("s", 1024, 2, ["scaling.activation_checkpointing=selective"]),
     "s2048_ckpt_precompute": ("s", 2048, 1, ["reference=precompute", "scaling.activation_checkpointing=true"]),
     "s512_lora": ("s", 512, 2, ["model.lora.r=16"]),
     "l512": ("l", 512, 1, []),
@@ -140,7 +141,7 @@ def _flags(overrides: list[str]) -> dict[str, str]:
 
     cfg = load_config(None, [*overrides, "scaling.num_workers=1"])
     return {"micro": str(cfg.micro_batch_size), "accum": str(cfg.accumulation_steps),
-            "ckpt": "on" if cfg.scaling.activation_checkpointing else "off",
+            "ckpt": {True: "on", False: "off", "selective": "sel"}[cfg.scaling.activation_checkpointing],
             "lora": str(cfg.model.lora.r) if cfg.model.lora.r else "off"}
 
 
