@@ -70,8 +70,9 @@ def suggest(p: Plan) -> list[tuple[dict[str, object], Plan]]:
 
     The first is the cheapest, trying in order (each keeping the ones before): a smaller micro-batch
     (more accumulation), selective then full activation checkpointing, LoRA, CPU offload; the largest
-    micro-batch that fits wins at each stage. When that needs LoRA or offload (or nothing fits), the second keeps the run's
-    method: the fewest GPUs (the current count doubled, and again) that fit with checkpointing.
+    micro-batch that fits wins at each stage. When that needs LoRA or offload (or nothing fits), the
+    second keeps the run's method: the fewest GPUs (the current count doubled, and again) that fit with
+    checkpointing.
     """
     if p.fits:
         return []

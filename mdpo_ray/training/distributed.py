@@ -134,7 +134,7 @@ def checkpoint_blocks(model: nn.Module, blocks: list[nn.Module], *, selective: b
     more compute. Selective checkpointing (torchtitan's op-level policy) also keeps what the block's
     matmuls and attention kernels return, and recomputes only the rest: norms, rotary embeddings, the
     MLP's activation and product, residual adds, the cheap memory-bound ops that hold most of a block's
-    saved tensors (tests/test_scaling.py measures the split). The wrappers' state-dict keys stay the
+    saved tensors (tests/test_planner.py measures the split). The wrappers' state-dict keys stay the
     blocks' (DCP strips the wrapper's prefix), so checkpoints load with and without either.
     """
     wrap = set(blocks)
