@@ -27,7 +27,7 @@ STEPS=(
     "packing_bf16 120 $PYTHON benchmarks/varlen_step.py --device cuda --bf16 --hidden 2048 --layers 16 --batch 32 --micro-batch 8 --rounds 3"
     "vs_trl 120 benchmarks/gpu.sh --configs trl minor_dpo --windows 3 --json $out/vs_trl_gpu.json"
     "vs_trl_varlen 120 benchmarks/gpu.sh --varlen --micro-batch 4 --configs trl minor_dpo minor_dpo_packed --windows 3 --json $out/vs_trl_gpu_varlen.json"
-    "memory 90 $PYTHON benchmarks/memory.py --device cuda --no-examples --configs s512 s1024 s1024_padded s1024_ckpt s512_lora l512"
+    "memory 90 $PYTHON benchmarks/memory.py --device cuda --no-examples --configs s512 s1024 s1024_padded s1024_ckpt s1024_selective s512_lora l512"
 )
 if $list; then
     printf '%s\n' "${STEPS[@]}"
