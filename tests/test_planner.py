@@ -162,6 +162,8 @@ def test_a_token_budget_bounds_the_activations_and_the_suggestion_lowers_it(tmp_
 
     assert activations("optim.micro_batch_tokens=4096") == activations("optim.micro_batch_size=2")  # 2 x 2 x 1024
     assert activations("optim.micro_batch_tokens=1000000") == activations()  # no more than the whole slice
+    cpu = planner.plan(_cfg(_model_dir(tmp_path, **TINY), "data.max_length=1024", "optim.micro_batch_tokens=4096"))
+    assert "forwards of at most 4096 tokens" in planner.one_line(cpu)
 
     cfg = _cfg(_model_dir(tmp_path / "7b", **LLAMA_7B), "scaling.use_gpu=true", "scaling.num_workers=8",
                "optim.batch_size=64", "data.max_length=2048", "optim.micro_batch_tokens=65536")

@@ -166,8 +166,9 @@ def _forwards(s: StepSettings) -> str:
 def one_line(p: Plan) -> str:
     """The verdict in one line: what train and sweep print before Ray starts."""
     if p.gpu_memory_gib is None:
-        return (f"plan: CPU run, peak ~{p.total_bytes / GIB:.1f} GiB per worker ({p.settings.ranks} workers; "
-                f"every sequence at data.max_length={p.settings.seq})")
+        forwards = (f"forwards of at most {p.settings.budget} tokens" if p.settings.budget else
+                    f"every sequence at data.max_length={p.settings.seq}")
+        return f"plan: CPU run, peak ~{p.total_bytes / GIB:.1f} GiB per worker ({p.settings.ranks} workers; {forwards})"
     head = f"~{p.total_bytes / GIB:.1f} GiB of a {p.gpu_memory_gib:g} GiB GPU, on each of {p.settings.ranks}"
     if p.fits:
         return f"plan: fits, {head}"
