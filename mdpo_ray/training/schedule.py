@@ -75,9 +75,8 @@ def token_micro_batches(step: int, *, n: int, batch_size: int, seed: int, rank: 
                 micros.append([i])
         return micros
 
-    slices = [batch_indices(step, n=n, batch_size=batch_size, seed=seed, rank=r, world=world) for r in range(world)]
-    count = max(len(cut(indices)) for indices in slices)
-    micros = cut(slices[rank])
+    cuts = [cut(batch_indices(step, n=n, batch_size=batch_size, seed=seed, rank=r, world=world)) for r in range(world)]
+    count, micros = max(map(len, cuts)), cuts[rank]
     while len(micros) < count:  # count <= pairs per rank, so a forward of two pairs or more is left to split
         costliest = max((m for m in micros if len(m) > 1), key=cost)
         half = min(range(1, len(costliest)), key=lambda k: max(cost(costliest[:k]), cost(costliest[k:])))
